@@ -1,0 +1,27 @@
+"""atp: adaptive visual-token pruning inside the language model of a vision-language model.
+
+>>> import atp
+>>> handle = atp.attach(model, layers=[4, 14, 24], policy="atp")
+>>> model.generate(**inputs)
+>>> handle.stats.kept, handle.stats.avg_tokens
+>>> handle.remove()
+"""
+
+from atp.attach import attach, default_layers, detach, supported_models
+from atp.handle import AttachHandle
+from atp.plugins import registry
+from atp.stats import PruningStats, kv_cache_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachHandle",
+    "PruningStats",
+    "__version__",
+    "attach",
+    "default_layers",
+    "detach",
+    "kv_cache_bytes",
+    "registry",
+    "supported_models",
+]

@@ -1,0 +1,213 @@
+"""``atp.attach`` / ``atp.detach``: validate everything, then install ATP on a model."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from atp.attention import register_attention
+from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
+from atp.plugins import registry
+from atp.policies.base import PolicyContext
+from atp.runtime import Runtime
+
+PRUNE_MODES = ("auto", "drop", "mask")
+PAPER_LAYERS = (4, 14, 24)  # for a 32-layer language model
+
+
+def supported_models() -> list[dict[str, object]]:
+    """The model families atp can attach to: family, config model types, positions."""
+    out = []
+    for entry in registry().entries():
+        if entry.kind == "backbone":
+            cls = entry.factory
+            out.append(
+                {
+                    "family": cls.family or entry.name,
+                    "model_types": list(cls.model_types),
+                    "positions": cls.positions,
+                    "attention": list(cls.attention_implementations),
+                    "origin": entry.origin,
+                }
+            )
+    return out
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The paper's [4, 14, 24] for 32 layers, scaled to ``num_layers`` (at least layer 1)."""
+    scaled = {max(1, round(layer * num_layers / 32)) for layer in PAPER_LAYERS}
+    return sorted(layer for layer in scaled if layer < num_layers)
+
+
+def resolve_adapter(model: nn.Module):
+    for entry in registry().entries():
+        if entry.kind == "backbone" and entry.factory.matches(model):
+            return entry.factory(model)
+    config = getattr(model, "config", None)
+    found = getattr(config, "model_type", None) if config is not None else None
+    families = ", ".join(
+        f"{m['family']} ({', '.join(m['model_types'])})" for m in supported_models()
+    )
+    raise ValueError(
+        f"unsupported model {type(model).__name__} (config.model_type={found!r}). "
+        f"atp supports: {families}. Pass the full vision-language model (e.g. LlavaForConditionalGeneration), "
+        "or add a backbone adapter plugin for this family."
+    )
+
+
+def validate_layers(layers: object, num_layers: int) -> tuple[int, ...]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a list of ints, got {layers!r}")
+    if not layers:
+        raise ValueError("layers is empty; give at least one decoder layer index, e.g. layers=[4, 14, 24]")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layers must be ints, got {layer!r} in {list(layers)!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers has duplicates: {list(layers)!r}; give each layer once")
+    for layer in layers:
+        if layer == 0:
+            raise ValueError(
+                "layer 0 cannot be an ATP layer: layers are pruned before their input using the previous "
+                "layer's attention, and layer 0 must see every token. Use 1 or more."
+            )
+        if not 0 < layer < num_layers:
+            raise ValueError(
+                f"layer {layer} is out of range: the language model has {num_layers} decoder layers, "
+                f"so ATP layers must be in 1..{num_layers - 1}"
+            )
+    return tuple(sorted(int(layer) for layer in layers))
+
+
+def attach(
+    model: nn.Module,
+    layers: Sequence[int] | None = None,
+    policy: str = "atp",
+    *,
+    prune_mode: str = "auto",
+    hard_masks: bool | None = None,
+    **options,
+) -> AttachHandle:
+    """Attach adaptive token pruning to a transformers vision-language model.
+
+    Parameters
+    ----------
+    model : a supported model, e.g. ``LlavaForConditionalGeneration`` (see ``supported_models()``).
+    layers : 0-based decoder layers before whose input visual tokens are pruned, using the
+        attention of the layer before (the paper's convention). Default: [4, 14, 24] scaled
+        to the model's depth.
+    policy : a registered policy name: "atp" (learned), "keep_all", "fixed", "manual", ...
+    prune_mode : "auto" (mask while ``model.training``, drop otherwise), "drop" (pruned
+        tokens are removed from the sequence and the KV cache) or "mask" (nothing is removed;
+        the cumulative mask enters every later attention as a log bias over visual keys).
+    hard_masks : in mask mode, use binary masks (default: when not training).
+    **options : options of the policy (e.g. ``keep=[...]`` for "fixed").
+
+    Returns
+    -------
+    AttachHandle with ``stats``, ``parameters()`` and ``remove()``; also a context manager.
+    Everything is validated before the model is touched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
+    existing = model._modules.get(CONTAINER_NAME)
+    if isinstance(existing, AtpModules):
+        raise ValueError("atp is already attached to this model; call handle.remove() or atp.detach(model) first")
+    if existing is not None or CONTAINER_NAME in model.__dict__:
+        raise ValueError(f"the model already has an attribute {CONTAINER_NAME!r}; atp cannot attach its modules")
+    adapter = resolve_adapter(model)
+    num_layers = len(adapter.decoder_layers())
+    layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
+    if prune_mode not in PRUNE_MODES:
+        raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
+    if hard_masks is not None and not isinstance(hard_masks, bool):
+        raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
+    entry = registry().get("policy", policy)
+    known = entry.factory.option_names()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"policy {policy!r} does not take option(s) {', '.join(unknown)}; "
+            f"its options are: {', '.join(known) or 'none'}"
+        )
+    text_config = adapter.text_config()
+    implementation = text_config._attn_implementation
+    if implementation not in adapter.attention_implementations:
+        raise ValueError(
+            f"atp does not support the {implementation!r} attention implementation of this {adapter.family} "
+            f"model; supported: {', '.join(adapter.attention_implementations)}. Load the model with "
+            "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first."
+        )
+    if getattr(text_config, "sliding_window", None) or "sliding_attention" in (
+        getattr(text_config, "layer_types", None) or ()
+    ):
+        raise ValueError("atp does not support sliding-window attention layers yet")
+    context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
+    policy_module = entry.factory(context, **options)
+
+    # validated: from here on the model is modified ----------------------------------------
+    device = next(adapter.language_model().parameters()).device
+    policy_module.to(device)
+    policy_module.train(model.training)
+    container = AtpModules(policy_module)
+    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks)
+    restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
+    model.add_module(CONTAINER_NAME, container)
+    model.set_attn_implementation({adapter.text_config_key(): register_attention()})
+    runtime.install()
+    if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = _guarded_generate(model, model.generate)
+        restore["generate_patched"] = True
+    handle = AttachHandle(model, runtime, restore)
+    container.handle = handle
+    if policy_module.untrained:
+        warnings.warn(
+            f"atp.attach(policy={policy!r}): the threshold heads are untrained, so every input gets their "
+            "initial thresholds. Train them or load trained weights before relying on the pruning.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return handle
+
+
+def detach(model: nn.Module) -> None:
+    """Remove atp from ``model`` (same as ``handle.remove()``)."""
+    container = model._modules.get(CONTAINER_NAME)
+    if not isinstance(container, AtpModules) or container.handle is None:
+        raise ValueError("atp is not attached to this model")
+    container.handle.remove()
+
+
+def _guarded_generate(model: nn.Module, generate):
+    """``model.generate`` that refuses the generation modes atp does not support yet."""
+
+    @functools.wraps(generate)
+    def wrapper(*args, **kwargs):
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+        def setting(name, default=None):
+            return kwargs[name] if name in kwargs else getattr(config, name, default)
+
+        if (setting("num_beams", 1) or 1) > 1:
+            raise ValueError("beam search is not supported with atp yet; use num_beams=1 (greedy or sampling)")
+        if setting("use_cache", True) is False:
+            raise ValueError(
+                "generate(use_cache=False) would re-prune the prompt at every step; atp needs use_cache=True"
+            )
+        if setting("cache_implementation") not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={setting('cache_implementation')!r} is not supported with atp; "
+                "use the default dynamic cache"
+            )
+        if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+            raise ValueError("assisted / speculative generation is not supported with atp yet")
+        if isinstance(kwargs.get("past_key_values"), torch.Tensor):
+            raise ValueError("past_key_values must be a transformers Cache object")
+        return generate(*args, **kwargs)
+
+    return wrapper

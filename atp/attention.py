@@ -1,0 +1,32 @@
+"""The attention function atp registers with transformers for the language model.
+
+It is transformers' SDPA forward, plus one thing: when a decoder layer's pre-hook put a
+score request into the kwargs (only at the layers that feed an ATP layer, only during
+prefill), the request receives the query and key after RoPE and the layer's mask. The
+function itself holds no state, so any number of attached models share it.
+"""
+
+from __future__ import annotations
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "atp_sdpa"
+SCORE_REQUEST = "atp_score_request"
+
+
+def atp_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """``sdpa_attention_forward`` that first hands (query, key, mask) to a pending score request."""
+    request = kwargs.pop(SCORE_REQUEST, None)
+    if request is not None:
+        scale = kwargs.get("scaling")
+        request(query, key, attention_mask, scale if scale is not None else query.shape[-1] ** -0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention() -> str:
+    """Register the function and its (SDPA) mask builder under ``ATTENTION_NAME``; idempotent."""
+    AttentionInterface.register(ATTENTION_NAME, atp_sdpa_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

@@ -1,0 +1,36 @@
+"""Backbone-agnostic components: threshold heads, mask combiners, position keepers, budget losses."""
+
+from atp.components.budget_loss import PaperBudgetLoss, average_tokens
+from atp.components.mask_combiner import MaxSigmoidCombiner, cumulative
+from atp.components.position_keeper import KeepPositions
+from atp.components.threshold_head import PaperThresholdHead
+from atp.hookspecs import hookimpl
+
+__all__ = [
+    "KeepPositions",
+    "MaxSigmoidCombiner",
+    "PaperBudgetLoss",
+    "PaperThresholdHead",
+    "average_tokens",
+    "cumulative",
+]
+
+
+@hookimpl
+def atp_register_threshold_heads(register):
+    register("paper", PaperThresholdHead)
+
+
+@hookimpl
+def atp_register_mask_combiners(register):
+    register("max_sigmoid", MaxSigmoidCombiner)
+
+
+@hookimpl
+def atp_register_position_keepers(register):
+    register("keep", KeepPositions)
+
+
+@hookimpl
+def atp_register_budget_losses(register):
+    register("paper", PaperBudgetLoss)

@@ -1,0 +1,61 @@
+"""The learned ATP policy (Sec. 3.3): redundancy + spatial scores, per-sample thresholds."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from atp.components.mask_combiner import MaxSigmoidCombiner
+from atp.components.threshold_head import PaperThresholdHead
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.scorers.normalize import minmax_normalize
+from atp.scorers.redundancy import RedundancyScorer
+
+
+class AtpPolicy(Policy):
+    """S_red = (norm(S_self) + norm(S_cross)) / 2; theta_r, theta_s from a head per ATP layer;
+    M = max(sigmoid((S_red - theta_r) T), sigmoid((S_spatial - theta_s) T)).
+
+    Options
+    -------
+    temperature : T of the soft masks (default 50).
+    hidden_size : width of each threshold head (default 256).
+    init_theta_r, init_theta_s : thresholds of untrained heads (default 1e-3 and 0.999:
+        close to keep-everything). Larger values make untrained heads prune.
+    lambda_sample : spatial score coefficient (default 3, the paper's).
+    spatial_strides : grid strides, default (2, 4, 8, ...) up to half the grid side.
+    """
+
+    def __init__(
+        self,
+        context: PolicyContext,
+        temperature: float = 50.0,
+        hidden_size: int = 256,
+        init_theta_r: float = 1e-3,
+        init_theta_s: float = 0.999,
+        lambda_sample: float = 3.0,
+        spatial_strides: tuple[int, ...] | None = None,
+    ):
+        super().__init__(context)
+        if context.num_visual_tokens is None:
+            raise ValueError(
+                "the 'atp' policy's threshold head needs a fixed number of visual tokens per sample, "
+                "which this model family does not define"
+            )
+        self.scorer = RedundancyScorer()
+        self.lambda_sample = float(lambda_sample)
+        self.spatial_strides = tuple(spatial_strides) if spatial_strides is not None else None
+        self.heads = nn.ModuleList(
+            PaperThresholdHead(context.num_visual_tokens, hidden_size, init_theta_r, init_theta_s)
+            for _ in context.layers
+        )
+        self.combiner = MaxSigmoidCombiner(temperature)
+        self.untrained = True
+
+    def decide(self, inputs: PolicyInput) -> Decision:
+        n_self = minmax_normalize(inputs.scores["s_self"], inputs.live)
+        n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live)
+        s_redundant = (n_self + n_cross) / 2
+        theta_r, theta_s = self.heads[inputs.index](n_self, n_cross)
+        mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
+        return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s})
+

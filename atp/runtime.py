@@ -1,0 +1,385 @@
+"""The per-model runtime: hooks that score, decide and prune inside the language model.
+
+One :class:`Runtime` per attached model; all state lives on it (never global).
+
+* A pre-hook on the multimodal model sees ``input_ids`` and the cache: a prefill (empty
+  cache) starts a new :class:`Prefill` state, a decode step reuses it.
+* The attention function hands (query, key, mask) of layer ``i_k - 1`` to the scorer.
+* A pre-hook on every decoder layer from the first ATP layer on applies the decision of
+  ATP layer ``i_k`` and gives each layer what it needs: in ``drop`` mode the kept hidden
+  states, cos / sin, position ids and mask rows and columns (decode: key columns only);
+  in ``mask`` mode the cumulative mask as a log bias over visual keys.
+* A hook on the last decoder layer scatters a pruned output back to full length.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from atp.attention import SCORE_REQUEST
+from atp.components.position_keeper import KeepPositions
+from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
+from atp.policies.base import Policy, PolicyInput
+from atp.scorers.base import AttentionView
+from atp.scorers.spatial import spatial_scores
+from atp.stats import PruningStats, empty_stats
+
+
+@dataclass
+class Layout:
+    """Slots of a pruned sequence: original position (B, S) and validity (B, S); fillers left."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class Prefill:
+    """State of one prefill, kept for the decode steps that follow it."""
+
+    mode: str  # "drop" or "mask"
+    soft: bool  # soft masks (training) or binary ones
+    length: int  # L, the prefill length
+    visual_positions: torch.Tensor  # (B, N) sequence position of each visual token
+    visual_valid: torch.Tensor  # (B, N)
+    visual_id: torch.Tensor  # (B, L) visual index of each position, -1 for text
+    instruction: torch.Tensor  # (B, L) instruction tokens (queries of S_cross)
+    spatial: torch.Tensor  # (B, N)
+    keep: torch.Tensor  # (B, N) cumulative binary keep mask
+    weight: torch.Tensor  # (B, N) cumulative soft mask (== keep in binary mode)
+    layout: Layout | None = None  # current drop-mode layout; None = full sequence
+    view: dict = field(default_factory=dict)  # slots of visual / instruction tokens in the layout
+    scores: dict = field(default_factory=dict)  # ATP index -> scores (B, N) visual order
+    segments: dict = field(default_factory=dict)  # ATP index -> Layout (drop) or bias (B, L) (mask)
+    full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
+    records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
+
+    @property
+    def num_visual(self) -> torch.Tensor:
+        return self.visual_valid.sum(dim=1)
+
+    def to_sequence(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
+        """Visual-order values (B, N) placed at their sequence positions (B, L); ``fill`` elsewhere."""
+        batch = values.shape[0]
+        out = torch.full((batch, self.length + 1), fill, dtype=values.dtype, device=values.device)
+        target = torch.where(self.visual_valid, self.visual_positions, self.length)
+        return out.scatter(1, target, values)[:, : self.length]
+
+
+class Runtime:
+    """Hooks and state for one attached model."""
+
+    def __init__(self, adapter, policy: Policy, layers: tuple[int, ...], prune_mode: str, hard_masks):
+        self.adapter = adapter
+        self.policy = policy
+        self.layers = layers
+        self.prune_mode = prune_mode
+        self.hard_masks = hard_masks
+        self.keeper = KeepPositions()
+        self.atp_index = {layer: k for k, layer in enumerate(layers)}
+        self.score_index = {layer - 1: k for k, layer in enumerate(layers)} if policy.scorer else {}
+        self.num_layers = len(adapter.decoder_layers())
+        self.seq_dim = adapter.position_seq_dim()
+        self.prefill: Prefill | None = None
+        self.decoding = False
+        self.step_past = 0
+        self.step_cache: dict = {}
+        self.last_stats: PruningStats | None = None
+        self.hooks: list = []
+
+    # install / remove ------------------------------------------------------------------
+    def install(self) -> None:
+        decoder = self.adapter.decoder_layers()
+        self.hooks.append(
+            self.adapter.multimodal_model().register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+        )
+        hooked = sorted(set(self.score_index) | set(range(self.layers[0], self.num_layers)))
+        for i in hooked:
+            hook = functools.partial(self._on_layer_input, i)
+            self.hooks.append(decoder[i].register_forward_pre_hook(hook, with_kwargs=True))
+        self.hooks.append(decoder[self.num_layers - 1].register_forward_hook(self._on_last_output, with_kwargs=True))
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.prefill = None
+
+    # multimodal model: prefill or decode? ------------------------------------------------
+    def _on_model_forward(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("atp does not support torch.compile yet; run the attached model uncompiled")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not (
+            isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+        ):
+            raise ValueError(
+                f"atp supports transformers' DynamicCache only, got {type(cache).__name__} "
+                "(StaticCache, sliding-window, offloaded and quantized caches are not supported yet); "
+                "use the default cache (cache_implementation=None)"
+            )
+        past = cache.get_seq_length() if cache is not None else 0
+        self.step_cache = {}
+        if input_ids is None:
+            raise ValueError(
+                "atp needs input_ids to find the visual tokens; pass input_ids (and pixel_values) "
+                "instead of inputs_embeds"
+            )
+        visual = self.adapter.visual_mask(input_ids)
+        if past == 0:
+            self.decoding = False
+            self.prefill = self._start_prefill(visual, kwargs.get("attention_mask"))
+            if self.prefill is None:
+                self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
+            return None
+        if bool(visual.any()):
+            raise ValueError(
+                "visual tokens arrived after the prefill (chunked prefill or images in a continuation); "
+                "atp needs the whole multimodal prompt in one forward"
+            )
+        if self.prefill is not None:
+            self._check_cache(cache, past, input_ids.shape[0])
+        self.decoding = True
+        self.step_past = past
+        return None
+
+    def _check_cache(self, cache, past: int, batch: int) -> None:
+        p = self.prefill
+        ok = p.visual_valid.shape[0] == batch and past >= p.length
+        last = p.segments.get(len(self.layers) - 1)
+        if ok and isinstance(last, Layout):
+            ok = cache.layers[self.layers[-1]].get_seq_length() == last.index.shape[1] + past - p.length
+        if not ok:
+            raise ValueError(
+                "this KV cache does not continue the last prefill atp pruned (batch or lengths differ); "
+                "beam search, cache reordering and caches built elsewhere are not supported yet"
+            )
+
+    def _start_prefill(self, visual: torch.Tensor, attention_mask) -> Prefill | None:
+        if not bool(visual.any()):
+            return None
+        mode = self.prune_mode
+        training = self.policy.training
+        if mode == "auto":
+            mode = "mask" if training else "drop"
+        soft = mode == "mask" and (not self.hard_masks if self.hard_masks is not None else training)
+        batch, length = visual.shape
+        positions, valid = mask_to_index(visual)
+        counts = valid.sum(dim=1).tolist()
+        visual_id = torch.full((batch, length + 1), -1, dtype=torch.long, device=visual.device)
+        target = torch.where(valid, positions, length)
+        visual_id = visual_id.scatter(1, target, torch.arange(positions.shape[1], device=visual.device).expand_as(positions))
+        visual_id = visual_id[:, :length]
+        not_pad = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else True
+        first = torch.where(visual.any(1), visual.float().argmax(1), length)
+        after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
+        instruction = ~visual & after & not_pad
+        grids = self.adapter.grids(counts)
+        strides = getattr(self.policy, "spatial_strides", None)
+        spatial = spatial_scores(
+            grids, positions.shape[1], getattr(self.policy, "lambda_sample", 3.0), strides, visual.device
+        )
+        p = Prefill(
+            mode=mode,
+            soft=soft,
+            length=length,
+            visual_positions=positions,
+            visual_valid=valid,
+            visual_id=visual_id,
+            instruction=instruction,
+            spatial=spatial,
+            keep=valid.clone(),
+            weight=valid.float(),
+        )
+        self._update_view(p)
+        return p
+
+    # decoder layers -------------------------------------------------------------------
+    def _segment(self, layer: int) -> int | None:
+        """Index k of the last ATP layer at or before ``layer`` (None before the first)."""
+        k = None
+        for index, atp_layer in enumerate(self.layers):
+            if atp_layer <= layer:
+                k = index
+        return k
+
+    def _on_layer_input(self, layer: int, module, args, kwargs):
+        p = self.prefill
+        if p is None:
+            return None
+        segment = self._segment(layer)
+        if self.decoding:
+            if segment is None:
+                return None
+            kwargs["attention_mask"] = self._segment_kwargs(segment, kwargs)["attention_mask"]
+            return args, kwargs
+        if layer in self.atp_index:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = self._prune(self.atp_index[layer], hidden)
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        if segment is not None:
+            kwargs.update(self._segment_kwargs(segment, kwargs))
+        if layer in self.score_index:
+            kwargs[SCORE_REQUEST] = functools.partial(self._score, self.score_index[layer])
+        return args, kwargs
+
+    def _on_last_output(self, module, args, kwargs, output):
+        p = self.prefill
+        if p is None or self.decoding:
+            return None
+        self.last_stats = self._stats()
+        if p.layout is None:
+            p.full_hidden = None
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        full = scatter_seq(p.full_hidden, p.layout.index, p.layout.valid, hidden)
+        p.full_hidden = None
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # scoring and deciding ---------------------------------------------------------------
+    def _update_view(self, p: Prefill) -> None:
+        batch = p.visual_id.shape[0]
+        if p.layout is None:
+            index = torch.arange(p.length, device=p.visual_id.device).expand(batch, -1)
+            valid = torch.ones_like(index, dtype=torch.bool)
+        else:
+            index, valid = p.layout.index, p.layout.valid
+        slot_visual_id = torch.where(valid, p.visual_id.gather(1, index), -1)
+        visual_slots, visual_slot_valid = mask_to_index(slot_visual_id >= 0)
+        instruction_slots, instruction_valid = mask_to_index(p.instruction.gather(1, index) & valid)
+        p.view = {
+            "visual_slots": visual_slots,
+            "visual_valid": visual_slot_valid,
+            "visual_ids": slot_visual_id.gather(1, visual_slots).clamp_min(0),
+            "instruction_slots": instruction_slots,
+            "instruction_valid": instruction_valid,
+        }
+
+    def _score(self, k: int, query, key, attention_mask, scale) -> None:
+        p, view = self.prefill, self.prefill.view
+        weight = p.weight.gather(1, view["visual_ids"]) * view["visual_valid"]
+        attention = AttentionView(
+            query=query.detach(),
+            key=key.detach(),
+            attention_mask=attention_mask.detach() if attention_mask is not None else None,
+            scale=float(scale),
+            visual_slots=view["visual_slots"],
+            visual_valid=view["visual_valid"],
+            visual_weight=weight.detach(),
+            instruction_slots=view["instruction_slots"],
+            instruction_valid=view["instruction_valid"],
+        )
+        scores = self.policy.scorer.score(attention)
+        width = p.visual_valid.shape[1]
+        target = torch.where(view["visual_valid"], view["visual_ids"], width)
+        p.scores[k] = {
+            name: value.new_zeros(value.shape[0], width + 1).scatter(1, target, value)[:, :width]
+            for name, value in scores.items()
+        }
+
+    def _prune(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        p = self.prefill
+        decision = self.policy.decide(
+            PolicyInput(
+                index=k,
+                layer=self.layers[k],
+                scores=p.scores.pop(k, {}),
+                live=p.keep,
+                weight=p.weight,
+                spatial=p.spatial,
+                num_visual=p.num_visual,
+            )
+        )
+        mask = decision.mask.float() * p.visual_valid
+        keep = p.keep & (mask > 0.5)
+        weight = p.weight * mask if p.soft else keep.float()
+        p.records.append((keep, weight, {n: t.detach() for n, t in decision.thresholds.items()}))
+        changed = not torch.equal(keep, p.keep)
+        p.keep, p.weight = keep, weight
+        if p.mode == "mask":
+            log_weight = torch.where(weight > 0, weight.clamp_min(1e-30).log(), float("-inf"))
+            p.segments[k] = p.to_sequence(log_weight, 0.0)
+            return hidden
+        if changed:
+            keep_sequence = ~p.to_sequence(p.visual_valid & ~keep, False)
+            old = p.layout
+            if old is None:
+                p.full_hidden = hidden
+            else:
+                p.full_hidden = scatter_seq(p.full_hidden, old.index, old.valid, hidden)
+            p.layout = Layout(*mask_to_index(keep_sequence, align="left"))
+            hidden = gather_seq(p.full_hidden, p.layout.index)
+            self._update_view(p)
+        p.segments[k] = p.layout
+        return hidden
+
+    # what each layer of a segment receives ------------------------------------------------
+    def _segment_kwargs(self, k: int, kwargs) -> dict:
+        """Per forward, computed once per segment and shared by its layers."""
+        if k in self.step_cache:
+            return self.step_cache[k]
+        p = self.prefill
+        segment = p.segments[k]
+        base = kwargs.get("attention_mask")
+        out = {}
+        if p.mode == "mask":
+            bias = segment
+            if self.decoding:
+                total = self.step_past + _query_length(kwargs, self.seq_dim)
+                bias = torch.nn.functional.pad(bias, (0, total - p.length))
+            query_len = bias.shape[1] if not self.decoding else _query_length(kwargs, self.seq_dim)
+            dtype = kwargs["position_embeddings"][0].dtype
+            out["attention_mask"] = additive_mask(base, bias, query_len, dtype)
+        elif segment is None:  # drop mode, nothing pruned so far
+            out["attention_mask"] = base
+        elif self.decoding:
+            batch = segment.index.shape[0]
+            query_len = _query_length(kwargs, self.seq_dim)
+            new = torch.arange(p.length, self.step_past + query_len, device=segment.index.device)
+            k_index = torch.cat([segment.index, new.expand(batch, -1)], dim=1)
+            k_valid = torch.cat([segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1)
+            out["attention_mask"] = compact_mask(base, None, k_index, k_valid)
+        else:
+            index, valid = segment.index, segment.valid
+            out["attention_mask"] = compact_mask(base, index, index, valid, q_valid=valid)
+            cos, sin = kwargs["position_embeddings"]
+            out["position_embeddings"] = (
+                self.keeper.select(cos, index, self.seq_dim),
+                self.keeper.select(sin, index, self.seq_dim),
+            )
+            if kwargs.get("position_ids") is not None:
+                out["position_ids"] = self.keeper.select(kwargs["position_ids"], index, self.seq_dim)
+        self.step_cache[k] = out
+        return out
+
+    # statistics -----------------------------------------------------------------------
+    def _stats(self) -> PruningStats:
+        p = self.prefill
+        masks = [keep for keep, _, _ in p.records]
+        names = sorted({name for _, _, thresholds in p.records for name in thresholds})
+        thresholds = {
+            name: torch.stack([rec[2][name] for rec in p.records], dim=1)
+            for name in names
+            if all(name in rec[2] for rec in p.records)
+        }
+        return PruningStats(
+            layers=self.layers,
+            num_layers=self.num_layers,
+            num_visual=p.num_visual,
+            kept=torch.stack([mask.sum(dim=1) for mask in masks], dim=1),
+            masks=masks,
+            soft_masks=[weight for _, weight, _ in p.records],
+            thresholds=thresholds,
+        )
+
+
+def _query_length(kwargs, seq_dim: int) -> int:
+    return kwargs["position_embeddings"][0].shape[seq_dim]
