@@ -117,7 +117,7 @@ def compact_mask(
         mask = gather_seq(mask, k_index, dim=3) & k_valid[:, None, None, :]
     if q_valid is not None and q_index is not None and not bool(q_valid.all()):
         eye = torch.eye(q_index.shape[1], k_index.shape[1], dtype=torch.bool, device=k_index.device)
-        mask = mask | (~q_valid[:, None, :, None] & eye)
+        mask = torch.where(q_valid[:, None, :, None], mask, eye)
     return mask.expand(batch, 1, *mask.shape[2:])
 
 

@@ -280,8 +280,8 @@ class Runtime:
         scores = self.policy.scorer.score(attention)
         width = p.visual_valid.shape[1]
         target = torch.where(view["visual_valid"], view["visual_ids"], width)
-        p.scores[k] = {
-            name: value.new_zeros(value.shape[0], width + 1).scatter(1, target, value)[:, :width]
+        p.scores[k] = {  # original visual order; 0 at dead tokens in both modes
+            name: value.new_zeros(value.shape[0], width + 1).scatter(1, target, value)[:, :width] * p.keep
             for name, value in scores.items()
         }
 

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random LLaVA models and batches (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+
+from atp.testing import left_pad, llava_prompt, tiny_llava
+
+settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile("ci")
+
+
+@pytest.fixture
+def model():
+    return tiny_llava(num_layers=4)
+
+
+@pytest.fixture
+def batch(model):
+    """Two samples of different lengths, left padded, different images."""
+    prompts = [
+        llava_prompt(model, [1, 5, 6], [7, 8, 9, 10]),
+        llava_prompt(model, [1, 11], [12, 13, 14, 15, 16, 17]),
+    ]
+    ids, mask = left_pad(prompts)
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, 32, 32, generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def single(batch: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded batch, with its padding removed."""
+    keep = batch["attention_mask"][b].bool()
+    return {
+        "input_ids": batch["input_ids"][b : b + 1, keep],
+        "attention_mask": batch["attention_mask"][b : b + 1, keep],
+        "pixel_values": batch["pixel_values"][b : b + 1],
+    }

@@ -1,0 +1,130 @@
+"""Property tests of the scores against brute-force references that form the full matrices."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from atp.components.mask_combiner import MaxSigmoidCombiner
+from atp.policies.fixed import top_k_mask
+from atp.scorers.normalize import minmax_normalize
+from atp.scorers.redundancy import cross_scores, self_scores
+from atp.scorers.spatial import default_strides, grid_scores, spatial_scores
+
+shapes = st.tuples(st.integers(1, 3), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(6, 14), st.integers(0, 2**16))
+
+
+def random_qk(batch, heads, kv_heads, length, seed, dim=8):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, length, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, length, dim, generator=generator)
+    return query, key
+
+
+@given(shapes)
+def test_self_scores_equal_mean_of_full_logit_matrix(shape):
+    batch, (heads, kv_heads), length, seed = shape
+    query, key = random_qk(batch, heads, kv_heads, length, seed)
+    slots = torch.stack([torch.randperm(length)[:4].sort().values for _ in range(batch)])
+    weight = torch.rand(batch, 4)
+    scale = 0.3
+    got = self_scores(query, key, slots, weight, scale)
+    keys = key.repeat_interleave(heads // kv_heads, dim=1)
+    for b in range(batch):
+        q = query[b][:, slots[b]]  # (H, 4, d)
+        k = keys[b][:, slots[b]]
+        logits = torch.einsum("hmd,hnd->hmn", q, k) * scale  # query m, key n
+        expected = (logits * weight[b][None, :, None]).sum(1) / weight[b].sum()
+        torch.testing.assert_close(got[b], expected.mean(0), rtol=1e-4, atol=1e-5)
+
+
+@given(shapes)
+def test_cross_scores_equal_full_causal_softmax_rows(shape):
+    batch, (heads, kv_heads), length, seed = shape
+    query, key = random_qk(batch, heads, kv_heads, length, seed)
+    visual = torch.arange(1, 4).expand(batch, -1)  # tokens 1..3 are visual
+    text = torch.arange(4, length).expand(batch, -1)
+    text_valid = torch.ones_like(text, dtype=torch.bool)
+    text_valid[0, -1] = False
+    scale = 0.25
+    got = cross_scores(query, key, None, scale, text, text_valid, visual)
+    keys = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", query, keys) * scale
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(1)  # (B, L, L)
+    for b in range(batch):
+        rows = text[b][text_valid[b]]
+        expected = probs[b][rows][:, visual[b]].mean(0)
+        torch.testing.assert_close(got[b], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_scores_use_the_layer_mask():
+    query, key = random_qk(1, 2, 2, 6, 0)
+    visual, text = torch.tensor([[1, 2]]), torch.tensor([[4, 5]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    mask[..., 2] = False  # token 2 masked out as a key
+    got = cross_scores(query, key, mask, 1.0, text, valid, visual)
+    assert got[0, 1] == 0 and got[0, 0] > 0
+
+
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=10), st.data())
+def test_minmax_spans_zero_to_one_over_live_tokens(values, data):
+    scores = torch.tensor([values])
+    live = torch.tensor([data.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values)))])
+    out = minmax_normalize(scores, live)
+    assert (out[~live] == 0).all()
+    alive = out[live]
+    if alive.numel() and scores[live].max() - scores[live].min() > 1e-6:
+        assert alive.min() == 0 and abs(alive.max().item() - 1) < 1e-6
+        live_scores = scores[live]
+        smaller = live_scores[:, None] < live_scores[None, :]
+        assert bool((alive[:, None] <= alive[None, :])[smaller].all())  # order preserved
+
+
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_spatial_grids_nest_and_rank_coarse_first(height, width):
+    score = grid_scores(height, width).view(height, width)
+    assert score[0, 0] == score.max()
+    thresholds = sorted(set(score.flatten().tolist()))
+    kept = [(score > t) for t in [-1.0, *thresholds]]
+    for looser, tighter in zip(kept, kept[1:]):
+        assert bool((tighter <= looser).all())  # a higher threshold keeps a subset
+    for stride in default_strides(height, width):
+        on_grid = torch.zeros(height, width, dtype=torch.bool)
+        on_grid[::stride, ::stride] = True
+        assert bool((score[on_grid] >= 1 - 3.0 / stride**2 - 1e-6).all())
+
+
+def test_spatial_thresholds_pick_granularities_on_24x24():
+    score = grid_scores(24, 24).view(24, 24)
+    assert int((score > 0.9).sum()) == 9  # stride 8: rows/cols {0, 8, 16}
+    assert int((score > 0.5).sum()) == 36  # stride 4
+    assert int((score > 0.1).sum()) == 144  # stride 2
+    per_sample = spatial_scores([[(24, 24)], [(24, 24), (24, 24)]], 1152)
+    assert torch.equal(per_sample[0, :576], score.flatten()) and (per_sample[0, 576:] == 0).all()
+    assert torch.equal(per_sample[1, 576:], score.flatten())
+
+
+@given(st.floats(0.05, 0.95), st.floats(0.05, 0.95), st.floats(0.0, 0.3))
+def test_mask_is_max_of_branches_and_monotone_in_thresholds(theta_r, theta_s, delta):
+    generator = torch.Generator().manual_seed(0)
+    s_red, s_sp = torch.rand(2, 16, generator=generator), torch.rand(2, 16, generator=generator)
+    combiner = MaxSigmoidCombiner(temperature=20.0)
+    both = combiner(s_red, s_sp, torch.full((2,), theta_r), torch.full((2,), theta_s))
+    red_only = MaxSigmoidCombiner(20.0, use_spatial=False)(s_red, s_sp, torch.full((2,), theta_r), torch.full((2,), theta_s))
+    assert bool((both >= red_only).all())
+    higher = combiner(s_red, s_sp, torch.full((2,), theta_r + delta), torch.full((2,), theta_s + delta))
+    assert bool((higher <= both + 1e-7).all())
+
+
+@given(st.lists(st.floats(-3, 3), min_size=1, max_size=12), st.integers(0, 12), st.data())
+def test_top_k_keeps_exactly_the_best_live_tokens(values, count, data):
+    scores = torch.tensor([values])
+    live = torch.tensor([data.draw(st.lists(st.booleans(), min_size=len(values), max_size=len(values)))])
+    mask = top_k_mask(scores, live, torch.tensor([count]))
+    assert int(mask.sum()) == min(count, int(live.sum()))
+    assert not (mask & ~live).any()
+    if mask.any() and (live & ~mask).any():
+        assert scores[mask].min() >= scores[live & ~mask].max()
