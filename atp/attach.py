@@ -50,9 +50,7 @@ def resolve_adapter(model: nn.Module):
             return entry.factory(model)
     config = getattr(model, "config", None)
     found = getattr(config, "model_type", None) if config is not None else None
-    families = ", ".join(
-        f"{m['family']} ({', '.join(m['model_types'])})" for m in supported_models()
-    )
+    families = ", ".join(f"{m['family']} ({', '.join(m['model_types'])})" for m in supported_models())
     raise ValueError(
         f"unsupported model {type(model).__name__} (config.model_type={found!r}). "
         f"atp supports: {families}. Pass the full vision-language model (e.g. LlavaForConditionalGeneration), "
@@ -117,9 +115,13 @@ def attach(
         raise TypeError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
     existing = model._modules.get(CONTAINER_NAME)
     if isinstance(existing, AtpModules):
-        raise ValueError("atp is already attached to this model; call handle.remove() or atp.detach(model) first")
+        raise ValueError(
+            "atp is already attached to this model; call handle.remove() or atp.detach(model) first"
+        )
     if existing is not None or CONTAINER_NAME in model.__dict__:
-        raise ValueError(f"the model already has an attribute {CONTAINER_NAME!r}; atp cannot attach its modules")
+        raise ValueError(
+            f"the model already has an attribute {CONTAINER_NAME!r}; atp cannot attach its modules"
+        )
     adapter = resolve_adapter(model)
     num_layers = len(adapter.decoder_layers())
     layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
@@ -194,7 +196,9 @@ def _guarded_generate(model: nn.Module, generate):
             return kwargs[name] if name in kwargs else getattr(config, name, default)
 
         if (setting("num_beams", 1) or 1) > 1:
-            raise ValueError("beam search is not supported with atp yet; use num_beams=1 (greedy or sampling)")
+            raise ValueError(
+                "beam search is not supported with atp yet; use num_beams=1 (greedy or sampling)"
+            )
         if setting("use_cache", True) is False:
             raise ValueError(
                 "generate(use_cache=False) would re-prune the prompt at every step; atp needs use_cache=True"

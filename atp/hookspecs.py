@@ -7,7 +7,8 @@ expose it through the ``atp`` entry-point group.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -63,7 +63,9 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     return x.gather(dim, expanded)
 
 
-def scatter_seq(full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def scatter_seq(
+    full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
     """``full`` (B, L, D) with ``values`` (B, S, D) written at ``index`` where ``valid``; out of place."""
     batch, length, width = full.shape
     padded = torch.cat([full, full.new_zeros(batch, 1, width)], dim=1)  # column L takes the fillers
@@ -74,7 +76,7 @@ def scatter_seq(full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, va
 
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
     """BoolTensor (B, 1, Q, K): key position <= query position (original coordinates)."""
-    return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+    return k_positions[:, None, None, :] <= q_positions[:, None, :, None]
 
 
 def compact_mask(

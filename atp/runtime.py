@@ -95,13 +95,17 @@ class Runtime:
     def install(self) -> None:
         decoder = self.adapter.decoder_layers()
         self.hooks.append(
-            self.adapter.multimodal_model().register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+            self.adapter.multimodal_model().register_forward_pre_hook(
+                self._on_model_forward, with_kwargs=True
+            )
         )
         hooked = sorted(set(self.score_index) | set(range(self.layers[0], self.num_layers)))
         for i in hooked:
             hook = functools.partial(self._on_layer_input, i)
             self.hooks.append(decoder[i].register_forward_pre_hook(hook, with_kwargs=True))
-        self.hooks.append(decoder[self.num_layers - 1].register_forward_hook(self._on_last_output, with_kwargs=True))
+        self.hooks.append(
+            decoder[self.num_layers - 1].register_forward_hook(self._on_last_output, with_kwargs=True)
+        )
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -135,7 +139,9 @@ class Runtime:
             self.decoding = False
             self.prefill = self._start_prefill(visual, kwargs.get("attention_mask"))
             if self.prefill is None:
-                self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
+                self.last_stats = empty_stats(
+                    self.layers, self.num_layers, input_ids.shape[0], input_ids.device
+                )
             return None
         if bool(visual.any()):
             raise ValueError(
@@ -173,7 +179,9 @@ class Runtime:
         counts = valid.sum(dim=1).tolist()
         visual_id = torch.full((batch, length + 1), -1, dtype=torch.long, device=visual.device)
         target = torch.where(valid, positions, length)
-        visual_id = visual_id.scatter(1, target, torch.arange(positions.shape[1], device=visual.device).expand_as(positions))
+        visual_id = visual_id.scatter(
+            1, target, torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
+        )
         visual_id = visual_id[:, :length]
         not_pad = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else True
         first = torch.where(visual.any(1), visual.float().argmax(1), length)
@@ -345,7 +353,9 @@ class Runtime:
             query_len = _query_length(kwargs, self.seq_dim)
             new = torch.arange(p.length, self.step_past + query_len, device=segment.index.device)
             k_index = torch.cat([segment.index, new.expand(batch, -1)], dim=1)
-            k_valid = torch.cat([segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1)
+            k_valid = torch.cat(
+                [segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1
+            )
             out["attention_mask"] = compact_mask(base, None, k_index, k_valid)
         else:
             index, valid = segment.index, segment.valid

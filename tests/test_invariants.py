@@ -82,9 +82,8 @@ def test_drop_equals_mask_with_the_same_binary_masks(model, batch, layers):
 
 def test_drop_output_is_scattered_back_to_full_length(model, batch):
     masks = random_masks(2, 16, 1, seed=3)
-    with atp.attach(model, layers=[2], policy="manual", keep_masks=masks):
-        with torch.no_grad():
-            out = model(**batch)
+    with atp.attach(model, layers=[2], policy="manual", keep_masks=masks), torch.no_grad():
+        out = model(**batch)
     assert out.logits.shape[:2] == batch["input_ids"].shape
     keys = [layer.keys.shape[2] for layer in out.past_key_values.layers]
     kept = masks[0].sum(1)
@@ -107,7 +106,9 @@ def test_batch_equals_each_sample_alone(model, batch):
             assert handle.stats.kept[0].tolist() == batch_kept[b].tolist()
         length = alone["input_ids"].shape[1]
         compare = comparable_positions(model, alone, row_masks[-1])[0]
-        torch.testing.assert_close(batch_logits[b, width - length :][compare], single_logits[0][compare], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            batch_logits[b, width - length :][compare], single_logits[0][compare], rtol=1e-4, atol=1e-4
+        )
         assert torch.equal(batch_gen[b, width:], single_gen[0, length:])
 
 
@@ -126,9 +127,14 @@ def test_atp_policy_batch_equals_singles_and_scores_agree_across_modes(batch):
     captured = {}
     for mode in ("drop", "mask"):
         with atp.attach(model, layers=[1, 3], prune_mode=mode, **options) as handle:
-            scores = []
+            scores: list = []
             original = handle.policy.decide
-            handle.policy.decide = lambda inputs, _o=original: (scores.append(inputs.scores), _o(inputs))[1]
+
+            def recording(inputs, _original=original, _scores=scores):
+                _scores.append(inputs.scores)
+                return _original(inputs)
+
+            handle.policy.decide = recording
             logits(model, batch)
             captured[mode] = (scores, handle.stats.masks)
     for drop_scores, mask_scores in zip(captured["drop"][0], captured["mask"][0]):
@@ -205,8 +211,12 @@ def test_stats_agree_with_masks_and_the_kv_cache(model, batch):
     assert stats.avg_tokens == pytest.approx(sum(expected) / 2)
     width = batch["input_ids"].shape[1]
     head_bytes = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, float32
-    widths = [width, width - 16 + int(masks[0].sum(1).max()), width - 16 + int(masks[0].sum(1).max()),
-              width - 16 + int(masks[1].sum(1).max())]
+    widths = [
+        width,
+        width - 16 + int(masks[0].sum(1).max()),
+        width - 16 + int(masks[0].sum(1).max()),
+        width - 16 + int(masks[1].sum(1).max()),
+    ]
     assert atp.kv_cache_bytes(out.past_key_values) == sum(widths) * head_bytes * 2
 
 

@@ -12,7 +12,9 @@ from atp.scorers.normalize import minmax_normalize
 from atp.scorers.redundancy import cross_scores, self_scores
 from atp.scorers.spatial import default_strides, grid_scores, spatial_scores
 
-shapes = st.tuples(st.integers(1, 3), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(6, 14), st.integers(0, 2**16))
+shapes = st.tuples(
+    st.integers(1, 3), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(6, 14), st.integers(0, 2**16)
+)
 
 
 def random_qk(batch, heads, kv_heads, length, seed, dim=8):
@@ -113,7 +115,9 @@ def test_mask_is_max_of_branches_and_monotone_in_thresholds(theta_r, theta_s, de
     s_red, s_sp = torch.rand(2, 16, generator=generator), torch.rand(2, 16, generator=generator)
     combiner = MaxSigmoidCombiner(temperature=20.0)
     both = combiner(s_red, s_sp, torch.full((2,), theta_r), torch.full((2,), theta_s))
-    red_only = MaxSigmoidCombiner(20.0, use_spatial=False)(s_red, s_sp, torch.full((2,), theta_r), torch.full((2,), theta_s))
+    red_only = MaxSigmoidCombiner(20.0, use_spatial=False)(
+        s_red, s_sp, torch.full((2,), theta_r), torch.full((2,), theta_s)
+    )
     assert bool((both >= red_only).all())
     higher = combiner(s_red, s_sp, torch.full((2,), theta_r + delta), torch.full((2,), theta_s + delta))
     assert bool((higher <= both + 1e-7).all())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
 
 class BackboneAdapter:

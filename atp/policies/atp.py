@@ -58,4 +58,3 @@ class AtpPolicy(Policy):
         theta_r, theta_s = self.heads[inputs.index](n_self, n_cross)
         mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
         return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s})
-

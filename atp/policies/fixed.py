@@ -13,7 +13,9 @@ def top_k_mask(scores: torch.Tensor, live: torch.Tensor, counts: torch.Tensor) -
     """BoolTensor (B, N): the ``counts`` (B,) highest-scoring live tokens; ties keep the earlier token."""
     ranked = scores.float().masked_fill(~live, float("-inf"))
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
     return (rank < counts[:, None]) & live
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from atp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""Public API behaviour: policies, registry, several models, mask mode in eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.testing import tiny_llava
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+
+def test_registry_lists_builtins_with_origin():
+    reg = atp.registry()
+    assert {"atp", "keep_all", "fixed", "manual"} <= set(reg.names("policy"))
+    assert reg.names("backbone") == ["llava"]
+    assert reg.get("scorer", "redundancy").origin == "atp"
+    for kind in ("threshold_head", "mask_combiner", "position_keeper", "budget_loss"):
+        assert reg.names(kind), kind
+    with pytest.raises(ValueError, match="unknown scorer 'nope'"):
+        reg.get("scorer", "nope")
+    assert atp.supported_models()[0]["family"] == "llava"
+
+
+def test_default_layers_follow_the_paper():
+    assert atp.default_layers(32) == [4, 14, 24]
+    assert atp.default_layers(4) == [1, 2, 3]
+    assert atp.default_layers(2) == [1]
+
+
+def test_untrained_atp_keeps_almost_everything(model, batch):
+    with atp.attach(model, layers=[1, 3]) as handle:
+        with torch.no_grad():
+            model(**batch)
+        assert (handle.stats.kept >= 15).all()
+        assert set(handle.stats.thresholds) == {"theta_r", "theta_s"}
+        assert handle.stats.thresholds["theta_r"].shape == (2, 2)
+        assert sum(p.numel() for p in handle.parameters()) > 0
+
+
+def test_atp_thresholds_prune_adaptively_per_sample(batch):
+    model = tiny_llava(num_layers=4)
+    with atp.attach(model, layers=[1, 3], init_theta_r=0.5, init_theta_s=0.2) as handle:
+        with torch.no_grad():
+            model(**batch)
+        stats = handle.stats
+    assert (stats.kept[:, 0] < 16).all() and (stats.kept[:, 0] > 0).all()
+    assert bool((stats.masks[1] <= stats.masks[0]).all())
+    grid = torch.zeros(4, 4, dtype=torch.bool)
+    grid[::2, ::2] = True  # the stride-2 grid scores 0.25 > theta_s = 0.2: always kept
+    assert stats.masks[1][:, grid.flatten()].all()
+    assert not torch.equal(stats.masks[0][0], stats.masks[0][1])  # per-instance decisions
+    assert torch.equal(stats.kept, torch.stack([m.sum(1) for m in stats.masks], 1))
+
+
+def test_fixed_budgets_are_met_exactly(model, batch):
+    with atp.attach(model, layers=[1, 2, 3], policy="fixed", keep=[10, 0.5, 2]) as handle:
+        with torch.no_grad():
+            model(**batch)
+        assert handle.stats.kept.tolist() == [[10, 5, 2], [10, 5, 2]]
+        assert handle.stats.avg_tokens == pytest.approx((16 + 10 + 5 + 2) / 4)
+
+
+def test_mask_mode_generates_in_eval(model, batch):
+    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[8, 4], prune_mode="mask") as handle:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+            cache = model(**batch).past_key_values
+        assert out.shape[1] == batch["input_ids"].shape[1] + 4
+        assert handle.stats.kept.tolist() == [[8, 4], [8, 4]]
+        assert {layer.keys.shape[2] for layer in cache.layers} == {batch["input_ids"].shape[1]}
+
+
+def test_two_attached_models_do_not_interfere(batch):
+    first, second = tiny_llava(num_layers=4, seed=0), tiny_llava(num_layers=4, seed=1)
+    with torch.no_grad():
+        ref_first = first(**batch).logits
+    one = atp.attach(first, layers=[1], policy="fixed", keep=[4])
+    two = atp.attach(second, layers=[2, 3], policy="fixed", keep=[12, 6])
+    with torch.no_grad():
+        first(**batch)
+        second(**batch)
+        first.generate(**batch, max_new_tokens=3)
+    assert one.stats.kept.tolist() == [[4], [4]]
+    assert two.stats.kept.tolist() == [[12, 6], [12, 6]]
+    one.remove()
+    with torch.no_grad():
+        assert torch.equal(first(**batch).logits, ref_first)
+        second(**batch)
+    assert two.stats.kept.tolist() == [[12, 6], [12, 6]]
+    two.remove()
+
+
+def test_handle_repr_and_context_manager(model):
+    with atp.attach(model, layers=[2], policy="keep_all") as handle:
+        assert "llava" in repr(handle) and "attached" in repr(handle)
+    assert handle.removed and "removed" in repr(handle)

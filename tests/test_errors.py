@@ -1,0 +1,164 @@
+"""Bad input gets a clear error, and the model is left untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.testing import llava_prompt
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+
+def untouched(model) -> bool:
+    return (
+        "atp" not in dict(model.named_children())
+        and model.config.text_config._attn_implementation == "sdpa"
+        and "generate" not in model.__dict__
+        and not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    )
+
+
+@pytest.mark.parametrize(
+    ("layers", "error", "message"),
+    [
+        ([0, 2], ValueError, "layer 0 cannot be an ATP layer"),
+        ([4], ValueError, "out of range: the language model has 4 decoder layers"),
+        ([-1], ValueError, "out of range"),
+        ([2, 2], ValueError, "duplicates"),
+        ([1.5], TypeError, "layers must be ints"),
+        ([True], TypeError, "layers must be ints"),
+        ("12", TypeError, "layers must be a list of ints"),
+        ([], ValueError, "layers is empty"),
+    ],
+)
+def test_bad_layers(model, layers, error, message):
+    with pytest.raises(error, match=message):
+        atp.attach(model, layers=layers)
+    assert untouched(model)
+
+
+def test_unsupported_model_lists_the_supported_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"unsupported model LlamaForCausalLM .*atp supports: llava \(llava\)"
+    ):
+        atp.attach(text_only, layers=[1])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        atp.attach("llava-hf/llava-1.5-7b-hf")
+
+
+def test_unsupported_attention_implementation(model):
+    model.set_attn_implementation({"text_config": "eager"})
+    with pytest.raises(
+        ValueError, match="does not support the 'eager' attention.*attn_implementation='sdpa'"
+    ):
+        atp.attach(model, layers=[1])
+    assert "atp" not in dict(model.named_children())
+
+
+def test_unknown_policy_and_options(model):
+    with pytest.raises(ValueError, match="unknown policy 'fastvv'; registered policys: .*atp.*keep_all"):
+        atp.attach(model, layers=[1], policy="fastvv")
+    with pytest.raises(
+        ValueError, match="policy 'atp' does not take option.*colour.*its options are: temperature"
+    ):
+        atp.attach(model, layers=[1], colour="red")
+    with pytest.raises(ValueError, match="keep has 1 entries but there are 2 ATP layers"):
+        atp.attach(model, layers=[1, 2], policy="fixed", keep=[4])
+    with pytest.raises(ValueError, match=r"keep fractions must be in \(0, 1\]"):
+        atp.attach(model, layers=[1], policy="fixed", keep=[1.5])
+    with pytest.raises(ValueError, match="prune_mode must be one of"):
+        atp.attach(model, layers=[1], prune_mode="prune")
+    with pytest.raises(ValueError, match="init_theta_r must be in"):
+        atp.attach(model, layers=[1], init_theta_r=1.0)
+    assert untouched(model)
+
+
+def test_attaching_twice(model):
+    handle = atp.attach(model, layers=[1])
+    with pytest.raises(ValueError, match="already attached.*handle.remove"):
+        atp.attach(model, layers=[2])
+    handle.remove()
+    handle.remove()  # idempotent
+    with pytest.raises(ValueError, match="not attached"):
+        atp.detach(model)
+    assert untouched(model)
+
+
+def test_generation_modes_not_supported_yet(model, batch):
+    with atp.attach(model, layers=[1, 2], policy="fixed", keep=[8, 4]):
+        for kwargs, message in [
+            ({"num_beams": 2}, "beam search is not supported"),
+            ({"use_cache": False}, "needs use_cache=True"),
+            ({"cache_implementation": "static"}, "cache_implementation='static' is not supported"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                model.generate(**batch, max_new_tokens=2, **kwargs)
+
+
+def test_static_cache_is_refused(model, batch):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with atp.attach(model, layers=[1]), pytest.raises(ValueError, match="DynamicCache only.*StaticCache"):
+        model(**batch, past_key_values=cache)
+
+
+def test_inputs_embeds_and_chunked_prefill_are_refused(model, batch):
+    with atp.attach(model, layers=[1]):
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        with pytest.raises(ValueError, match="needs input_ids"):
+            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        ids = torch.tensor([llava_prompt(model, [1, 5], [6, 7])])
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :2], use_cache=True)
+        with pytest.raises(ValueError, match="visual tokens arrived after the prefill"):
+            model(
+                input_ids=ids[:, 2:],
+                pixel_values=batch["pixel_values"][:1],
+                past_key_values=out.past_key_values,
+            )
+
+
+def test_foreign_cache_is_refused(model, batch):
+    with torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values  # built without atp
+    with atp.attach(model, layers=[1], policy="fixed", keep=[4]):
+        with torch.no_grad():
+            model(**batch)  # an atp prefill
+        step = {
+            "input_ids": torch.tensor([[5], [6]]),
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+        }
+        with pytest.raises(ValueError, match="does not continue the last prefill"):
+            model(**step, past_key_values=cache)
+
+
+def test_prompts_without_images_pass_through(model):
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        ref_gen = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    with atp.attach(model, layers=[1, 2], policy="fixed", keep=[4, 2]) as handle:
+        with pytest.raises(RuntimeError, match="no forward has run"):
+            handle.stats  # noqa: B018
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, ref)
+            assert torch.equal(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False), ref_gen)
+        assert handle.stats.num_visual.tolist() == [0]
+        assert handle.stats.kept.tolist() == [[0, 0]]
+        assert handle.stats.avg_tokens == 0.0
+
+
+def test_untrained_heads_warn(model):
+    with pytest.warns(UserWarning, match="threshold heads are untrained"):
+        handle = atp.attach(model, layers=[1])
+    handle.remove()
