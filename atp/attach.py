@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from atp.attention import register_attention
+from atp.attention import COMPILE_MESSAGE, register_attention
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 from atp.plugins import registry
 from atp.policies.base import PolicyContext
@@ -122,6 +122,8 @@ def attach(
         raise ValueError(
             f"the model already has an attribute {CONTAINER_NAME!r}; atp cannot attach its modules"
         )
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(COMPILE_MESSAGE)
     adapter = resolve_adapter(model)
     num_layers = len(adapter.decoder_layers())
     layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)

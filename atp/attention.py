@@ -8,16 +8,23 @@ function itself holds no state, so any number of attached models share it.
 
 from __future__ import annotations
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "atp_sdpa"
 SCORE_REQUEST = "atp_score_request"
+COMPILE_MESSAGE = (
+    "atp does not support torch.compile yet (its hooks change sequence lengths between layers); "
+    "run the attached model uncompiled, or detach atp before compiling"
+)
 
 
 def atp_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """``sdpa_attention_forward`` that first hands (query, key, mask) to a pending score request."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(COMPILE_MESSAGE)
     request = kwargs.pop(SCORE_REQUEST, None)
     if request is not None:
         scale = kwargs.get("scaling")

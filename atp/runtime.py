@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from atp.attention import SCORE_REQUEST
+from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
 from atp.policies.base import Policy, PolicyInput
@@ -35,6 +35,9 @@ class Layout:
 
     index: torch.Tensor
     valid: torch.Tensor
+
+    def __post_init__(self):
+        self.has_fillers = not bool(self.valid.all())  # read once, not per decode step
 
 
 @dataclass
@@ -115,8 +118,11 @@ class Runtime:
 
     # multimodal model: prefill or decode? ------------------------------------------------
     def _on_model_forward(self, module, args, kwargs):
-        if torch.compiler.is_compiling():
-            raise RuntimeError("atp does not support torch.compile yet; run the attached model uncompiled")
+        if (
+            torch.compiler.is_compiling()
+            or getattr(self.adapter.model, "_compiled_call_impl", None) is not None
+        ):
+            raise RuntimeError(COMPILE_MESSAGE)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and not (
@@ -348,6 +354,8 @@ class Runtime:
             out["attention_mask"] = additive_mask(base, bias, query_len, dtype)
         elif segment is None:  # drop mode, nothing pruned so far
             out["attention_mask"] = base
+        elif self.decoding and base is None and not segment.has_fillers:
+            out["attention_mask"] = None  # one query, every cached key visible
         elif self.decoding:
             batch = segment.index.shape[0]
             query_len = _query_length(kwargs, self.seq_dim)

@@ -96,3 +96,23 @@ def test_handle_repr_and_context_manager(model):
     with atp.attach(model, layers=[2], policy="keep_all") as handle:
         assert "llava" in repr(handle) and "attached" in repr(handle)
     assert handle.removed and "removed" in repr(handle)
+
+
+class _BrokenEntryPoint:
+    name, value, group = "broken", "broken_plugin:plugin", "atp"
+
+    def load(self):
+        raise ImportError("No module named 'broken_plugin'")
+
+
+def test_a_broken_plugin_warns_and_the_rest_keeps_working(monkeypatch):
+    from atp import plugins
+
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [_BrokenEntryPoint()])
+    monkeypatch.delenv(plugins.STRICT_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="plugin 'broken'.*failed to load.*ATP_STRICT_PLUGINS=1"):
+        pm = plugins.plugin_manager()
+    assert pm.has_plugin("atp.policies") and not pm.has_plugin("broken")
+    monkeypatch.setenv(plugins.STRICT_ENV, "1")
+    with pytest.raises(ImportError, match="broken_plugin"):
+        plugins.plugin_manager()

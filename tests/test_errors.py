@@ -162,3 +162,17 @@ def test_untrained_heads_warn(model):
     with pytest.warns(UserWarning, match="threshold heads are untrained"):
         handle = atp.attach(model, layers=[1])
     handle.remove()
+
+
+def test_compiled_models_are_refused(model, batch):
+    model.compile(backend="eager")
+    with pytest.raises(ValueError, match="does not support torch.compile"):
+        atp.attach(model, layers=[1])
+    assert "atp" not in dict(model.named_children())
+
+
+def test_compiling_after_attach_is_refused_at_the_forward(model, batch):
+    with atp.attach(model, layers=[1]):
+        model.compile(backend="eager")
+        with pytest.raises(RuntimeError, match="does not support torch.compile"):
+            model(**batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from einops import reduce
 
 from atp.layout import gather_seq
 from atp.scorers.base import AttentionView, Scorer, additive_rows
@@ -24,12 +25,11 @@ def self_scores(
     -------
     (B, N) float32
     """
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
+    heads, kv_heads = query.shape[1], key.shape[1]
     weight = weight.float()
     q_visual = gather_seq(query.float(), slots, dim=2)  # (B, H, N, d)
     q_mean = torch.einsum("bhnd,bn->bhd", q_visual, weight) / weight.sum(1).clamp_min(1e-6)[:, None, None]
-    q_mean = q_mean.view(batch, kv_heads, heads // kv_heads, dim).sum(2)  # GQA: sum the group
+    q_mean = reduce(q_mean, "b (g r) d -> b g d", "sum", g=kv_heads)  # GQA: sum each group
     k_visual = gather_seq(key.float(), slots, dim=2)  # (B, H_kv, N, d)
     return torch.einsum("bgd,bgnd->bn", q_mean, k_visual) * (scale / heads)
 
