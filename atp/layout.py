@@ -74,6 +74,12 @@ def scatter_seq(
     return padded[:, :length]
 
 
+def place(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """A (B, width) tensor holding ``values`` (B, K) at columns ``index`` where ``valid``, ``fill`` elsewhere."""
+    out = torch.full((values.shape[0], width + 1), fill, dtype=values.dtype, device=values.device)
+    return out.scatter(1, torch.where(valid, index, width), values)[:, :width]
+
+
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
     """BoolTensor (B, 1, Q, K): key position <= query position (original coordinates)."""
     return k_positions[:, None, None, :] <= q_positions[:, None, :, None]

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
 from atp.components.position_keeper import KeepPositions
-from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
+from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.policies.base import Policy, PolicyInput
 from atp.scorers.base import AttentionView
 from atp.scorers.spatial import spatial_scores
@@ -67,10 +67,7 @@ class Prefill:
 
     def to_sequence(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
         """Visual-order values (B, N) placed at their sequence positions (B, L); ``fill`` elsewhere."""
-        batch = values.shape[0]
-        out = torch.full((batch, self.length + 1), fill, dtype=values.dtype, device=values.device)
-        target = torch.where(self.visual_valid, self.visual_positions, self.length)
-        return out.scatter(1, target, values)[:, : self.length]
+        return place(values, self.visual_positions, self.visual_valid, self.length, fill)
 
 
 class Runtime:
@@ -183,12 +180,8 @@ class Runtime:
         batch, length = visual.shape
         positions, valid = mask_to_index(visual)
         counts = valid.sum(dim=1).tolist()
-        visual_id = torch.full((batch, length + 1), -1, dtype=torch.long, device=visual.device)
-        target = torch.where(valid, positions, length)
-        visual_id = visual_id.scatter(
-            1, target, torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
-        )
-        visual_id = visual_id[:, :length]
+        visual_order = torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
+        visual_id = place(visual_order, positions, valid, length, -1)
         not_pad = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else True
         first = torch.where(visual.any(1), visual.float().argmax(1), length)
         after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
@@ -293,9 +286,8 @@ class Runtime:
         )
         scores = self.policy.scorer.score(attention)
         width = p.visual_valid.shape[1]
-        target = torch.where(view["visual_valid"], view["visual_ids"], width)
         p.scores[k] = {  # original visual order; 0 at dead tokens in both modes
-            name: value.new_zeros(value.shape[0], width + 1).scatter(1, target, value)[:, :width] * p.keep
+            name: place(value, view["visual_ids"], view["visual_valid"], width, 0.0) * p.keep
             for name, value in scores.items()
         }
 
