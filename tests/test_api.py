@@ -116,3 +116,37 @@ def test_a_broken_plugin_warns_and_the_rest_keeps_working(monkeypatch):
     monkeypatch.setenv(plugins.STRICT_ENV, "1")
     with pytest.raises(ImportError, match="broken_plugin"):
         plugins.plugin_manager()
+
+
+def test_llava_15_7b_shapes_attach_without_weights():
+    """The published LLaVA-1.5-7B config on the meta device: paper defaults, 2 x 576 head input."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+        ),
+        image_token_index=32000,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    with atp.attach(model) as handle:
+        assert handle.layers == (4, 14, 24)
+        assert handle.policy.heads[0].proj.in_features == 2 * 576
+        assert handle.policy.heads[0].proj.weight.device.type == "meta"
