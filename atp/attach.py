@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from atp import checkpoint
 from atp.attention import COMPILE_MESSAGE, register_attention
+from atp.components.budget_loss import Budget
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 from atp.plugins import registry
 from atp.policies.base import PolicyContext
@@ -85,10 +88,15 @@ def validate_layers(layers: object, num_layers: int) -> tuple[int, ...]:
 def attach(
     model: nn.Module,
     layers: Sequence[int] | None = None,
-    policy: str = "atp",
+    policy: str | None = None,
     *,
     prune_mode: str = "auto",
     hard_masks: bool | None = None,
+    lambda_atp: float | None = None,
+    lambda_target: float | None = None,
+    target_tokens: float | None = None,
+    add_budget_loss: bool = True,
+    from_pretrained: str | os.PathLike | None = None,
     **options,
 ) -> AttachHandle:
     """Attach adaptive token pruning to a transformers vision-language model.
@@ -99,17 +107,23 @@ def attach(
     layers : 0-based decoder layers before whose input visual tokens are pruned, using the
         attention of the layer before (the paper's convention). Default: [4, 14, 24] scaled
         to the model's depth.
-    policy : a registered policy name: "atp" (learned), "keep_all", "fixed", "manual", ...
+    policy : a registered policy name: "atp" (learned, the default), "keep_all", "fixed", "manual", ...
     prune_mode : "auto" (mask while ``model.training``, drop otherwise), "drop" (pruned
         tokens are removed from the sequence and the KV cache) or "mask" (nothing is removed;
         the cumulative mask enters every later attention as a log bias over visual keys).
     hard_masks : in mask mode, use binary masks (default: when not training).
+    lambda_atp, lambda_target, target_tokens : the budget loss (Eq. 12-14): weights of L_ATP
+        and L_target and N_target (default 0, 0, None: no budget terms).
+    add_budget_loss : when the model is called with labels in training mode, add the
+        weighted budget terms to ``outputs.loss`` (default True).
+    from_pretrained : a folder written by ``handle.save_pretrained``: restores layers, policy,
+        options, budget and weights (explicit arguments must agree or override the budget).
     **options : options of the policy (e.g. ``keep=[...]`` for "fixed").
 
     Returns
     -------
-    AttachHandle with ``stats``, ``parameters()`` and ``remove()``; also a context manager.
-    Everything is validated before the model is touched.
+    AttachHandle with ``stats``, ``parameters()``, ``save_pretrained()`` and ``remove()``;
+    also a context manager. Everything is validated before the model is touched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
@@ -126,11 +140,30 @@ def attach(
         raise ValueError(COMPILE_MESSAGE)
     adapter = resolve_adapter(model)
     num_layers = len(adapter.decoder_layers())
+    saved = None
+    budget_given = {"lambda_atp": lambda_atp, "lambda_target": lambda_target, "target_tokens": target_tokens}
+    budget_given = {key: value for key, value in budget_given.items() if value is not None}
+    if from_pretrained is not None:
+        saved = checkpoint.read_config(from_pretrained)
+        checkpoint.check_identity(saved["model"], checkpoint.model_identity(adapter), from_pretrained)
+        if layers is not None and list(layers) != saved["layers"]:
+            raise ValueError(
+                f"layers={list(layers)} differ from the checkpoint's {saved['layers']}; leave layers out"
+            )
+        if policy is not None and policy != saved["policy"]:
+            raise ValueError(
+                f"policy={policy!r} differs from the checkpoint's {saved['policy']!r}; leave policy out"
+            )
+        layers, policy = saved["layers"], saved["policy"]
+        options = {**saved["options"], **options}
+        budget_given = {**saved.get("budget", {}), **budget_given}
+    policy = "atp" if policy is None else policy
     layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
     if prune_mode not in PRUNE_MODES:
         raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
     if hard_masks is not None and not isinstance(hard_masks, bool):
         raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
+    budget = Budget(**budget_given, add_to_loss=bool(add_budget_loss))
     entry = registry().get("policy", policy)
     known = entry.factory.option_names()
     unknown = sorted(set(options) - set(known))
@@ -153,13 +186,16 @@ def attach(
         raise ValueError("atp does not support sliding-window attention layers yet")
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
     policy_module = entry.factory(context, **options)
+    if saved is not None:
+        checkpoint.load_weights(policy_module, from_pretrained)
+        policy_module.untrained = False
 
     # validated: from here on the model is modified ----------------------------------------
     device = next(adapter.language_model().parameters()).device
     policy_module.to(device)
     policy_module.train(model.training)
     container = AtpModules(policy_module)
-    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks)
+    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget)
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
     model.add_module(CONTAINER_NAME, container)
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})
@@ -167,7 +203,7 @@ def attach(
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = _guarded_generate(model, model.generate)
         restore["generate_patched"] = True
-    handle = AttachHandle(model, runtime, restore)
+    handle = AttachHandle(model, runtime, restore, {"policy": policy, "options": options})
     container.handle = handle
     if policy_module.untrained:
         warnings.warn(

@@ -25,10 +25,11 @@ class AtpModules(nn.Module):
 class AttachHandle:
     """What :func:`atp.attach` returns. Use as a context manager to remove on exit."""
 
-    def __init__(self, model: nn.Module, runtime: Runtime, restore: dict):
+    def __init__(self, model: nn.Module, runtime: Runtime, restore: dict, spec: dict):
         self.model = model
         self.runtime = runtime
         self._restore = restore
+        self._spec = spec  # policy name and options, for save_pretrained
         self.removed = False
 
     @property
@@ -49,6 +50,66 @@ class AttachHandle:
     def parameters(self) -> Iterator[nn.Parameter]:
         """The ATP parameters (the threshold heads of the atp policy; none for fixed rules)."""
         return self.runtime.policy.parameters()
+
+    def base_parameters(self) -> Iterator[nn.Parameter]:
+        """The model's own parameters (everything but ATP)."""
+        atp = {id(p) for p in self.parameters()}
+        return (p for p in self.model.parameters() if id(p) not in atp)
+
+    def freeze_base_model(self) -> None:
+        """Frozen-LM regime: only ATP parameters train (``requires_grad`` off for the rest)."""
+        for param in self.base_parameters():
+            param.requires_grad_(False)
+        for param in self.parameters():
+            param.requires_grad_(True)
+
+    def param_groups(self, lr: float = 2e-5, atp_lr: float = 1e-4, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer parameter groups with their own learning rates (paper: 1e-4 ATP, 2e-5 LM).
+
+        Only parameters with ``requires_grad`` are included, so a frozen base model gives one group.
+        """
+        groups = [
+            {"params": [p for p in self.parameters() if p.requires_grad], "lr": atp_lr, "weight_decay": 0.0}
+        ]
+        base = [p for p in self.base_parameters() if p.requires_grad]
+        if base:
+            groups.append({"params": base, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    @property
+    def budget(self):
+        return self.runtime.budget
+
+    def config(self) -> dict:
+        """What ``save_pretrained`` writes next to the weights."""
+        from atp import __version__
+        from atp.checkpoint import model_identity
+
+        budget = self.runtime.budget
+        return {
+            "atp_version": __version__,
+            "layers": list(self.layers),
+            "policy": self._spec["policy"],
+            "options": self._spec["options"],
+            "budget": {
+                "lambda_atp": budget.lambda_atp,
+                "lambda_target": budget.lambda_target,
+                "target_tokens": budget.target_tokens,
+            },
+            "model": model_identity(self.runtime.adapter),
+        }
+
+    def save_pretrained(self, path, state_dict: dict | None = None) -> None:
+        """Write the ATP part only: ``atp_config.json`` and ``atp_model.safetensors``.
+
+        ``state_dict`` (keys relative to the policy) replaces the live weights, e.g. a
+        gathered copy under DeepSpeed ZeRO-3 or FSDP.
+        """
+        from atp.checkpoint import save_checkpoint
+
+        save_checkpoint(
+            path, self.config(), state_dict if state_dict is not None else self.policy.state_dict()
+        )
 
     def remove(self) -> None:
         """Remove hooks, the ATP modules and the attention function; the model is as before."""

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
+from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.policies.base import Policy, PolicyInput
@@ -60,6 +61,7 @@ class Prefill:
     segments: dict = field(default_factory=dict)  # ATP index -> Layout (drop) or bias (B, L) (mask)
     full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
     records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
+    decided: set = field(default_factory=set)  # ATP indices already decided
 
     @property
     def num_visual(self) -> torch.Tensor:
@@ -73,7 +75,15 @@ class Prefill:
 class Runtime:
     """Hooks and state for one attached model."""
 
-    def __init__(self, adapter, policy: Policy, layers: tuple[int, ...], prune_mode: str, hard_masks):
+    def __init__(
+        self,
+        adapter,
+        policy: Policy,
+        layers: tuple[int, ...],
+        prune_mode: str,
+        hard_masks,
+        budget: Budget | None = None,
+    ):
         self.adapter = adapter
         self.policy = policy
         self.layers = layers
@@ -90,6 +100,9 @@ class Runtime:
         self.step_cache: dict = {}
         self.last_stats: PruningStats | None = None
         self.hooks: list = []
+        self.budget = budget or Budget()
+        self.budget_loss = PaperBudgetLoss(self.budget.target_tokens)
+        self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
 
     # install / remove ------------------------------------------------------------------
     def install(self) -> None:
@@ -106,6 +119,7 @@ class Runtime:
         self.hooks.append(
             decoder[self.num_layers - 1].register_forward_hook(self._on_last_output, with_kwargs=True)
         )
+        self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output))
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -235,7 +249,7 @@ class Runtime:
         if segment is not None:
             kwargs.update(self._segment_kwargs(segment, kwargs))
         if layer in self.score_index:
-            kwargs[SCORE_REQUEST] = functools.partial(self._score, self.score_index[layer])
+            kwargs[SCORE_REQUEST] = functools.partial(self._score, p, self.score_index[layer])
         return args, kwargs
 
     def _on_last_output(self, module, args, kwargs, output):
@@ -250,6 +264,18 @@ class Runtime:
         full = scatter_seq(p.full_hidden, p.layout.index, p.layout.valid, hidden)
         p.full_hidden = None
         return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    def _on_model_output(self, module, args, output):
+        """Training with labels: add the weighted budget terms to ``outputs.loss``."""
+        loss = getattr(output, "loss", None)
+        if not (module.training and self.budget.add_to_loss and loss is not None and self.last_stats):
+            return None
+        losses = self.last_stats.losses
+        weighted = self.budget.lambda_atp * losses["atp"] + self.budget.lambda_target * losses["target"]
+        # every ATP parameter joins the graph, also in batches without images (DDP needs it)
+        touch = sum((param.sum() * 0.0 for param in self.policy.parameters()), loss.new_zeros(()))
+        output.loss = loss + (weighted * self.budget_scale + touch).to(loss.dtype)
+        return output
 
     # scoring and deciding ---------------------------------------------------------------
     def _update_view(self, p: Prefill) -> None:
@@ -270,8 +296,10 @@ class Runtime:
             "instruction_valid": instruction_valid,
         }
 
-    def _score(self, k: int, query, key, attention_mask, scale) -> None:
-        p, view = self.prefill, self.prefill.view
+    def _score(self, p: Prefill, k: int, query, key, attention_mask, scale) -> None:
+        if k in p.decided:  # a gradient-checkpointing recompute: the decision is already taken
+            return
+        view = p.view
         weight = p.weight.gather(1, view["visual_ids"]) * view["visual_valid"]
         attention = AttentionView(
             query=query.detach(),
@@ -293,6 +321,7 @@ class Runtime:
 
     def _prune(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         p = self.prefill
+        p.decided.add(k)
         decision = self.policy.decide(
             PolicyInput(
                 index=k,
@@ -380,14 +409,16 @@ class Runtime:
             for name in names
             if all(name in rec[2] for rec in p.records)
         }
+        soft_masks = [weight for _, weight, _ in p.records]
         return PruningStats(
             layers=self.layers,
             num_layers=self.num_layers,
             num_visual=p.num_visual,
             kept=torch.stack([mask.sum(dim=1) for mask in masks], dim=1),
             masks=masks,
-            soft_masks=[weight for _, weight, _ in p.records],
+            soft_masks=soft_masks,
             thresholds=thresholds,
+            losses=self.budget_loss(soft_masks, p.num_visual, self.layers, self.num_layers),
         )
 
 

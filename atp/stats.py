@@ -23,6 +23,8 @@ class PruningStats:
     soft_masks : K float tensors (B, N), the cumulative soft masks (they carry gradients
         in soft mask mode; equal to ``masks`` as floats otherwise).
     thresholds : name -> FloatTensor (B, K) (e.g. ``theta_r``, ``theta_s`` of the atp policy).
+    losses : the unweighted budget terms of this forward, ``"atp"`` (Eq. 12) and ``"target"``
+        (Eq. 13), scalars that carry gradients in soft mask mode.
     """
 
     layers: tuple[int, ...]
@@ -32,6 +34,7 @@ class PruningStats:
     masks: list[torch.Tensor]
     soft_masks: list[torch.Tensor] = field(default_factory=list)
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tokens_per_sample(self) -> torch.Tensor:
@@ -65,6 +68,7 @@ def empty_stats(layers: tuple[int, ...], num_layers: int, batch: int, device=Non
     """Stats of a forward without visual tokens: every count is 0."""
     zeros = torch.zeros(batch, len(layers), dtype=torch.long, device=device)
     empty = [torch.zeros(batch, 0, dtype=torch.bool, device=device) for _ in layers]
+    zero = torch.zeros((), device=device)
     return PruningStats(
         layers,
         num_layers,
@@ -72,6 +76,7 @@ def empty_stats(layers: tuple[int, ...], num_layers: int, batch: int, device=Non
         zeros,
         empty,
         [m.float() for m in empty],
+        losses={"atp": zero, "target": zero},
     )
 
 

@@ -1,12 +1,13 @@
 """Backbone-agnostic components: threshold heads, mask combiners, position keepers, budget losses."""
 
-from atp.components.budget_loss import PaperBudgetLoss, average_tokens
+from atp.components.budget_loss import Budget, PaperBudgetLoss, average_tokens
 from atp.components.mask_combiner import MaxSigmoidCombiner, cumulative
 from atp.components.position_keeper import KeepPositions
 from atp.components.threshold_head import PaperThresholdHead
 from atp.hookspecs import hookimpl
 
 __all__ = [
+    "Budget",
     "KeepPositions",
     "MaxSigmoidCombiner",
     "PaperBudgetLoss",

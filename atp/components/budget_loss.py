@@ -3,8 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How the budget terms enter training (Eq. 14): L = L_ntp + lambda_atp L_ATP + lambda_target L_target.
+
+    Attributes
+    ----------
+    lambda_atp : weight of L_ATP (paper: 0.01 to 0.1).
+    lambda_target : weight of L_target (paper: 0.2).
+    target_tokens : N_target, the average token count to aim for (None: L_target = 0).
+    add_to_loss : add the weighted terms to ``outputs.loss`` when the model is called with
+        labels in training mode (otherwise read them from ``handle.stats.losses``).
+    """
+
+    lambda_atp: float = 0.0
+    lambda_target: float = 0.0
+    target_tokens: float | None = None
+    add_to_loss: bool = True
+
+    def __post_init__(self):
+        for name in ("lambda_atp", "lambda_target"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.target_tokens is not None and (
+            isinstance(self.target_tokens, bool)
+            or not isinstance(self.target_tokens, (int, float))
+            or self.target_tokens < 0
+        ):
+            raise ValueError(f"target_tokens must be a number >= 0 or None, got {self.target_tokens!r}")
+        if self.lambda_target > 0 and self.target_tokens is None:
+            raise ValueError("lambda_target > 0 needs target_tokens (N_target, e.g. target_tokens=144)")
 
 
 def average_tokens(
@@ -33,6 +67,9 @@ def average_tokens(
 class PaperBudgetLoss:
     """L_ATP = sum_k sum(C_k) / L_v * i_k  and  L_target = |N_bar - N_target| (Eq. 12-13).
 
+    Both are means over the samples that have visual tokens; ``C_k`` is the cumulative soft
+    mask of ATP layer ``i_k`` and ``L_v`` the sample's visual token count (576 in the paper).
+
     Parameters
     ----------
     target_tokens : N_target, the average token count to aim for (None: no target term).
@@ -54,11 +91,15 @@ class PaperBudgetLoss:
     ) -> dict[str, torch.Tensor]:
         """Cumulative soft masks (B, N) per ATP layer -> {"atp": scalar, "target": scalar}."""
         counts = torch.stack([mask.sum(dim=1) for mask in soft_masks], dim=1)  # (B, K)
-        denominator = num_visual.float().clamp_min(1.0)[:, None]
+        has_visual = num_visual > 0  # samples without images take no part
+        if not bool(has_visual.any()):
+            zero = counts.sum() * 0.0
+            return {"atp": zero, "target": zero}
+        counts, num_visual = counts[has_visual], num_visual[has_visual]
         depth = torch.tensor(list(layers), dtype=torch.float32, device=counts.device)
-        loss_atp = (counts / denominator * depth).sum(dim=1).mean()
+        loss_atp = (counts / num_visual.float()[:, None] * depth).sum(dim=1).mean()
         if self.target_tokens is None:
-            loss_target = counts.new_zeros(())
+            loss_target = counts.sum() * 0.0
         else:
             n_bar = average_tokens(counts, num_visual, layers, num_layers).mean()
             loss_target = (n_bar - self.target_tokens).abs()

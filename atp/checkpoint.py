@@ -1,0 +1,106 @@
+"""ATP checkpoints: a JSON config plus safetensors weights of the ATP part only.
+
+Nothing is ever unpickled and nothing in a checkpoint is executed: the config is plain JSON
+(component names are looked up in the registry) and the weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "atp_config.json"
+WEIGHTS_NAME = "atp_model.safetensors"
+FORMAT = "atp-checkpoint/1"
+
+
+def model_identity(adapter) -> dict:
+    """What a checkpoint must agree with: family, sizes, visual tokens (no weights needed)."""
+    text = adapter.text_config()
+    return {
+        "family": adapter.family,
+        "model_type": getattr(adapter.model.config, "model_type", None),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_layers": len(adapter.decoder_layers()),
+        "num_visual_tokens": adapter.num_visual_tokens(),
+        "name_or_path": getattr(adapter.model.config, "_name_or_path", "") or "",
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write ``atp_config.json`` and ``atp_model.safetensors`` into the folder ``path``."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        text = json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True)
+    except TypeError as error:
+        raise ValueError(
+            f"the attach options cannot be saved as JSON ({error}); only policies with JSON options "
+            "(numbers, strings, lists) can be saved"
+        ) from None
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(text + "\n")
+    return folder
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's config, validated; a clear error for a missing or foreign folder."""
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not an atp checkpoint: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+            "(written by handle.save_pretrained)"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads {FORMAT!r}")
+    for key in ("layers", "policy", "options", "model"):
+        if key not in config:
+            raise ValueError(f"{config_file} has no {key!r} entry; it is not a complete atp checkpoint")
+    return config
+
+
+def check_identity(saved: dict, current: dict, path) -> None:
+    """Raise a ValueError naming every size that differs between checkpoint and model."""
+    keys = ("family", "hidden_size", "num_layers", "num_visual_tokens")
+    mismatches = [
+        f"{key}: checkpoint {saved.get(key)!r}, model {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+    if mismatches:
+        raise ValueError(
+            f"the atp checkpoint {path} was made for another model ({saved.get('name_or_path') or 'unnamed'}): "
+            + "; ".join(mismatches)
+        )
+
+
+def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load ``atp_model.safetensors`` into ``module`` strictly, naming offending keys."""
+    state = load_file(str(Path(path) / WEIGHTS_NAME))
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{name}: checkpoint {tuple(state[name].shape)}, model {tuple(expected[name].shape)}"
+        for name in sorted(set(state) & set(expected))
+        if state[name].shape != expected[name].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatches {shapes}")
+        raise ValueError(f"the atp checkpoint {path} does not fit this policy: " + "; ".join(parts))
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[name].to(tensor.dtype))
