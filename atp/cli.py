@@ -19,15 +19,22 @@ def _demo_parser(sub) -> None:
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from atp.training.cli import add_parser as add_train_parser
+
     parser = argparse.ArgumentParser(
         prog="atp", description="Adaptive token pruning for vision-language models"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    add_train_parser(sub)
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
     sub.add_parser("models", help="list the supported model families")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from atp import demo
 
@@ -36,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as error:
             print(f"atp demo: error: {error}", file=sys.stderr)
             return 2
+    if args.command == "train":
+        from atp.training.cli import main as train_main
+
+        return train_main(args)
     if args.command == "plugins":
         from atp.plugins import registry
 

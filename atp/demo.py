@@ -16,10 +16,7 @@ import numpy as np
 import torch
 
 import atp
-from atp.testing import llava_prompt, tiny_llava
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from atp.testing import clip_pixel_values, llava_prompt, tiny_llava
 
 
 def synthetic_image(size: int = 336):
@@ -35,13 +32,6 @@ def synthetic_image(size: int = 336):
     draw.ellipse((40, 60, 150, 170), fill=(230, 40, 40))
     draw.rectangle((190, 180, 300, 300), fill=(30, 30, 200))
     return image
-
-
-def pixel_values(image, size: int = 336) -> torch.Tensor:
-    """CLIP preprocessing by hand: RGB, resize to size x size, normalise. (1, 3, size, size)."""
-    array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
-    array = (array - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
 def run(
@@ -64,7 +54,7 @@ def run(
         image = Image.open(image_path)
     inputs = {
         "input_ids": torch.tensor([llava_prompt(model, [1, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20])]),
-        "pixel_values": pixel_values(image),
+        "pixel_values": clip_pixel_values(image, 336)[None],
     }
     options = {"init_theta_r": theta_r, "init_theta_s": theta_s} if policy == "atp" else {}
 

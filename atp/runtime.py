@@ -296,19 +296,20 @@ class Runtime:
             "instruction_valid": instruction_valid,
         }
 
+    @torch.no_grad()  # scores are detached from the LM (and nothing is saved for a checkpoint recompute)
     def _score(self, p: Prefill, k: int, query, key, attention_mask, scale) -> None:
         if k in p.decided:  # a gradient-checkpointing recompute: the decision is already taken
             return
         view = p.view
         weight = p.weight.gather(1, view["visual_ids"]) * view["visual_valid"]
         attention = AttentionView(
-            query=query.detach(),
-            key=key.detach(),
-            attention_mask=attention_mask.detach() if attention_mask is not None else None,
+            query=query,
+            key=key,
+            attention_mask=attention_mask,
             scale=float(scale),
             visual_slots=view["visual_slots"],
             visual_valid=view["visual_valid"],
-            visual_weight=weight.detach(),
+            visual_weight=weight,
             instruction_slots=view["instruction_slots"],
             instruction_valid=view["instruction_valid"],
         )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
 import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def tiny_llava(
@@ -71,3 +79,43 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
         ids[b, width - len(prompt) :] = torch.tensor(prompt)
         mask[b, width - len(prompt) :] = 1
     return ids, mask
+
+
+class TinyTokenizer:
+    """Whitespace words hashed into a small vocabulary: no files, no download.
+
+    Ids 0, 1, 2 are pad, bos, eos; words map to ``3 .. vocab_size - 2`` (the last id is left
+    for the image token of :func:`tiny_llava`).
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int = 128):
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        ids = [3 + zlib.crc32(word.encode()) % (self.vocab_size - 4) for word in text.split()]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "tiny_tokenizer.json").write_text(json.dumps({"vocab_size": self.vocab_size}))
+
+
+def clip_pixel_values(image, size: int) -> torch.Tensor:
+    """CLIP preprocessing by hand: RGB, resize to size x size, normalise. (3, size, size)."""
+    array = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    array = (array - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class TinyImageProcessor:
+    """``processor(images=[...], return_tensors="pt")["pixel_values"]`` without a download."""
+
+    image_mean = CLIP_MEAN
+
+    def __init__(self, size: int = 32):
+        self.size = size
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict:
+        return {"pixel_values": torch.stack([clip_pixel_values(image, self.size) for image in images])}

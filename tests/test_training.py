@@ -204,9 +204,10 @@ def test_mismatched_checkpoints_name_the_mismatch(tmp_path):
 
 def test_options_that_cannot_be_saved_are_refused(tmp_path, model):
     masks = [torch.ones(1, 16, dtype=torch.bool)]
-    with atp.attach(model, layers=[1], policy="manual", keep_masks=masks) as handle:
-        with pytest.raises(ValueError, match="cannot be saved as JSON"):
-            handle.save_pretrained(tmp_path)
+    handle = atp.attach(model, layers=[1], policy="manual", keep_masks=masks)
+    with pytest.raises(ValueError, match="cannot be saved as JSON"):
+        handle.save_pretrained(tmp_path)
+    handle.remove()
 
 
 def test_budget_options_are_validated(model):

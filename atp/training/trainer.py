@@ -1,0 +1,108 @@
+"""``AtpTrainer``: transformers' Trainer with ATP parameter groups, budget logging and ATP-only saving."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from atp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_config
+from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
+
+POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
+
+
+def find_handle(model: torch.nn.Module) -> AttachHandle:
+    container = getattr(model, "_modules", {}).get(CONTAINER_NAME)
+    if not isinstance(container, AtpModules) or container.handle is None:
+        raise ValueError("AtpTrainer needs a model with atp attached: call atp.attach(model, ...) first")
+    return container.handle
+
+
+class AtpTrainer(Trainer):
+    """A ``Trainer`` for models with ATP attached; no custom training loop needed.
+
+    * optimizer groups with their own learning rates: ``atp_learning_rate`` (paper 1e-4) for
+      the ATP parameters, ``args.learning_rate`` (paper 2e-5) for the trainable base model;
+    * the budget terms are added to ``outputs.loss`` by the attached model; when the Trainer
+      normalises the LM loss over the whole accumulated batch, they are scaled by
+      1 / gradient-accumulation steps so the accumulated gradient is that of the mean;
+    * logs ``atp_loss``, ``target_loss`` and ``avg_tokens`` (means since the last log, over
+      all processes) next to ``loss``;
+    * saves ``atp_config.json`` + ``atp_model.safetensors`` in every checkpoint, gathered
+      from the full state dict (so also under DeepSpeed ZeRO-3 and FSDP with a full state
+      dict), plus the full model when the base model is trained; resumes from them.
+    """
+
+    def __init__(self, *args, atp_learning_rate: float = 1e-4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.atp_handle = find_handle(self.model)
+        self.atp_learning_rate = atp_learning_rate
+        self._atp_sums = torch.zeros(4, dtype=torch.float64)  # atp loss, target loss, tokens, count
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = self.atp_handle.param_groups(
+                lr=self.args.learning_rate, atp_lr=self.atp_learning_rate, weight_decay=self.args.weight_decay
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        runtime = self.atp_handle.runtime
+        pre_scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        runtime.budget_scale = 1.0 / self.current_gradient_accumulation_steps if pre_scaled else 1.0
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        stats = runtime.last_stats
+        if stats is not None and model.training and bool((stats.num_visual > 0).any()):
+            self._atp_sums += torch.tensor(
+                [
+                    float(stats.losses["atp"].detach()),
+                    float(stats.losses["target"].detach()),
+                    stats.avg_tokens,
+                    1.0,
+                ],
+                dtype=torch.float64,
+            )
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            sums = self._atp_sums.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            if sums[3] > 0:
+                logs["atp_loss"] = round(float(sums[0] / sums[3]), 6)
+                logs["target_loss"] = round(float(sums[1] / sums[3]), 6)
+                logs["avg_tokens"] = round(float(sums[2] / sums[3]), 3)
+            self._atp_sums.zero_()
+        super().log(logs, start_time)
+
+    def _trains_base_model(self) -> bool:
+        return any(param.requires_grad for param in self.atp_handle.base_parameters())
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        full = state_dict if state_dict is not None else self.model.state_dict()
+        atp_state = {k[len(POLICY_PREFIX) :]: v for k, v in full.items() if k.startswith(POLICY_PREFIX)}
+        if self.args.should_save:
+            self.atp_handle.save_pretrained(output_dir, state_dict=atp_state or None)
+        if self._trains_base_model():
+            super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self._trains_base_model():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
+            config = read_config(resume_from_checkpoint)
+            if config["layers"] != list(self.atp_handle.layers):
+                raise ValueError(
+                    f"checkpoint {resume_from_checkpoint} has ATP layers {config['layers']}, "
+                    f"the attached model {list(self.atp_handle.layers)}"
+                )
+            load_weights(self.atp_handle.policy, resume_from_checkpoint)
+        elif not self._trains_base_model():
+            raise FileNotFoundError(f"no {CONFIG_NAME} / {WEIGHTS_NAME} in {resume_from_checkpoint}")

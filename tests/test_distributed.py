@@ -1,0 +1,104 @@
+"""Two CPU processes under ``accelerate launch`` (gloo) end with identical ATP weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toy_dataset(folder: Path, images: int = 4, text_only: int = 4) -> Path:
+    """Conversations with random images, and some without any image."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 255, (36 + 4 * i, 40, 3), dtype=np.uint8)).save(
+            folder / "images" / f"{i}.png"
+        )
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nDescribe picture {i}"},
+                    {"from": "gpt", "value": f"Noise number {i}"},
+                ],
+            }
+        )
+    for i in range(text_only):
+        records.append(
+            {
+                "id": f"txt{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Count to {i}"},
+                    {"from": "gpt", "value": " ".join(map(str, range(i + 1)))},
+                ],
+            }
+        )
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_train_to_identical_atp_weights(tmp_path):
+    data = toy_dataset(tmp_path)
+    output = tmp_path / "out"
+    output.mkdir()
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "scripts" / "distributed_train.py"),
+        str(output),
+        str(data),
+        str(tmp_path / "images"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = re.findall(r"rank (\d) of 2 done, step 6, text-only batches (\d+)", done.stdout)
+    assert sorted(rank for rank, _ in reports) == ["0", "1"], done.stdout[-2000:]
+    assert sum(int(count) for _, count in reports) > 0  # a rank had a batch without any image
+    first, second = load_file(output / "rank0.safetensors"), load_file(output / "rank1.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    start = load_file(output / "atp_model.safetensors")  # saved once, by the main process
+    assert all(torch.equal(start[k], first[k]) for k in first)
+    import atp
+    from atp.testing import tiny_llava
+
+    fresh = tiny_llava(num_layers=4)
+    heads = atp.attach(fresh, layers=[1, 2, 3])  # the untrained starting point
+    assert any(not torch.equal(heads.policy.state_dict()[k], first[k]) for k in first)  # training moved them
+    heads.remove()

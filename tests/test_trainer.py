@@ -1,0 +1,209 @@
+"""The LLaVA-format data pipeline, AtpTrainer and ``atp train`` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import atp
+from atp.testing import TinyImageProcessor, TinyTokenizer, tiny_llava
+from atp.training import AtpTrainer, ConversationDataset, LlavaCollator, encode_conversation
+from atp.training.data import IGNORE, SYSTEM
+from tests.test_distributed import toy_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach", "ignore:.*pin_memory")
+
+
+def word_tokenize(text: str) -> list[int]:
+    return [len(word) + 10 for word in text.split()]  # readable fake ids
+
+
+def test_user_turns_are_masked_and_the_image_expands():
+    record = {
+        "id": "a",
+        "image": "x.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it ?"},
+            {"from": "gpt", "value": "A cat"},
+            {"from": "human", "value": "Colour ?"},
+            {"from": "gpt", "value": "Black"},
+        ],
+    }
+    ids, labels = encode_conversation(
+        record, word_tokenize, bos_id=1, eos_id=2, image_token_id=99, image_seq_length=4
+    )
+    assert len(ids) == len(labels) and ids[0] == 1
+    assert ids.count(99) == 4 and all(labels[i] == IGNORE for i, t in enumerate(ids) if t == 99)
+    labelled = [t for t in labels if t != IGNORE]
+    assert labelled == word_tokenize(" A cat") + [2] + word_tokenize(" Black") + [2]
+    first_prompt = word_tokenize(SYSTEM + " USER: ")
+    assert ids[1 : 1 + len(first_prompt)] == first_prompt
+
+
+def test_records_without_image_and_bad_records():
+    text_only = {
+        "id": "t",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+    }
+    ids, labels = encode_conversation(text_only, word_tokenize, 1, 2, 99, 4)
+    assert 99 not in ids and labels[-1] == 2
+    implicit = {"id": "i", "image": "x.png", "conversations": text_only["conversations"]}
+    assert encode_conversation(implicit, word_tokenize, 1, 2, 99, 4)[0].count(99) == 4  # placeholder added
+    with pytest.raises(ValueError, match="has <image> but no 'image'"):
+        encode_conversation(
+            {"id": "b", "conversations": [{"from": "human", "value": "<image> x"}]},
+            word_tokenize,
+            1,
+            2,
+            99,
+            4,
+        )
+    with pytest.raises(ValueError, match="unknown speaker 'robot'"):
+        encode_conversation(
+            {"id": "c", "conversations": [{"from": "robot", "value": "x"}]}, word_tokenize, 1, 2, 99, 4
+        )
+
+
+def test_collator_batches_images_and_text_only_samples(tmp_path):
+    data = toy_dataset(tmp_path, images=2, text_only=1)
+    dataset = ConversationDataset(data)
+    collate = LlavaCollator(TinyTokenizer(), TinyImageProcessor(32), 127, 16, tmp_path / "images")
+    batch = collate([dataset[0], dataset[2], dataset[1]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)  # images of samples 0 and 1 only, in order
+    assert (batch["input_ids"] == 127).sum(1).tolist() == [16, 0, 16]
+    assert ((batch["labels"] != IGNORE) <= batch["attention_mask"].bool()).all()
+    assert (batch["labels"][batch["input_ids"] == 127] == IGNORE).all()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": 1}]))
+    with pytest.raises(ValueError, match="record 0 has no valid 'conversations'"):
+        ConversationDataset(bad)
+
+
+def make_trainer(tmp_path, **overrides):
+    data = toy_dataset(tmp_path, images=4, text_only=2)
+    model = tiny_llava(num_layers=4)
+    handle = atp.attach(
+        model, layers=[1, 3], lambda_atp=0.05, lambda_target=0.2, target_tokens=4.0, init_theta_r=0.2
+    )
+    model.model.vision_tower.requires_grad_(False)
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        logging_steps=2,
+        save_steps=2,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    trainer = AtpTrainer(
+        model=model,
+        args=TrainingArguments(**settings),
+        train_dataset=ConversationDataset(data),
+        data_collator=LlavaCollator(TinyTokenizer(), TinyImageProcessor(32), 127, 16, tmp_path / "images"),
+        atp_learning_rate=5e-3,
+    )
+    return trainer, handle
+
+
+def test_trainer_groups_logs_and_saves_atp_only(tmp_path):
+    trainer, handle = make_trainer(tmp_path)
+    handle.freeze_base_model()
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [5e-3]  # frozen base: one group, the ATP rate
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all({"atp_loss", "target_loss", "avg_tokens"} <= set(entry) for entry in logged)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "atp_model.safetensors").is_file() and (checkpoint / "atp_config.json").is_file()
+    assert not (checkpoint / "model.safetensors").exists()  # ATP weights only
+    restored = atp.attach(tiny_llava(num_layers=4), from_pretrained=tmp_path / "out" / "checkpoint-4")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(restored.policy.state_dict().values(), handle.policy.state_dict().values())
+    )
+
+
+def test_trainer_full_finetune_uses_two_learning_rates_and_saves_the_model(tmp_path):
+    trainer, handle = make_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    rates = sorted(g["initial_lr"] for g in trainer.optimizer.param_groups)
+    assert rates == [1e-3, 5e-3]
+    assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-2" / "atp_model.safetensors").is_file()
+
+
+def test_budget_terms_are_scaled_for_gradient_accumulation(tmp_path):
+    trainer, handle = make_trainer(tmp_path, gradient_accumulation_steps=2, max_steps=1)
+    handle.freeze_base_model()
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = original(model, inputs, return_outputs, num_items_in_batch)
+        seen.append((num_items_in_batch is not None, handle.runtime.budget_scale))
+        return out
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert seen == [
+        (True, 0.5),
+        (True, 0.5),
+    ]  # LM loss normalised over the window: budget / 2 per micro-batch
+
+
+def test_gradient_checkpointing_gives_the_same_atp_gradients(batch):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llava(num_layers=4)
+        handle = atp.attach(model, layers=[1, 3], lambda_atp=0.1, init_theta_r=0.3, init_theta_s=0.2)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        grads.append([p.grad.clone() for p in handle.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+def test_atp_train_cli_runs_and_resumes(tmp_path, capsys):
+    from atp.cli import main
+
+    data = toy_dataset(tmp_path, images=4, text_only=2)
+    common = [
+        "train",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--image-folder",
+        str(tmp_path / "images"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--workers",
+        "0",
+        "--freeze-lm",
+        "--logging-steps",
+        "1",
+    ]
+    assert main([*common, "--max-steps", "2"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["global_step"] == 2
+    assert main([*common, "--max-steps", "4", "--resume", "latest"]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["global_step"] == 4
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "atp_config.json").is_file()
