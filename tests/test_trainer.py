@@ -207,3 +207,22 @@ def test_atp_train_cli_runs_and_resumes(tmp_path, capsys):
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "atp_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp"])
+def test_shipped_accelerate_configs_load(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(
+        str(Path(__file__).resolve().parent.parent / "configs" / "accelerate" / f"{name}.yaml")
+    )
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "zero3":
+        assert (
+            config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
+        )
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert config.fsdp_config["fsdp_use_orig_params"] is True
