@@ -91,6 +91,11 @@ class Runtime:
         self.hard_masks = hard_masks
         self.keeper = KeepPositions()
         self.atp_index = {layer: k for k, layer in enumerate(layers)}
+        # layer -> index k of the last ATP layer at or before it (absent before the first)
+        self.segment_of = {
+            i: max(k for k, atp_layer in enumerate(layers) if atp_layer <= i)
+            for i in range(layers[0], len(adapter.decoder_layers()))
+        }
         self.score_index = {layer - 1: k for k, layer in enumerate(layers)} if policy.scorer else {}
         self.num_layers = len(adapter.decoder_layers())
         self.seq_dim = adapter.position_seq_dim()
@@ -151,18 +156,18 @@ class Runtime:
                 "atp needs input_ids to find the visual tokens; pass input_ids (and pixel_values) "
                 "instead of inputs_embeds"
             )
-        visual = self.adapter.visual_mask(input_ids)
         if past == 0:
             self.decoding = False
+            visual = self.adapter.visual_mask(input_ids)
             self.prefill = self._start_prefill(visual, kwargs.get("attention_mask"))
             if self.prefill is None:
                 self.last_stats = empty_stats(
                     self.layers, self.num_layers, input_ids.shape[0], input_ids.device
                 )
             return None
-        if bool(visual.any()):
+        if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs):
             raise ValueError(
-                "visual tokens arrived after the prefill (chunked prefill or images in a continuation); "
+                "visual inputs arrived after the prefill (chunked prefill or images in a continuation); "
                 "atp needs the whole multimodal prompt in one forward"
             )
         if self.prefill is not None:
@@ -221,19 +226,11 @@ class Runtime:
         return p
 
     # decoder layers -------------------------------------------------------------------
-    def _segment(self, layer: int) -> int | None:
-        """Index k of the last ATP layer at or before ``layer`` (None before the first)."""
-        k = None
-        for index, atp_layer in enumerate(self.layers):
-            if atp_layer <= layer:
-                k = index
-        return k
-
     def _on_layer_input(self, layer: int, module, args, kwargs):
         p = self.prefill
         if p is None:
             return None
-        segment = self._segment(layer)
+        segment = self.segment_of.get(layer)
         if self.decoding:
             if segment is None:
                 return None

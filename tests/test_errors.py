@@ -120,7 +120,7 @@ def test_inputs_embeds_and_chunked_prefill_are_refused(model, batch):
         ids = torch.tensor([llava_prompt(model, [1, 5], [6, 7])])
         with torch.no_grad():
             out = model(input_ids=ids[:, :2], use_cache=True)
-        with pytest.raises(ValueError, match="visual tokens arrived after the prefill"):
+        with pytest.raises(ValueError, match="visual inputs arrived after the prefill"):
             model(
                 input_ids=ids[:, 2:],
                 pixel_values=batch["pixel_values"][:1],

@@ -310,3 +310,22 @@ def test_half_precision_keep_all_and_drop_equals_mask(batch, dtype):
     torch.testing.assert_close(
         out["drop"][compare].float(), out["mask"][compare].float(), rtol=0.05, atol=0.05
     )
+
+
+def test_an_image_token_generated_while_decoding_is_just_a_token(model, batch):
+    """A random model may sample the image token id; without pixels it is text, as unattached."""
+    image_token = model.config.image_token_id
+    step = {
+        "input_ids": torch.full((2, 1), image_token),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+    }
+    masks = random_masks(2, 16, 1, seed=4)
+    out = {}
+    for mode in ("drop", "mask"):
+        with (
+            atp.attach(model, layers=[2], policy="manual", keep_masks=masks, prune_mode=mode),
+            torch.no_grad(),
+        ):
+            cache = model(**batch, use_cache=True).past_key_values
+            out[mode] = model(**step, past_key_values=cache).logits
+    torch.testing.assert_close(out["drop"], out["mask"], rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ class BackboneAdapter:
     model_types: tuple[str, ...] = ()
     attention_implementations: tuple[str, ...] = ("sdpa",)
     positions = "1d-rope"
+    visual_inputs: tuple[str, ...] = ("pixel_values",)  # forward kwargs that carry images
 
     def __init__(self, model: nn.Module):
         self.model = model
