@@ -180,10 +180,11 @@ def attach(
             f"model; supported: {', '.join(adapter.attention_implementations)}. Load the model with "
             "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa') first."
         )
-    if getattr(text_config, "sliding_window", None) or "sliding_attention" in (
-        getattr(text_config, "layer_types", None) or ()
-    ):
-        raise ValueError("atp does not support sliding-window attention layers yet")
+    if adapter.uses_sliding_window():
+        raise ValueError(
+            f"this {adapter.family} model's language model uses sliding-window attention layers, "
+            "which atp does not support yet"
+        )
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
     policy_module = entry.factory(context, **options)
     if saved is not None:

@@ -158,8 +158,8 @@ class Runtime:
             )
         if past == 0:
             self.decoding = False
-            visual = self.adapter.visual_mask(input_ids)
-            self.prefill = self._start_prefill(visual, kwargs.get("attention_mask"))
+            layout = self.adapter.visual_layout(input_ids, kwargs)
+            self.prefill = self._start_prefill(layout, kwargs.get("attention_mask"))
             if self.prefill is None:
                 self.last_stats = empty_stats(
                     self.layers, self.num_layers, input_ids.shape[0], input_ids.device
@@ -188,7 +188,8 @@ class Runtime:
                 "beam search, cache reordering and caches built elsewhere are not supported yet"
             )
 
-    def _start_prefill(self, visual: torch.Tensor, attention_mask) -> Prefill | None:
+    def _start_prefill(self, layout, attention_mask) -> Prefill | None:
+        visual = layout.visual
         if not bool(visual.any()):
             return None
         mode = self.prune_mode
@@ -198,17 +199,19 @@ class Runtime:
         soft = mode == "mask" and (not self.hard_masks if self.hard_masks is not None else training)
         batch, length = visual.shape
         positions, valid = mask_to_index(visual)
-        counts = valid.sum(dim=1).tolist()
         visual_order = torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
         visual_id = place(visual_order, positions, valid, length, -1)
         not_pad = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else True
         first = torch.where(visual.any(1), visual.float().argmax(1), length)
         after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
-        instruction = ~visual & after & not_pad
-        grids = self.adapter.grids(counts)
+        instruction = ~visual & ~layout.structural & after & not_pad
         strides = getattr(self.policy, "spatial_strides", None)
         spatial = spatial_scores(
-            grids, positions.shape[1], getattr(self.policy, "lambda_sample", 3.0), strides, visual.device
+            layout.grids,
+            positions.shape[1],
+            getattr(self.policy, "lambda_sample", 3.0),
+            strides,
+            visual.device,
         )
         p = Prefill(
             mode=mode,

@@ -119,3 +119,91 @@ class TinyImageProcessor:
 
     def __call__(self, images, return_tensors: str = "pt") -> dict:
         return {"pixel_values": torch.stack([clip_pixel_values(image, self.size) for image in images])}
+
+
+QWEN_IDS = {"image": 151, "video": 152, "start": 153, "end": 154}
+
+
+def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
+    """A random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): 2-layer vision tower with
+    patch 2 and merge 2 (an (h x w)-patch image gives h * w / 4 tokens), Qwen2 LM of hidden 64."""
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = {"depth": 2, "hidden_size": 32, "out_hidden_size": 64, "num_heads": 2, "intermediate_size": 64,
+                  "fullatt_block_indexes": [1], "window_size": 8}
+    vision.update(patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 160, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+    }
+    config = Config(
+        text_config=text, vision_config=vision, image_token_id=QWEN_IDS["image"], video_token_id=QWEN_IDS["video"],
+        vision_start_token_id=QWEN_IDS["start"], vision_end_token_id=QWEN_IDS["end"],
+    )
+    torch.manual_seed(seed)
+    model = Model(config)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    return model.eval()
+
+
+def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Qwen2-VL inputs. Each sample is a list of parts: a list of text ids,
+    ``("image", h, w)`` (h x w patches, even) or ``("video", frames, h, w)`` (frames even).
+    The pixels of sample i come from ``seeds[i]`` (default i), so a sample alone gets the
+    same pixels as in a batch."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    prompts, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids, kinds = [], []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                kinds += [0] * len(part)
+                continue
+            kind, *shape = part
+            t, h, w = (1, *shape) if kind == "image" else (shape[0] // 2, shape[1], shape[2])
+            tokens = t * h * w // 4
+            ids += [QWEN_IDS["start"]] + [QWEN_IDS[kind]] * tokens + [QWEN_IDS["end"]]
+            kinds += [0] + [1 if kind == "image" else 2] * tokens + [0]
+            patches = torch.randn(t * h * w, 3 * 2 * 2 * 2, generator=generator)
+            (images if kind == "image" else videos).append(patches)
+            (image_grids if kind == "image" else video_grids).append([t, h, w])
+        prompts.append(ids)
+        types.append(kinds)
+    input_ids, attention_mask = left_pad(prompts)
+    token_types, _ = left_pad(types)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": token_types.int()}
+    if images:
+        batch["pixel_values"] = torch.cat(images)
+        batch["image_grid_thw"] = torch.tensor(image_grids)
+    if videos:
+        batch["pixel_values_videos"] = torch.cat(videos)
+        batch["video_grid_thw"] = torch.tensor(video_grids)
+    return batch
+
+
+def llava_batch(model, samples: list[tuple[list[int], list[int], int]], seeds: list[int] | None = None) -> dict:
+    """Left-padded LLaVA inputs from ``(text_before, text_after, images)`` per sample; the
+    pixels of sample i come from ``seeds[i]`` (default i)."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    size = model.config.vision_config.image_size
+    prompts, pixels = [], []
+    for (before, after, images), seed in zip(samples, seeds):
+        prompts.append(llava_prompt(model, before, after, images))
+        generator = torch.Generator().manual_seed(1000 + seed)
+        pixels += [torch.randn(3, size, size, generator=generator) for _ in range(images)]
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch

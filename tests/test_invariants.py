@@ -1,17 +1,32 @@
-"""Model-level invariants of DESIGN.md section 7 on a tiny random LLaVA."""
+"""Model-level invariants of DESIGN.md section 7, on every supported family (tests/families.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import atp
-from atp.testing import tiny_llava
-from tests.conftest import single
+from tests.families import FAMILIES, Family, visual_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES, ids=lambda family: family.name)
+def family(request) -> Family:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return family.model()
+
+
+@pytest.fixture
+def batch(family, model):
+    return family.batch(model)
 
 
 def logits(model, inputs):
@@ -24,23 +39,28 @@ def greedy(model, inputs, n=6, **kwargs):
         return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
 
 
-def random_masks(batch: int, width: int, layers: int, seed: int, min_keep: int = 1) -> list[torch.Tensor]:
+def random_masks(
+    batch_size: int, width: int, layers: int, seed: int, min_keep: int = 1
+) -> list[torch.Tensor]:
     """Cumulative random keep masks with different kept counts per sample."""
     generator = torch.Generator().manual_seed(seed)
-    masks, current = [], torch.ones(batch, width, dtype=torch.bool)
+    masks, current = [], torch.ones(batch_size, width, dtype=torch.bool)
     for _ in range(layers):
-        current = current & (torch.rand(batch, width, generator=generator) < 0.6)
+        current = current & (torch.rand(batch_size, width, generator=generator) < 0.6)
         current[:, :min_keep] = True
         masks.append(current.clone())
     return masks
 
 
+def width(model, inputs) -> int:
+    return int(visual_mask(model, inputs).sum(1).max())
+
+
 def comparable_positions(model, inputs, keep_mask):
-    """Text (non-pad) positions and kept visual positions of the final layer, (B, L) bool."""
-    ids = inputs["input_ids"]
-    visual = ids == model.config.image_token_id
-    out = ~visual & inputs.get("attention_mask", torch.ones_like(ids)).bool()
-    for b in range(ids.shape[0]):
+    """Text (non-pad) positions and the visual positions kept by ``keep_mask``, (B, L) bool."""
+    visual = visual_mask(model, inputs)
+    out = ~visual & inputs["attention_mask"].bool()
+    for b in range(visual.shape[0]):
         positions = visual[b].nonzero().flatten()
         out[b, positions[keep_mask[b, : len(positions)]]] = True
     return out
@@ -49,11 +69,12 @@ def comparable_positions(model, inputs, keep_mask):
 def test_keep_all_equals_unattached(model, batch):
     ref, ref_gen = logits(model, batch), greedy(model, batch)
     real = batch["attention_mask"].bool()  # padding rows are fully masked: their output is unspecified
+    counts = visual_mask(model, batch).sum(1)
     for mode in ("drop", "mask"):
         with atp.attach(model, layers=[1, 2, 3], policy="keep_all", prune_mode=mode) as handle:
             assert torch.equal(logits(model, batch)[real], ref[real])
             assert torch.equal(greedy(model, batch), ref_gen)
-            assert handle.stats.kept.tolist() == [[16, 16, 16]] * 2
+            assert handle.stats.kept.tolist() == [[int(n)] * 3 for n in counts]
 
 
 def test_keep_all_sampling_matches_unattached(model, batch):
@@ -69,7 +90,7 @@ def test_keep_all_sampling_matches_unattached(model, batch):
 
 @pytest.mark.parametrize("layers", [[1], [1, 3], [2, 3], [1, 2, 3]])
 def test_drop_equals_mask_with_the_same_binary_masks(model, batch, layers):
-    masks = random_masks(2, 16, len(layers), seed=sum(layers))
+    masks = random_masks(2, width(model, batch), len(layers), seed=sum(layers))
     results = {}
     for mode in ("drop", "mask"):
         with atp.attach(model, layers=layers, policy="manual", keep_masks=masks, prune_mode=mode) as handle:
@@ -80,26 +101,45 @@ def test_drop_equals_mask_with_the_same_binary_masks(model, batch, layers):
     assert torch.equal(results["drop"][2].kept, results["mask"][2].kept)
 
 
-def test_drop_output_is_scattered_back_to_full_length(model, batch):
-    masks = random_masks(2, 16, 1, seed=3)
+def test_drop_equals_mask_when_sampling(model, batch):
+    masks = random_masks(2, width(model, batch), 2, seed=21)
+    out = {}
+    for mode in ("drop", "mask"):
+        with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks, prune_mode=mode):
+            torch.manual_seed(3)
+            with torch.no_grad():
+                out[mode] = model.generate(
+                    **batch, max_new_tokens=8, do_sample=True, top_k=0, temperature=1.0
+                )
+    assert torch.equal(out["drop"], out["mask"])
+
+
+def test_drop_output_is_scattered_back_and_the_cache_shrinks(model, batch):
+    masks = random_masks(2, width(model, batch), 1, seed=3)
     with atp.attach(model, layers=[2], policy="manual", keep_masks=masks), torch.no_grad():
-        out = model(**batch)
+        out = model(**batch, use_cache=True)
+    length = batch["input_ids"].shape[1]
     assert out.logits.shape[:2] == batch["input_ids"].shape
+    counts = visual_mask(model, batch).sum(1)
+    pruned = counts - (masks[0][:, : counts.max()] & (torch.arange(counts.max()) < counts[:, None])).sum(1)
     keys = [layer.keys.shape[2] for layer in out.past_key_values.layers]
-    kept = masks[0].sum(1)
-    assert keys[:2] == [batch["input_ids"].shape[1]] * 2
-    assert keys[2:] == [batch["input_ids"].shape[1] - 16 + int(kept.max())] * 2
+    assert keys[:2] == [length] * 2
+    assert keys[2:] == [length - int(pruned.min())] * 2  # the longest sample sets the width
 
 
-def test_batch_equals_each_sample_alone(model, batch):
-    masks = random_masks(2, 16, 2, seed=11)
-    assert masks[-1].sum(1)[0] != masks[-1].sum(1)[1]  # different kept counts per sample
+def test_batch_equals_each_sample_alone(family, model, batch):
+    masks = random_masks(2, width(model, batch), 2, seed=11)
+    counts = visual_mask(model, batch).sum(1)
+    last = masks[-1] & (torch.arange(masks[-1].shape[1]) < counts[:, None])
+    if last[0].sum() == last[1].sum():  # make the kept counts differ per sample
+        masks[-1][1, last[1].nonzero().flatten()[-1]] = False
     with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks) as handle:
         batch_logits, batch_gen = logits(model, batch), greedy(model, batch)
         batch_kept = handle.stats.kept
-    width = batch["input_ids"].shape[1]
+    assert batch_kept[0, -1] != batch_kept[1, -1]  # different kept counts per sample
+    total = batch["input_ids"].shape[1]
     for b in range(2):
-        alone = single(batch, b)
+        alone = family.single(model, b)
         row_masks = [mask[b : b + 1] for mask in masks]
         with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=row_masks) as handle:
             single_logits, single_gen = logits(model, alone), greedy(model, alone)
@@ -107,22 +147,24 @@ def test_batch_equals_each_sample_alone(model, batch):
         length = alone["input_ids"].shape[1]
         compare = comparable_positions(model, alone, row_masks[-1])[0]
         torch.testing.assert_close(
-            batch_logits[b, width - length :][compare], single_logits[0][compare], rtol=1e-4, atol=1e-4
+            batch_logits[b, total - length :][compare], single_logits[0][compare], rtol=1e-4, atol=1e-4
         )
-        assert torch.equal(batch_gen[b, width:], single_gen[0, length:])
+        assert torch.equal(batch_gen[b, total:], single_gen[0, length:])
 
 
-def test_atp_policy_batch_equals_singles_and_scores_agree_across_modes(batch):
-    model = tiny_llava(num_layers=4)
+def test_atp_policy_batch_equals_singles_and_scores_agree_across_modes(family, batch):
+    model = family.model()
     options = {"init_theta_r": 0.45, "init_theta_s": 0.9, "temperature": 200.0}
     with atp.attach(model, layers=[1, 3], **options) as handle:
         batch_gen = greedy(model, batch)
         batch_masks = handle.stats.masks
+    assert (handle.stats.kept < handle.stats.num_visual[:, None]).any()  # it does prune
     for b in range(2):
-        alone = single(batch, b)
+        alone = family.single(model, b)
         with atp.attach(model, layers=[1, 3], **options) as handle:
             gen = greedy(model, alone)
-            assert all(torch.equal(m[0], bm[b]) for m, bm in zip(handle.stats.masks, batch_masks))
+            count = int(handle.stats.num_visual[0])
+            assert all(torch.equal(m[0], bm[b, :count]) for m, bm in zip(handle.stats.masks, batch_masks))
         assert torch.equal(batch_gen[b, batch["input_ids"].shape[1] :], gen[0, alone["input_ids"].shape[1] :])
     captured = {}
     for mode in ("drop", "mask"):
@@ -167,68 +209,71 @@ def test_detach_equals_never_attached(model, batch):
     assert torch.equal(logits(model, batch), ref)
 
 
-def test_kept_positions_are_original_strictly_increasing_and_text_is_never_pruned(model, batch):
-    masks = random_masks(2, 16, 2, seed=5)
+def test_kept_tokens_keep_their_original_rotary_positions_and_text_stays(model, batch):
+    """cos / sin after pruning are the original ones of the kept tokens (1D RoPE and M-RoPE)."""
+    masks = random_masks(2, width(model, batch), 2, seed=5)
     seen = {}
 
     def capture(layer):
         def hook(module, args, kwargs):
             if args[0].shape[1] > 1:  # prefill only
-                seen[layer] = kwargs["position_ids"].expand(2, -1).clone()
+                seen[layer] = kwargs["position_embeddings"][0].expand(2, -1, -1).clone()
 
         return hook
 
     handle = atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks)
-    for i, layer in enumerate(model.model.language_model.layers):
-        layer.register_forward_pre_hook(capture(i), with_kwargs=True)
-    with torch.no_grad():
-        model(**batch, position_ids=(batch["attention_mask"].cumsum(1) - 1).clamp_min(0))
-    ids, attention = batch["input_ids"], batch["attention_mask"]
-    visual = ids == model.config.image_token_id
-    original = (attention.cumsum(1) - 1).clamp_min(0)
+    for i, layer in enumerate(handle.runtime.adapter.decoder_layers()):
+        layer.register_forward_pre_hook(capture(i), with_kwargs=True)  # runs after atp's hook
+    logits(model, batch)
+    handle.remove()
+    visual = visual_mask(model, batch)
     for layer, keep in ((1, masks[0]), (2, masks[0]), (3, masks[1])):
         for b in range(2):
-            kept_visual = visual[b].nonzero().flatten()[keep[b]]
-            expected_slots = torch.cat([(~visual[b]).nonzero().flatten(), kept_visual]).sort().values
-            got = seen[layer][b][-len(expected_slots) :]
-            assert torch.equal(got, original[b][expected_slots])  # original positions, text all there
-            real = got[attention[b][expected_slots].bool()]
-            assert bool((real[1:] > real[:-1]).all())
-    handle.remove()
+            positions = visual[b].nonzero().flatten()
+            kept_visual = positions[keep[b, : len(positions)]]
+            slots = torch.cat([(~visual[b]).nonzero().flatten(), kept_visual]).sort().values
+            got = seen[layer][b][-len(slots) :]
+            assert torch.equal(got, seen[0][b][slots])  # original positions, every text token present
 
 
 def test_stats_agree_with_masks_and_the_kv_cache(model, batch):
-    masks = random_masks(2, 16, 2, seed=9)
+    masks = random_masks(2, width(model, batch), 2, seed=9)
+    counts = visual_mask(model, batch).sum(1)
     with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks) as handle:
         with torch.no_grad():
-            out = model(**batch)
+            out = model(**batch, use_cache=True)
         stats = handle.stats
+    valid = torch.arange(masks[0].shape[1]) < counts[:, None]
     for k in range(2):
-        assert torch.equal(stats.masks[k], masks[k])
-        assert stats.kept[:, k].tolist() == masks[k].sum(1).tolist()
+        assert torch.equal(stats.masks[k], masks[k] & valid)
+        assert stats.kept[:, k].tolist() == (masks[k] & valid).sum(1).tolist()
     assert bool((stats.masks[1] <= stats.masks[0]).all())
-    expected = [(1 * 16 + 2 * masks[0][b].sum() + 1 * masks[1][b].sum()).item() / 4 for b in range(2)]
+    expected = [(counts[b] + 2 * stats.kept[b, 0] + stats.kept[b, 1]).item() / 4 for b in range(2)]
     assert stats.avg_tokens == pytest.approx(sum(expected) / 2)
-    width = batch["input_ids"].shape[1]
-    head_bytes = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, float32
-    widths = [
-        width,
-        width - 16 + int(masks[0].sum(1).max()),
-        width - 16 + int(masks[0].sum(1).max()),
-        width - 16 + int(masks[1].sum(1).max()),
-    ]
-    assert atp.kv_cache_bytes(out.past_key_values) == sum(widths) * head_bytes * 2
+    length = batch["input_ids"].shape[1]
+    widths = [length] + [length - int((counts - stats.kept[:, k]).min()) for k in (0, 0, 1)]
+    layer = out.past_key_values.layers[0]
+    per_token = (
+        2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size() * 2
+    )  # K and V, batch 2
+    assert atp.kv_cache_bytes(out.past_key_values) == sum(widths) * per_token
 
 
-@given(st.integers(0, 10_000), st.sampled_from([[1], [2], [1, 2], [1, 3], [2, 3]]))
-def test_random_keep_sets_drop_equals_mask(seed, layers):
-    model = _shared_model()
+@settings(max_examples=15)
+@given(
+    st.sampled_from([f.name for f in FAMILIES]),
+    st.integers(0, 10_000),
+    st.sampled_from([[1], [2], [1, 3], [2, 3]]),
+)
+def test_random_keep_sets_drop_equals_mask(name, seed, layers):
+    model, inputs = _shared(name)
     generator = torch.Generator().manual_seed(seed)
-    masks, current = [], torch.ones(2, 16, dtype=torch.bool)
+    masks, current = [], torch.ones(2, width(model, inputs), dtype=torch.bool)
     for _ in layers:
-        current = current & (torch.rand(2, 16, generator=generator) < torch.rand(1, generator=generator))
+        current = current & (
+            torch.rand(current.shape, generator=generator) < torch.rand(1, generator=generator)
+        )
         masks.append(current.clone())
-    inputs = _shared_batch(model)
     out = {}
     for mode in ("drop", "mask"):
         with atp.attach(model, layers=layers, policy="manual", keep_masks=masks, prune_mode=mode) as handle:
@@ -238,94 +283,11 @@ def test_random_keep_sets_drop_equals_mask(seed, layers):
     assert torch.equal(out["drop"][1], out["mask"][1])
 
 
-_CACHE: dict = {}
+_SHARED: dict = {}
 
 
-def _shared_model():
-    if "model" not in _CACHE:
-        _CACHE["model"] = tiny_llava(num_layers=4, seed=3)
-    return _CACHE["model"]
-
-
-def _shared_batch(model):
-    from atp.testing import left_pad, llava_prompt
-
-    ids, mask = left_pad([llava_prompt(model, [1, 5], [7, 8, 9]), llava_prompt(model, [1], [4, 5, 6, 7, 8])])
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32)}
-
-
-def test_mixed_batch_with_a_text_only_prompt_equals_singles(model):
-    from atp.testing import left_pad, llava_prompt
-
-    prompts = [llava_prompt(model, [1, 5, 6], [7, 8, 9]), [1, 20, 21, 22, 23, 24, 25]]
-    ids, mask = left_pad(prompts)
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    mixed = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[6, 3]) as handle:
-        batch_logits, batch_gen = logits(model, mixed), greedy(model, mixed)
-        assert handle.stats.num_visual.tolist() == [16, 0]
-        assert handle.stats.kept.tolist() == [[6, 3], [0, 0]]
-        assert handle.stats.avg_tokens == pytest.approx((16 + 2 * 6 + 3) / 4)
-        image_alone = {"input_ids": ids[:1], "pixel_values": pixels}
-        image_logits, image_gen = logits(model, image_alone), greedy(model, image_alone)
-        kept_mask = handle.stats.masks[-1]
-    with torch.no_grad():
-        text_alone = {"input_ids": torch.tensor([prompts[1]])}
-        text_logits, text_gen = logits(model, text_alone), greedy(model, text_alone)
-    compare = comparable_positions(model, image_alone, kept_mask)[0]
-    torch.testing.assert_close(batch_logits[0][compare], image_logits[0][compare], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(batch_logits[1, -7:], text_logits[0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(batch_gen[0, ids.shape[1] :], image_gen[0, ids.shape[1] :])
-    assert torch.equal(batch_gen[1, ids.shape[1] :], text_gen[0, 7:])
-
-
-def test_drop_equals_mask_when_sampling(model, batch):
-    masks = random_masks(2, 16, 2, seed=21)
-    out = {}
-    for mode in ("drop", "mask"):
-        with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks, prune_mode=mode):
-            torch.manual_seed(3)
-            with torch.no_grad():
-                out[mode] = model.generate(
-                    **batch, max_new_tokens=8, do_sample=True, top_k=0, temperature=1.0
-                )
-    assert torch.equal(out["drop"], out["mask"])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_keep_all_and_drop_equals_mask(batch, dtype):
-    model = tiny_llava(num_layers=4).to(dtype)
-    inputs = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
-    real = batch["attention_mask"].bool()
-    ref = logits(model, inputs)
-    with atp.attach(model, layers=[1, 3], policy="keep_all"):
-        assert torch.equal(logits(model, inputs)[real], ref[real])
-    masks = random_masks(2, 16, 2, seed=2)
-    out = {}
-    for mode in ("drop", "mask"):
-        with atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks, prune_mode=mode):
-            out[mode] = logits(model, inputs)
-    compare = comparable_positions(model, inputs, masks[-1])
-    assert torch.isfinite(out["mask"][real]).all() and torch.isfinite(out["drop"][real]).all()
-    torch.testing.assert_close(
-        out["drop"][compare].float(), out["mask"][compare].float(), rtol=0.05, atol=0.05
-    )
-
-
-def test_an_image_token_generated_while_decoding_is_just_a_token(model, batch):
-    """A random model may sample the image token id; without pixels it is text, as unattached."""
-    image_token = model.config.image_token_id
-    step = {
-        "input_ids": torch.full((2, 1), image_token),
-        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
-    }
-    masks = random_masks(2, 16, 1, seed=4)
-    out = {}
-    for mode in ("drop", "mask"):
-        with (
-            atp.attach(model, layers=[2], policy="manual", keep_masks=masks, prune_mode=mode),
-            torch.no_grad(),
-        ):
-            cache = model(**batch, use_cache=True).past_key_values
-            out[mode] = model(**step, past_key_values=cache).logits
-    torch.testing.assert_close(out["drop"], out["mask"], rtol=1e-4, atol=1e-4)
+def _shared(name: str):
+    if name not in _SHARED:
+        model = BY_NAME[name].model(seed=3)
+        _SHARED[name] = (model, BY_NAME[name].batch(model))
+    return _SHARED[name]

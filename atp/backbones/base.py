@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class VisualLayout:
+    """Where the visual tokens of a prefill are.
+
+    Attributes
+    ----------
+    visual : BoolTensor (B, L), the prunable visual tokens (image and video features).
+    structural : BoolTensor (B, L), tokens that belong to an image but are never pruned and
+        are not instruction tokens (row breaks, newline features, image start / end markers).
+    grids : per sample, the (height, width) token grid of each image (or video frame) in
+        the order of the visual tokens; their sizes add up to the sample's visual tokens.
+    """
+
+    visual: torch.Tensor
+    structural: torch.Tensor
+    grids: list[list[tuple[int, int]]]
 
 
 class BackboneAdapter:
@@ -15,13 +35,14 @@ class BackboneAdapter:
     model_types : the ``config.model_type`` values the adapter handles.
     attention_implementations : text attention implementations that work.
     positions : how positions are built ("1d-rope", "mrope").
+    visual_inputs : forward kwargs that carry images / videos (refused after the prefill).
     """
 
     family = ""
     model_types: tuple[str, ...] = ()
     attention_implementations: tuple[str, ...] = ("sdpa",)
     positions = "1d-rope"
-    visual_inputs: tuple[str, ...] = ("pixel_values",)  # forward kwargs that carry images
+    visual_inputs: tuple[str, ...] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -33,10 +54,11 @@ class BackboneAdapter:
     # structure -------------------------------------------------------------------------
     def multimodal_model(self) -> nn.Module:
         """The module whose forward receives ``input_ids`` and calls the language model."""
-        raise NotImplementedError
+        inner = getattr(self.model, "model", None)
+        return inner if inner is not None and hasattr(inner, "language_model") else self.model
 
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        return self.multimodal_model().language_model
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
@@ -48,20 +70,40 @@ class BackboneAdapter:
         """Key of the text sub-config in ``set_attn_implementation`` dicts."""
         return "text_config"
 
-    # visual tokens ---------------------------------------------------------------------
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """BoolTensor (B, L): positions filled with image (or video) features."""
-        raise NotImplementedError
+    def uses_sliding_window(self) -> bool:
+        text = self.text_config()
+        if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+            return True
+        return (
+            bool(getattr(text, "sliding_window", None))
+            and getattr(text, "use_sliding_window", True) is not False
+        )
 
+    # visual tokens ---------------------------------------------------------------------
     def num_visual_tokens(self) -> int | None:
         """Visual tokens per sample when the family fixes it (None when it varies)."""
         return None
 
-    def grids(self, visual_counts: list[int]) -> list[list[tuple[int, int]]]:
-        """Per sample, the (height, width) token grid of each image in visual order."""
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict) -> VisualLayout:
+        """The visual tokens of a prefill; ``inputs`` are the multimodal model's forward kwargs."""
         raise NotImplementedError
 
     # positions -------------------------------------------------------------------------
     def position_seq_dim(self) -> int:
         """Sequence axis of ``position_ids`` and of the rotary cos / sin tensors."""
         return 1
+
+
+def runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of a BoolTensor (B, L), the (start, stop) of each run of True values."""
+    out = []
+    for row in mask.tolist():
+        spans, start = [], None
+        for index, value in enumerate(row + [False]):
+            if value and start is None:
+                start = index
+            elif not value and start is not None:
+                spans.append((start, index))
+                start = None
+        out.append(spans)
+    return out

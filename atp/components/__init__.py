@@ -3,10 +3,11 @@
 from atp.components.budget_loss import Budget, PaperBudgetLoss, average_tokens
 from atp.components.mask_combiner import MaxSigmoidCombiner, cumulative
 from atp.components.position_keeper import KeepPositions
-from atp.components.threshold_head import PaperThresholdHead
+from atp.components.threshold_head import BinnedThresholdHead, PaperThresholdHead
 from atp.hookspecs import hookimpl
 
 __all__ = [
+    "BinnedThresholdHead",
     "Budget",
     "KeepPositions",
     "MaxSigmoidCombiner",
@@ -20,6 +21,7 @@ __all__ = [
 @hookimpl
 def atp_register_threshold_heads(register):
     register("paper", PaperThresholdHead)
+    register("binned", BinnedThresholdHead)
 
 
 @hookimpl

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from atp.components.mask_combiner import MaxSigmoidCombiner
-from atp.components.threshold_head import PaperThresholdHead
+from atp.plugins import registry
 from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
 from atp.scorers.normalize import minmax_normalize
-from atp.scorers.redundancy import RedundancyScorer
 
 
 class AtpPolicy(Policy):
@@ -23,6 +21,11 @@ class AtpPolicy(Policy):
         close to keep-everything). Larger values make untrained heads prune.
     lambda_sample : spatial score coefficient (default 3, the paper's).
     spatial_strides : grid strides, default (2, 4, 8, ...) up to half the grid side.
+    threshold_head : "paper" (fixed input length, the model's visual tokens per sample),
+        "binned" (size-agnostic: quantiles of the scores) or "auto" (paper when the family
+        fixes the visual token count, binned otherwise); any registered head name.
+    bins : quantiles per score for the binned head (default 64).
+    scorer, mask_combiner : registered component names (default "redundancy", "max_sigmoid").
     """
 
     def __init__(
@@ -34,27 +37,30 @@ class AtpPolicy(Policy):
         init_theta_s: float = 0.999,
         lambda_sample: float = 3.0,
         spatial_strides: tuple[int, ...] | None = None,
+        threshold_head: str = "auto",
+        bins: int = 64,
+        scorer: str = "redundancy",
+        mask_combiner: str = "max_sigmoid",
     ):
         super().__init__(context)
-        if context.num_visual_tokens is None:
-            raise ValueError(
-                "the 'atp' policy's threshold head needs a fixed number of visual tokens per sample, "
-                "which this model family does not define"
-            )
-        self.scorer = RedundancyScorer()
+        components = registry()
+        if threshold_head == "auto":
+            threshold_head = "paper" if context.num_visual_tokens is not None else "binned"
+        head = components.get("threshold_head", threshold_head).factory
+        self.scorer = components.get("scorer", scorer).factory()
         self.lambda_sample = float(lambda_sample)
         self.spatial_strides = tuple(spatial_strides) if spatial_strides is not None else None
         self.heads = nn.ModuleList(
-            PaperThresholdHead(context.num_visual_tokens, hidden_size, init_theta_r, init_theta_s)
+            head.from_options(context.num_visual_tokens, hidden_size, init_theta_r, init_theta_s, bins)
             for _ in context.layers
         )
-        self.combiner = MaxSigmoidCombiner(temperature)
+        self.combiner = components.get("mask_combiner", mask_combiner).factory(temperature)
         self.untrained = True
 
     def decide(self, inputs: PolicyInput) -> Decision:
         n_self = minmax_normalize(inputs.scores["s_self"], inputs.live)
         n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live)
         s_redundant = (n_self + n_cross) / 2
-        theta_r, theta_s = self.heads[inputs.index](n_self, n_cross)
+        theta_r, theta_s = self.heads[inputs.index](n_self, n_cross, inputs.live, inputs.num_visual)
         mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
         return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s})

@@ -1,0 +1,84 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, several images, video, M-RoPE positions.
+
+Each image (or video) sits between ``<|vision_start|>`` and ``<|vision_end|>`` and gives
+``t * h * w / merge**2`` tokens: ``t`` frames of an ``(h / merge) x (w / merge)`` grid. The
+markers are structural (never pruned, not instruction tokens). Kept tokens keep their
+original (t, h, w) M-RoPE positions: the rotary cos / sin are gathered like 1D ones, and the
+decoding positions (``rope_deltas``) stay right because layer 0's cache is never pruned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atp.backbones.base import BackboneAdapter, VisualLayout, runs
+
+
+class Qwen2VLAdapter(BackboneAdapter):
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    positions = "mrope"
+    visual_inputs = ("pixel_values", "pixel_values_videos")
+
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict) -> VisualLayout:
+        config = self.model.config
+        image = input_ids == config.image_token_id
+        video = input_ids == config.video_token_id
+        structural = (input_ids == config.vision_start_token_id) | (input_ids == config.vision_end_token_id)
+        merge = config.vision_config.spatial_merge_size
+        if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
+            grids = self._grids_from_thw(image, video, inputs, merge)
+        elif inputs.get("position_ids") is not None and inputs["position_ids"].dim() == 3:
+            grids = self._grids_from_positions(image | video, inputs["position_ids"])
+        elif bool((image | video).any()):
+            raise ValueError(
+                "atp needs image_grid_thw / video_grid_thw (or M-RoPE position_ids) to know the grid of "
+                "each image; pass what the processor returns"
+            )
+        else:
+            grids = [[] for _ in range(input_ids.shape[0])]
+        return VisualLayout(image | video, structural, grids)
+
+    @staticmethod
+    def _grids_from_thw(image, video, inputs, merge: int) -> list[list[tuple[int, int]]]:
+        queues = {
+            "image": [tuple(int(v) for v in row) for row in (inputs.get("image_grid_thw") if inputs.get("image_grid_thw") is not None else [])],
+            "video": [tuple(int(v) for v in row) for row in (inputs.get("video_grid_thw") if inputs.get("video_grid_thw") is not None else [])],
+        }
+        grids = []
+        for sample, (image_runs, video_runs) in enumerate(zip(runs(image), runs(video))):
+            spans = sorted([(start, stop, "image") for start, stop in image_runs] + [(start, stop, "video") for start, stop in video_runs])
+            sample_grids = []
+            for start, stop, kind in spans:
+                remaining = stop - start
+                while remaining > 0:
+                    if not queues[kind]:
+                        raise ValueError(f"sample {sample} has more {kind} tokens than {kind}_grid_thw describes")
+                    t, h, w = queues[kind].pop(0)
+                    frame = (h // merge, w // merge)
+                    sample_grids += [frame] * t
+                    remaining -= t * frame[0] * frame[1]
+                if remaining < 0:
+                    raise ValueError(f"sample {sample}: {kind}_grid_thw does not match its {kind} tokens")
+            grids.append(sample_grids)
+        return grids
+
+    @staticmethod
+    def _grids_from_positions(visual, position_ids) -> list[list[tuple[int, int]]]:
+        rows, cols = position_ids[-2], position_ids[-1]  # (B, L) height and width positions
+        grids = []
+        for sample, spans in enumerate(runs(visual)):
+            sample_grids = []
+            for start, stop in spans:
+                h = rows[sample, start:stop]
+                w = cols[sample, start:stop]
+                height, width = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+                frames = (stop - start) // (height * width)
+                sample_grids += [(height, width)] * max(frames, 1)
+            grids.append(sample_grids)
+        return grids
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)

@@ -1,0 +1,60 @@
+"""Every supported model family as a test case: a tiny random model and a two-sample batch.
+
+Adding a family to the invariant suite is one entry in FAMILIES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from atp.attach import resolve_adapter
+from atp.testing import llava_batch, qwen_batch, tiny_llava, tiny_qwen2_vl
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable[..., torch.nn.Module]  # (num_layers=4, seed=0) -> model in eval mode
+    samples: list  # two sample specs, different lengths and images
+    make: Callable  # (model, specs, seeds) -> batch dict
+
+    def model(self, seed: int = 0, num_layers: int = 4) -> torch.nn.Module:
+        return self.build(num_layers=num_layers, seed=seed)
+
+    def batch(self, model) -> dict:
+        return self.make(model, self.samples, [0, 1])
+
+    def single(self, model, b: int) -> dict:
+        return self.make(model, [self.samples[b]], [b])
+
+
+def visual_mask(model, batch: dict) -> torch.Tensor:
+    return resolve_adapter(model).visual_layout(batch["input_ids"], batch).visual
+
+
+FAMILIES = [
+    Family(
+        "llava",
+        tiny_llava,
+        [([1, 5, 6], [7, 8, 9, 10], 1), ([1, 11], [12, 13, 14, 15, 16, 17], 1)],
+        llava_batch,
+    ),
+    Family(
+        "qwen2_vl",
+        lambda num_layers, seed: tiny_qwen2_vl(num_layers, seed, "2"),
+        [  # two images of different sizes in one prompt; an image and a video
+            [[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]],
+            [[1], ("image", 8, 12), [4, 5], ("video", 4, 4, 4), [6, 7, 8, 9, 10]],
+        ],
+        lambda model, specs, seeds: qwen_batch(specs, seeds),
+    ),
+    Family(
+        "qwen2_5_vl",
+        lambda num_layers, seed: tiny_qwen2_vl(num_layers, seed, "2.5"),
+        [[[1, 5], ("image", 8, 8), [7, 8, 9]], [[1], ("image", 4, 12), [4, 5], ("video", 4, 4, 4), [6, 7]]],
+        lambda model, specs, seeds: qwen_batch(specs, seeds),
+    ),
+]

@@ -1,0 +1,84 @@
+"""Family-specific behaviour of the backbone adapters and the size-agnostic threshold head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import atp
+from atp.attach import resolve_adapter
+from atp.components.threshold_head import BinnedThresholdHead, quantiles
+from atp.testing import qwen_batch, tiny_qwen2_vl
+from tests.families import FAMILIES
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+
+def test_every_family_is_registered_and_listed():
+    listed = {entry["family"] for entry in atp.supported_models()}
+    assert {family.name for family in FAMILIES} <= listed
+    for family in FAMILIES:
+        assert resolve_adapter(family.model()).family == family.name
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_grids_from_grid_thw_equal_grids_from_mrope_positions(version):
+    model = tiny_qwen2_vl(version=version)
+    batch = qwen_batch(
+        [
+            [[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7]],
+            [[1], ("image", 8, 12), [4], ("video", 4, 4, 6), [6]],
+        ]
+    )
+    adapter = resolve_adapter(model)
+    from_thw = adapter.visual_layout(batch["input_ids"], batch)
+    assert from_thw.grids == [[(4, 4), (2, 4)], [(4, 6), (2, 3), (2, 3)]]  # a video gives one grid per frame
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        batch["mm_token_type_ids"],
+        batch["image_grid_thw"],
+        batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    from_positions = adapter.visual_layout(batch["input_ids"], {"position_ids": positions})
+    assert from_positions.grids == from_thw.grids
+    assert torch.equal(from_positions.visual, from_thw.visual)
+    assert from_thw.structural.sum().item() == 8  # vision start / end markers
+
+
+def test_qwen_needs_grids_and_refuses_the_paper_head():
+    model = tiny_qwen2_vl()
+    batch = qwen_batch([[[1], ("image", 4, 4), [5]]])
+    with pytest.raises(ValueError, match="needs image_grid_thw"):
+        resolve_adapter(model).visual_layout(batch["input_ids"], {})
+    with pytest.raises(ValueError, match="use threshold_head='binned'"):
+        atp.attach(model, layers=[1], threshold_head="paper")
+    handle = atp.attach(model, layers=[1, 2])
+    assert isinstance(handle.policy.heads[0], BinnedThresholdHead)  # "auto" picks the size-agnostic head
+    handle.remove()
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.integers(2, 5), st.integers(2, 16))
+def test_quantiles_do_not_depend_on_order_or_resolution(values, repeat, bins):
+    scores = torch.tensor([values])
+    live = torch.ones_like(scores, dtype=torch.bool)
+    base = quantiles(scores, live, bins)
+    shuffled = quantiles(scores[:, torch.randperm(len(values))], live, bins)
+    assert torch.equal(base, shuffled)
+    assert bool((base[:, 1:] <= base[:, :-1]).all())  # high to low
+    assert base[0, 0] == max(values) and base[0, -1] == min(values)
+    repeated = quantiles(scores.repeat_interleave(repeat, dim=1), live.repeat_interleave(repeat, dim=1), bins)
+    assert repeated[0, 0] == base[0, 0] and repeated[0, -1] == base[0, -1]
+
+
+def test_binned_head_accepts_any_number_of_visual_tokens():
+    head = BinnedThresholdHead(bins=8, hidden_size=16, init_theta_r=0.3, init_theta_s=0.6)
+    for tokens in (4, 64, 1000):
+        scores = torch.rand(2, tokens)
+        live = torch.rand(2, tokens) > 0.3
+        live[1] = False  # a sample with nothing alive
+        theta_r, theta_s = head(scores, scores, live, torch.tensor([tokens, tokens]))
+        torch.testing.assert_close(theta_r, torch.full((2,), 0.3))
+        torch.testing.assert_close(theta_s, torch.full((2,), 0.6))
