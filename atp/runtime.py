@@ -100,6 +100,7 @@ class Runtime:
         self.num_layers = len(adapter.decoder_layers())
         self.seq_dim = adapter.position_seq_dim()
         self.prefill: Prefill | None = None
+        self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
         self.decoding = False
         self.step_past = 0
         self.step_cache: dict = {}
@@ -123,6 +124,11 @@ class Runtime:
             self.hooks.append(decoder[i].register_forward_pre_hook(hook, with_kwargs=True))
         self.hooks.append(
             decoder[self.num_layers - 1].register_forward_hook(self._on_last_output, with_kwargs=True)
+        )
+        self.hooks.append(
+            self.adapter.language_model().register_forward_pre_hook(
+                self._on_language_model_forward, with_kwargs=True
+            )
         )
         self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output))
 
@@ -156,14 +162,10 @@ class Runtime:
                 "atp needs input_ids to find the visual tokens; pass input_ids (and pixel_values) "
                 "instead of inputs_embeds"
             )
-        if past == 0:
+        if past == 0:  # the layout is read when the language model starts (embeddings are known)
             self.decoding = False
-            layout = self.adapter.visual_layout(input_ids, kwargs)
-            self.prefill = self._start_prefill(layout, kwargs.get("attention_mask"))
-            if self.prefill is None:
-                self.last_stats = empty_stats(
-                    self.layers, self.num_layers, input_ids.shape[0], input_ids.device
-                )
+            self.prefill = None
+            self.pending = {**kwargs, "input_ids": input_ids}
             return None
         if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs):
             raise ValueError(
@@ -174,6 +176,19 @@ class Runtime:
             self._check_cache(cache, past, input_ids.shape[0])
         self.decoding = True
         self.step_past = past
+        return None
+
+    def _on_language_model_forward(self, module, args, kwargs):
+        """Prefill: the adapter reads the visual layout from the multimodal model's inputs and
+        the language model's (``inputs_embeds``, M-RoPE ``position_ids``)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        input_ids = pending["input_ids"]
+        layout = self.adapter.visual_layout(input_ids, pending, kwargs)
+        self.prefill = self._start_prefill(layout, pending.get("attention_mask"))
+        if self.prefill is None:
+            self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
         return None
 
     def _check_cache(self, cache, past: int, batch: int) -> None:

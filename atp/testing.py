@@ -136,17 +136,35 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-        vision = {"depth": 2, "hidden_size": 32, "out_hidden_size": 64, "num_heads": 2, "intermediate_size": 64,
-                  "fullatt_block_indexes": [1], "window_size": 8}
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 64,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 8,
+        }
     vision.update(patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     text = {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": num_layers, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 160, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 160,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
     }
     config = Config(
-        text_config=text, vision_config=vision, image_token_id=QWEN_IDS["image"], video_token_id=QWEN_IDS["video"],
-        vision_start_token_id=QWEN_IDS["start"], vision_end_token_id=QWEN_IDS["end"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IDS["image"],
+        video_token_id=QWEN_IDS["video"],
+        vision_start_token_id=QWEN_IDS["start"],
+        vision_end_token_id=QWEN_IDS["end"],
     )
     torch.manual_seed(seed)
     model = Model(config)
@@ -192,7 +210,9 @@ def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
     return batch
 
 
-def llava_batch(model, samples: list[tuple[list[int], list[int], int]], seeds: list[int] | None = None) -> dict:
+def llava_batch(
+    model, samples: list[tuple[list[int], list[int], int]], seeds: list[int] | None = None
+) -> dict:
     """Left-padded LLaVA inputs from ``(text_before, text_after, images)`` per sample; the
     pixels of sample i come from ``seeds[i]`` (default i)."""
     seeds = list(range(len(samples))) if seeds is None else seeds

@@ -32,7 +32,22 @@ class Family:
 
 
 def visual_mask(model, batch: dict) -> torch.Tensor:
-    return resolve_adapter(model).visual_layout(batch["input_ids"], batch).visual
+    """The visual tokens of a batch, as atp sees them (from a forward of the model itself)."""
+    seen = {}
+    adapter = resolve_adapter(model)
+    original = adapter.visual_layout
+
+    def spy(hook_module, args, kwargs):
+        seen["embeds"] = kwargs.get("inputs_embeds")
+        seen["positions"] = kwargs.get("position_ids")
+
+    hook = adapter.language_model().register_forward_pre_hook(spy, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    return original(
+        batch["input_ids"], batch, {"inputs_embeds": seen["embeds"], "position_ids": seen["positions"]}
+    ).visual
 
 
 FAMILIES = [

@@ -33,7 +33,7 @@ def test_qwen_grids_from_grid_thw_equal_grids_from_mrope_positions(version):
         ]
     )
     adapter = resolve_adapter(model)
-    from_thw = adapter.visual_layout(batch["input_ids"], batch)
+    from_thw = adapter.visual_layout(batch["input_ids"], batch, {})
     assert from_thw.grids == [[(4, 4), (2, 4)], [(4, 6), (2, 3), (2, 3)]]  # a video gives one grid per frame
     positions, _ = model.model.get_rope_index(
         batch["input_ids"],
@@ -42,7 +42,7 @@ def test_qwen_grids_from_grid_thw_equal_grids_from_mrope_positions(version):
         batch["video_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    from_positions = adapter.visual_layout(batch["input_ids"], {"position_ids": positions})
+    from_positions = adapter.visual_layout(batch["input_ids"], {}, {"position_ids": positions})
     assert from_positions.grids == from_thw.grids
     assert torch.equal(from_positions.visual, from_thw.visual)
     assert from_thw.structural.sum().item() == 8  # vision start / end markers
@@ -52,7 +52,7 @@ def test_qwen_needs_grids_and_refuses_the_paper_head():
     model = tiny_qwen2_vl()
     batch = qwen_batch([[[1], ("image", 4, 4), [5]]])
     with pytest.raises(ValueError, match="needs image_grid_thw"):
-        resolve_adapter(model).visual_layout(batch["input_ids"], {})
+        resolve_adapter(model).visual_layout(batch["input_ids"], {}, {})
     with pytest.raises(ValueError, match="use threshold_head='binned'"):
         atp.attach(model, layers=[1], threshold_head="paper")
     handle = atp.attach(model, layers=[1, 2])

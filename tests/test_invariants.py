@@ -212,6 +212,7 @@ def test_detach_equals_never_attached(model, batch):
 def test_kept_tokens_keep_their_original_rotary_positions_and_text_stays(model, batch):
     """cos / sin after pruning are the original ones of the kept tokens (1D RoPE and M-RoPE)."""
     masks = random_masks(2, width(model, batch), 2, seed=5)
+    visual = visual_mask(model, batch)
     seen = {}
 
     def capture(layer):
@@ -226,7 +227,6 @@ def test_kept_tokens_keep_their_original_rotary_positions_and_text_stays(model, 
         layer.register_forward_pre_hook(capture(i), with_kwargs=True)  # runs after atp's hook
     logits(model, batch)
     handle.remove()
-    visual = visual_mask(model, batch)
     for layer, keep in ((1, masks[0]), (2, masks[0]), (3, masks[1])):
         for b in range(2):
             positions = visual[b].nonzero().flatten()

@@ -84,8 +84,13 @@ class BackboneAdapter:
         """Visual tokens per sample when the family fixes it (None when it varies)."""
         return None
 
-    def visual_layout(self, input_ids: torch.Tensor, inputs: dict) -> VisualLayout:
-        """The visual tokens of a prefill; ``inputs`` are the multimodal model's forward kwargs."""
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
+        """The visual tokens of a prefill.
+
+        ``inputs`` are the multimodal model's forward kwargs (``input_ids``, ``pixel_values``,
+        ``image_sizes``, grids ...); ``language_inputs`` the language model's (``inputs_embeds``
+        with the image features in place, ``position_ids``).
+        """
         raise NotImplementedError
 
     # positions -------------------------------------------------------------------------

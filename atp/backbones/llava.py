@@ -20,7 +20,7 @@ class LlavaAdapter(BackboneAdapter):
     def num_visual_tokens(self) -> int | None:
         return int(self.model.config.image_seq_length)
 
-    def visual_layout(self, input_ids: torch.Tensor, inputs: dict) -> VisualLayout:
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         visual = input_ids == self.model.config.image_token_id
         per_image = self.num_visual_tokens()
         side = math.isqrt(per_image)

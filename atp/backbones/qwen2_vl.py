@@ -20,7 +20,7 @@ class Qwen2VLAdapter(BackboneAdapter):
     positions = "mrope"
     visual_inputs = ("pixel_values", "pixel_values_videos")
 
-    def visual_layout(self, input_ids: torch.Tensor, inputs: dict) -> VisualLayout:
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         config = self.model.config
         image = input_ids == config.image_token_id
         video = input_ids == config.video_token_id
@@ -28,8 +28,10 @@ class Qwen2VLAdapter(BackboneAdapter):
         merge = config.vision_config.spatial_merge_size
         if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
             grids = self._grids_from_thw(image, video, inputs, merge)
-        elif inputs.get("position_ids") is not None and inputs["position_ids"].dim() == 3:
-            grids = self._grids_from_positions(image | video, inputs["position_ids"])
+        elif (
+            positions := language_inputs.get("position_ids", inputs.get("position_ids"))
+        ) is not None and positions.dim() == 3:
+            grids = self._grids_from_positions(image | video, positions)
         elif bool((image | video).any()):
             raise ValueError(
                 "atp needs image_grid_thw / video_grid_thw (or M-RoPE position_ids) to know the grid of "
@@ -42,18 +44,29 @@ class Qwen2VLAdapter(BackboneAdapter):
     @staticmethod
     def _grids_from_thw(image, video, inputs, merge: int) -> list[list[tuple[int, int]]]:
         queues = {
-            "image": [tuple(int(v) for v in row) for row in (inputs.get("image_grid_thw") if inputs.get("image_grid_thw") is not None else [])],
-            "video": [tuple(int(v) for v in row) for row in (inputs.get("video_grid_thw") if inputs.get("video_grid_thw") is not None else [])],
+            "image": [
+                tuple(int(v) for v in row)
+                for row in (inputs.get("image_grid_thw") if inputs.get("image_grid_thw") is not None else [])
+            ],
+            "video": [
+                tuple(int(v) for v in row)
+                for row in (inputs.get("video_grid_thw") if inputs.get("video_grid_thw") is not None else [])
+            ],
         }
         grids = []
         for sample, (image_runs, video_runs) in enumerate(zip(runs(image), runs(video))):
-            spans = sorted([(start, stop, "image") for start, stop in image_runs] + [(start, stop, "video") for start, stop in video_runs])
+            spans = sorted(
+                [(start, stop, "image") for start, stop in image_runs]
+                + [(start, stop, "video") for start, stop in video_runs]
+            )
             sample_grids = []
             for start, stop, kind in spans:
                 remaining = stop - start
                 while remaining > 0:
                     if not queues[kind]:
-                        raise ValueError(f"sample {sample} has more {kind} tokens than {kind}_grid_thw describes")
+                        raise ValueError(
+                            f"sample {sample} has more {kind} tokens than {kind}_grid_thw describes"
+                        )
                     t, h, w = queues[kind].pop(0)
                     frame = (h // merge, w // merge)
                     sample_grids += [frame] * t
