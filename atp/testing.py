@@ -227,3 +227,104 @@ def llava_batch(
     if pixels:
         batch["pixel_values"] = torch.stack(pixels)
     return batch
+
+
+def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False):
+    """A random LLaVA-NeXT (or LLaVA-OneVision) with 32 px tiles of 8 px patches (4 x 4 base grid),
+    pinpoints up to 64 x 64 and a Llama (NeXT) or Qwen2 (OneVision) LM of hidden 64."""
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    if onevision:
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        config = LlavaOnevisionConfig(
+            vision_config={"model_type": "siglip_vision_model", **vision},
+            text_config={"model_type": "qwen2", **text},
+            image_token_index=126,
+            video_token_index=127,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_aspect_ratio="anyres_max_9",
+        )
+        model_class = LlavaOnevisionForConditionalGeneration
+    else:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config = LlavaNextConfig(
+            vision_config={"model_type": "clip_vision_model", **vision},
+            text_config={"model_type": "llama", **text},
+            image_token_index=127,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+        )
+        model_class = LlavaNextForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def llava_next_batch(
+    model, samples: list[tuple[list[int], list[int], list[tuple]]], seeds: list[int] | None = None
+) -> dict:
+    """Left-padded LLaVA-NeXT / OneVision inputs. A sample is ``(text_before, text_after, media)``
+    with media ``("image", height, width)`` (pixels) or ``("video", frames)``; the placeholder
+    counts are what the model's own feature packing produces."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    config = model.config
+    tile = config.vision_config.image_size
+    prompts, images, sizes, videos = [], [], [], []
+    for (before, after, media), seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = list(before)
+        for kind, *shape in media:
+            if kind == "image":
+                patches = image_size_to_num_patches(shape, config.image_grid_pinpoints, tile)
+                pixels = torch.randn(patches, 3, tile, tile, generator=generator)
+                with torch.no_grad():
+                    count = (
+                        model.model.get_image_features(pixels[None], torch.tensor([shape]))
+                        .pooler_output[0]
+                        .shape[0]
+                    )
+                images.append(pixels)
+                sizes.append(list(shape))
+                ids += [config.image_token_id] * count
+            else:
+                frames = shape[0]
+                videos.append(torch.randn(frames, 3, tile, tile, generator=generator))
+                side = -(-(tile // config.vision_config.patch_size) // 2)
+                ids += [config.video_token_id] * (frames * side * side + 1)
+        prompts.append(ids + list(after))
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if images:
+        most = max(p.shape[0] for p in images)
+        batch["pixel_values"] = torch.stack(
+            [torch.cat([p, p.new_zeros(most - p.shape[0], *p.shape[1:])]) for p in images]
+        )
+        batch["image_sizes"] = torch.tensor(sizes)
+    if videos:
+        batch["pixel_values_videos"] = torch.stack(videos)
+    return batch

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from atp.attach import resolve_adapter
-from atp.testing import llava_batch, qwen_batch, tiny_llava, tiny_qwen2_vl
+from atp.testing import llava_batch, llava_next_batch, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl
 
 
 @dataclass
@@ -71,5 +71,17 @@ FAMILIES = [
         lambda num_layers, seed: tiny_qwen2_vl(num_layers, seed, "2.5"),
         [[[1, 5], ("image", 8, 8), [7, 8, 9]], [[1], ("image", 4, 12), [4, 5], ("video", 4, 4, 4), [6, 7]]],
         lambda model, specs, seeds: qwen_batch(specs, seeds),
+    ),
+    Family(
+        "llava_next",
+        lambda num_layers, seed: tiny_llava_next(num_layers, seed),
+        [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6, 7], [("image", 40, 70)])],
+        llava_next_batch,
+    ),
+    Family(
+        "llava_onevision",
+        lambda num_layers, seed: tiny_llava_next(num_layers, seed, onevision=True),
+        [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6], [("image", 40, 70), ("video", 2)])],
+        llava_next_batch,
     ),
 ]

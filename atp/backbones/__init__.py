@@ -2,14 +2,26 @@
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
 from atp.backbones.llava import LlavaAdapter
+from atp.backbones.llava_next import LlavaNextAdapter
+from atp.backbones.llava_onevision import LlavaOneVisionAdapter
 from atp.backbones.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from atp.hookspecs import hookimpl
 
-__all__ = ["BackboneAdapter", "LlavaAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "VisualLayout"]
+__all__ = [
+    "BackboneAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOneVisionAdapter",
+    "Qwen25VLAdapter",
+    "Qwen2VLAdapter",
+    "VisualLayout",
+]
 
 
 @hookimpl
 def atp_register_backbones(register):
     register("llava", LlavaAdapter)
+    register("llava_next", LlavaNextAdapter)
+    register("llava_onevision", LlavaOneVisionAdapter)
     register("qwen2_vl", Qwen2VLAdapter)
     register("qwen2_5_vl", Qwen25VLAdapter)

@@ -1,0 +1,76 @@
+"""LLaVA-NeXT (LLaVA-1.6): any-resolution tiles with a newline feature after every row.
+
+Each ``<image>`` expands to the base image (an ``s x s`` grid, s = image_size / patch_size)
+followed by the unpadded high-resolution grid, ``H`` rows of ``W`` tokens, each row closed by
+the learned ``image_newline`` feature (a single trailing newline when the image is not tiled).
+
+**Newline tokens are structural**: they are recognised by their embedding (the
+``image_newline`` vector the model scatters into the prompt), are never pruned and are not
+instruction tokens. They keep the row structure the language model was trained on, and they
+cost one token per row. The base image and the high-resolution grid are two grids for the
+spatial score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from atp.backbones.base import BackboneAdapter, VisualLayout, runs
+
+
+def newline_positions(language_inputs: dict, tokens: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """BoolTensor (B, L): positions of ``tokens`` whose input embedding is exactly ``newline``."""
+    embeds = language_inputs.get("inputs_embeds")
+    if embeds is None:
+        raise ValueError("atp needs the language model's inputs_embeds to find the image newline features")
+    return tokens & (embeds == newline.to(embeds.dtype)).all(dim=-1)
+
+
+def tiled_grids(length: int, is_newline: list[bool], side: int) -> list[tuple[int, int]]:
+    """Grids of one image's tokens: the base ``side x side`` grid, then rows closed by newlines."""
+    grids = [(side, side)] if length >= side * side else []
+    rest = is_newline[side * side :]
+    rows = sum(rest)
+    columns = (len(rest) - rows) // rows if rows else 0
+    if rows and columns and columns * rows + rows != len(rest):
+        raise ValueError("an image's tokens do not form rows closed by newline features")
+    if rows and columns:
+        grids.append((rows, columns))
+    return grids
+
+
+class LlavaNextAdapter(BackboneAdapter):
+    family = "llava_next"
+    model_types = ("llava_next",)
+    positions = "1d-rope"
+    visual_inputs = ("pixel_values",)
+
+    def base_side(self) -> int:
+        vision = self.model.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def token_ids(self) -> dict[str, int]:
+        """Placeholder token id of each kind of visual input."""
+        return {"image": self.model.config.image_token_id}
+
+    def run_grids(self, kind: str, is_newline: list[bool]) -> list[tuple[int, int]]:
+        """The grids of one run of placeholder tokens (``is_newline`` per token)."""
+        return tiled_grids(len(is_newline), is_newline, self.base_side())
+
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
+        kinds = {kind: input_ids == token for kind, token in self.token_ids().items()}
+        tokens = torch.stack(list(kinds.values())).any(dim=0)
+        structural = newline_positions(language_inputs, tokens, self.multimodal_model().image_newline)
+        flags = structural.tolist()
+        spans = {kind: runs(mask) for kind, mask in kinds.items()}
+        grids = []
+        for sample in range(input_ids.shape[0]):
+            ordered = sorted((start, stop, kind) for kind in kinds for start, stop in spans[kind][sample])
+            grids.append(
+                [
+                    grid
+                    for start, stop, kind in ordered
+                    for grid in self.run_grids(kind, flags[sample][start:stop])
+                ]
+            )
+        return VisualLayout(tokens & ~structural, structural, grids)

@@ -1,0 +1,26 @@
+"""LLaVA-OneVision: LLaVA-NeXT's tiles and newlines (high-resolution grids may be downsampled
+to ``anyres_max_N`` tiles), plus videos: every frame pooled to a ``ceil(s/2) x ceil(s/2)`` grid,
+all frames followed by one newline feature (structural, as for images)."""
+
+from __future__ import annotations
+
+import math
+
+from atp.backbones.llava_next import LlavaNextAdapter
+
+
+class LlavaOneVisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+    visual_inputs = ("pixel_values", "pixel_values_videos")
+
+    def token_ids(self) -> dict[str, int]:
+        config = self.model.config
+        return {"image": config.image_token_id, "video": config.video_token_id}
+
+    def run_grids(self, kind: str, is_newline: list[bool]) -> list[tuple[int, int]]:
+        if kind == "image":
+            return super().run_grids(kind, is_newline)
+        side = math.ceil(self.base_side() / 2)
+        frames = (len(is_newline) - sum(is_newline)) // (side * side)
+        return [(side, side)] * frames
