@@ -328,3 +328,120 @@ def llava_next_batch(
     if videos:
         batch["pixel_values_videos"] = torch.stack(videos)
     return batch
+
+
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def tiny_internvl(num_layers: int = 4, seed: int = 0):
+    """A random InternVL: 32 px tiles of 4 px patches, pixel shuffle 0.5 -> 16 tokens (4 x 4) per tile,
+    Qwen2 LM of hidden 64. Image token 127; ``<img>`` 125, ``</img>`` 124 in :func:`internvl_batch`."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": [32, 32],
+            "patch_size": [4, 4],
+        },
+        text_config={"model_type": "qwen2", "num_hidden_layers": num_layers, **_TEXT},
+        image_token_id=127,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def internvl_batch(
+    model, samples: list[tuple[list[int], list[int], list[int]]], seeds: list[int] | None = None
+) -> dict:
+    """Left-padded InternVL inputs from ``(text_before, text_after, tiles per image)`` per sample."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    per_tile = model.config.image_seq_length
+    prompts, tiles = [], []
+    for (before, after, images), seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = list(before)
+        for count in images:
+            ids += [125] + [model.config.image_token_id] * (per_tile * count) + [124]
+            tiles.append(torch.randn(count, 3, 32, 32, generator=generator))
+        prompts.append(ids + list(after))
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if tiles:
+        batch["pixel_values"] = torch.cat(tiles)
+    return batch
+
+
+def tiny_mistral3(num_layers: int = 4, seed: int = 0):
+    """A random Mistral 3: Pixtral tower with 4 px patches merged 2 x 2 (an 8 px cell per token),
+    Mistral LM of hidden 64 without sliding window. Image 127, ``[IMG_BREAK]`` 12, ``[IMG_END]`` 13."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 4,
+            "head_dim": 8,
+        },
+        text_config={
+            "model_type": "mistral",
+            "sliding_window": None,
+            "head_dim": 16,
+            "num_hidden_layers": num_layers,
+            **_TEXT,
+        },
+        image_token_index=127,
+        spatial_merge_size=2,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def mistral3_batch(
+    model, samples: list[tuple[list[int], list[int], list[tuple[int, int]]]], seeds: list[int] | None = None
+) -> dict:
+    """Left-padded Mistral 3 inputs from ``(text_before, text_after, [(height, width) pixels])``."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    prompts, images, sizes = [], [], []
+    for (before, after, shapes), seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = list(before)
+        for height, width in shapes:
+            rows, columns = height // 8, width // 8
+            for r in range(rows):
+                ids += [model.config.image_token_id] * columns + [12 if r < rows - 1 else 13]
+            images.append(torch.randn(3, height, width, generator=generator))
+            sizes.append([height, width])
+        prompts.append(ids + list(after))
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if images:
+        tall, wide = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+        padded = torch.zeros(len(images), 3, tall, wide)
+        for k, image in enumerate(images):
+            padded[k, :, : image.shape[1], : image.shape[2]] = image
+        batch["pixel_values"] = padded
+        batch["image_sizes"] = torch.tensor(sizes)
+    return batch

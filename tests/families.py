@@ -11,7 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from atp.attach import resolve_adapter
-from atp.testing import llava_batch, llava_next_batch, qwen_batch, tiny_llava, tiny_llava_next, tiny_qwen2_vl
+from atp.testing import (
+    internvl_batch,
+    llava_batch,
+    llava_next_batch,
+    mistral3_batch,
+    qwen_batch,
+    tiny_internvl,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_mistral3,
+    tiny_qwen2_vl,
+)
 
 
 @dataclass
@@ -83,5 +94,17 @@ FAMILIES = [
         lambda num_layers, seed: tiny_llava_next(num_layers, seed, onevision=True),
         [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6], [("image", 40, 70), ("video", 2)])],
         llava_next_batch,
+    ),
+    Family(
+        "internvl",
+        tiny_internvl,
+        [([1, 5], [7, 8, 9], [1]), ([1], [4, 5, 6, 7], [3])],  # one tile; two tiles and a thumbnail
+        internvl_batch,
+    ),
+    Family(
+        "mistral3",
+        tiny_mistral3,
+        [([1, 5], [7, 8, 9], [(32, 32)]), ([1], [4, 5], [(32, 48), (16, 24)])],  # two images back to back
+        mistral3_batch,
     ),
 ]

@@ -82,3 +82,68 @@ def test_binned_head_accepts_any_number_of_visual_tokens():
         theta_r, theta_s = head(scores, scores, live, torch.tensor([tokens, tokens]))
         torch.testing.assert_close(theta_r, torch.full((2,), 0.3))
         torch.testing.assert_close(theta_s, torch.full((2,), 0.6))
+
+
+def layout_of(model, batch):
+    """The adapter's view of a batch, with the language model's real inputs."""
+    adapter = resolve_adapter(model)
+    seen = {}
+    hook = adapter.language_model().register_forward_pre_hook(
+        lambda m, a, k: seen.update(k), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    return adapter.visual_layout(batch["input_ids"], batch, seen)
+
+
+@pytest.mark.parametrize("onevision", [False, True])
+def test_llava_next_tiles_and_newlines(onevision):
+    from atp.testing import llava_next_batch, tiny_llava_next
+
+    model = tiny_llava_next(onevision=onevision)
+    media = [("image", 40, 70)] + ([("video", 2)] if onevision else [])
+    batch = llava_next_batch(model, [([1], [5], [("image", 32, 32)]), ([1], [5], media)])
+    layout = layout_of(model, batch)
+    expected = [[(4, 4), (4, 4)], [(4, 4), (4, 8)] + ([(2, 2), (2, 2)] if onevision else [])]
+    assert layout.grids == expected  # base grid, then the unpadded high-resolution grid (and video frames)
+    assert layout.structural.sum(1).tolist() == [
+        4,
+        4 + int(onevision),
+    ]  # one newline per row (+ after a video)
+    assert not (layout.structural & layout.visual).any()
+    placeholders = (batch["input_ids"] == model.config.image_token_id) | (
+        batch["input_ids"] == getattr(model.config, "video_token_id", -1)
+    )
+    assert torch.equal(layout.structural | layout.visual, placeholders)
+
+
+def test_internvl_tiles_and_markers():
+    from atp.testing import internvl_batch, tiny_internvl
+
+    model = tiny_internvl()
+    batch = internvl_batch(model, [([1, 5], [7], [1, 3])])
+    layout = layout_of(model, batch)
+    assert layout.grids == [[(4, 4)] * 4]
+    marked = batch["input_ids"][layout.structural].tolist()
+    assert marked == [125, 124, 125, 124]  # <img> and </img> around each image
+
+
+def test_mistral3_rows_breaks_and_back_to_back_images():
+    from atp.testing import mistral3_batch, tiny_mistral3
+
+    model = tiny_mistral3()
+    batch = mistral3_batch(model, [([1], [5, 6], [(32, 48), (16, 24), (24, 16)])])
+    layout = layout_of(model, batch)
+    assert layout.grids == [[(4, 6), (2, 3), (3, 2)]]
+    assert batch["input_ids"][layout.structural].tolist() == [12, 12, 12, 13, 12, 13, 12, 12, 13]
+
+
+def test_sliding_window_language_models_are_refused():
+    from atp.testing import tiny_mistral3
+
+    model = tiny_mistral3()
+    model.config.text_config.sliding_window = 4096
+    with pytest.raises(ValueError, match="uses sliding-window attention layers"):
+        atp.attach(model, layers=[1])
+    assert "atp" not in dict(model.named_children())

@@ -1,9 +1,11 @@
 """Backbone adapters: all model-family knowledge lives here, one file per family."""
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
+from atp.backbones.internvl import InternVLAdapter
 from atp.backbones.llava import LlavaAdapter
 from atp.backbones.llava_next import LlavaNextAdapter
 from atp.backbones.llava_onevision import LlavaOneVisionAdapter
+from atp.backbones.mistral3 import Mistral3Adapter
 from atp.backbones.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from atp.hookspecs import hookimpl
 
@@ -23,5 +25,7 @@ def atp_register_backbones(register):
     register("llava", LlavaAdapter)
     register("llava_next", LlavaNextAdapter)
     register("llava_onevision", LlavaOneVisionAdapter)
+    register("internvl", InternVLAdapter)
+    register("mistral3", Mistral3Adapter)
     register("qwen2_vl", Qwen2VLAdapter)
     register("qwen2_5_vl", Qwen25VLAdapter)
