@@ -20,7 +20,7 @@ def test_registry_lists_builtins_with_origin():
         assert reg.names(kind), kind
     with pytest.raises(ValueError, match="unknown scorer 'nope'"):
         reg.get("scorer", "nope")
-    assert atp.supported_models()[0]["family"] == "llava"
+    assert "llava" in {m["family"] for m in atp.supported_models()}
 
 
 def test_default_layers_follow_the_paper():
