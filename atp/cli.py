@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     add_train_parser(sub)
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
-    sub.add_parser("models", help="list the supported model families")
+    models = sub.add_parser("models", help="list the supported model families")
+    models.add_argument("--json", action="store_true")
     return parser
 
 
@@ -58,7 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         from atp.attach import supported_models
 
-        print(json.dumps(supported_models(), indent=2))
+        models = supported_models()
+        if args.json:
+            print(json.dumps(models, indent=2))
+            return 0
+        print(f"{'family':<16} {'model_type':<16} {'positions':<9} {'attention':<9} origin")
+        for entry in models:
+            types = ", ".join(entry["model_types"])
+            print(
+                f"{entry['family']:<16} {types:<16} {entry['positions']:<9} {', '.join(entry['attention']):<9} {entry['origin']}"
+            )
         return 0
     return 1
 

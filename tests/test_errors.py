@@ -48,7 +48,8 @@ def test_unsupported_model_lists_the_supported_families():
         )
     )
     with pytest.raises(
-        ValueError, match=r"unsupported model LlamaForCausalLM .*atp supports: .*llava \(llava\).*qwen2_vl \(qwen2_vl\)"
+        ValueError,
+        match=r"unsupported model LlamaForCausalLM .*atp supports: .*llava \(llava\).*qwen2_vl \(qwen2_vl\)",
     ):
         atp.attach(text_only, layers=[1])
     with pytest.raises(TypeError, match="torch.nn.Module"):
