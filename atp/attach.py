@@ -48,7 +48,11 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def resolve_adapter(model: nn.Module):
-    for entry in registry().entries():
+    components = registry()
+    claimed = components.resolve_backbone(model)
+    if claimed is not None:
+        return components.get("backbone", claimed).factory(model)
+    for entry in components.entries():
         if entry.kind == "backbone" and entry.factory.matches(model):
             return entry.factory(model)
     config = getattr(model, "config", None)
@@ -97,6 +101,7 @@ def attach(
     target_tokens: float | None = None,
     add_budget_loss: bool = True,
     from_pretrained: str | os.PathLike | None = None,
+    observe: bool = False,
     **options,
 ) -> AttachHandle:
     """Attach adaptive token pruning to a transformers vision-language model.
@@ -118,6 +123,7 @@ def attach(
         weighted budget terms to ``outputs.loss`` (default True).
     from_pretrained : a folder written by ``handle.save_pretrained``: restores layers, policy,
         options, budget and weights (explicit arguments must agree or override the budget).
+    observe : call the plugins' ``atp_observe`` hook with every ATP layer's decision.
     **options : options of the policy (e.g. ``keep=[...]`` for "fixed").
 
     Returns
@@ -196,7 +202,8 @@ def attach(
     policy_module.to(device)
     policy_module.train(model.training)
     container = AtpModules(policy_module)
-    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget)
+    observers = registry().observers() if observe else []
+    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget, observers)
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
     model.add_module(CONTAINER_NAME, container)
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})

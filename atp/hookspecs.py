@@ -51,3 +51,13 @@ def atp_register_policies(register: Register) -> None:
 @hookspec
 def atp_register_backbones(register: Register) -> None:
     """Register BackboneAdapter classes (one model family each)."""
+
+
+@hookspec(firstresult=True)
+def atp_resolve_backbone(model) -> str | None:
+    """Return the registered backbone name for ``model`` (or None to let the others decide)."""
+
+
+@hookspec
+def atp_observe(event: dict) -> None:
+    """Called with each ATP layer's decision when ``attach(..., observe=True)``; see docs/plugins.md."""

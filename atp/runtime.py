@@ -83,6 +83,7 @@ class Runtime:
         prune_mode: str,
         hard_masks,
         budget: Budget | None = None,
+        observers: list | None = None,
     ):
         self.adapter = adapter
         self.policy = policy
@@ -106,6 +107,7 @@ class Runtime:
         self.step_cache: dict = {}
         self.last_stats: PruningStats | None = None
         self.hooks: list = []
+        self.observers = observers or []  # atp_observe implementations, resolved at attach
         self.budget = budget or Budget()
         self.budget_loss = PaperBudgetLoss(self.budget.target_tokens)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
@@ -352,7 +354,20 @@ class Runtime:
         mask = decision.mask.float() * p.visual_valid
         keep = p.keep & (mask > 0.5)
         weight = p.weight * mask if p.soft else keep.float()
-        p.records.append((keep, weight, {n: t.detach() for n, t in decision.thresholds.items()}))
+        thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
+        p.records.append((keep, weight, thresholds))
+        for observe in self.observers:
+            observe(
+                event={
+                    "model": self.adapter.model,
+                    "index": k,
+                    "layer": self.layers[k],
+                    "keep": keep,
+                    "mask": mask.detach(),
+                    "thresholds": thresholds,
+                    "num_visual": p.num_visual,
+                }
+            )
         changed = not torch.equal(keep, p.keep)
         p.keep, p.weight = keep, weight
         if p.mode == "mask":

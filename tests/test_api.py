@@ -98,24 +98,109 @@ def test_handle_repr_and_context_manager(model):
     assert handle.removed and "removed" in repr(handle)
 
 
-class _BrokenEntryPoint:
-    name, value, group = "broken", "broken_plugin:plugin", "atp"
+class FakeEntryPoint:
+    """An ``atp`` entry point whose ``load`` returns ``plugin`` (or raises ``error``)."""
+
+    group = "atp"
+
+    def __init__(self, name, plugin=None, error=None):
+        self.name, self.value, self.plugin, self.error, self.dist = (
+            name,
+            f"{name}:plugin",
+            plugin,
+            error,
+            None,
+        )
 
     def load(self):
-        raise ImportError("No module named 'broken_plugin'")
+        if self.error is not None:
+            raise self.error
+        return self.plugin
+
+
+def plugin(**hooks):
+    """A plugin object whose attributes are hook implementations."""
+    from atp.hookspecs import hookimpl
+
+    return type("Plugin", (), {name: staticmethod(hookimpl(function)) for name, function in hooks.items()})()
+
+
+def registry_with(monkeypatch, *entry_points, strict=False):
+    from atp import plugins
+
+    monkeypatch.setattr(plugins, "entry_points", lambda group: list(entry_points))
+    if strict:
+        monkeypatch.setenv(plugins.STRICT_ENV, "1")
+    else:
+        monkeypatch.delenv(plugins.STRICT_ENV, raising=False)
+    return plugins.build_registry(plugins.plugin_manager())
 
 
 def test_a_broken_plugin_warns_and_the_rest_keeps_working(monkeypatch):
-    from atp import plugins
-
-    monkeypatch.setattr(plugins, "entry_points", lambda group: [_BrokenEntryPoint()])
-    monkeypatch.delenv(plugins.STRICT_ENV, raising=False)
+    broken = FakeEntryPoint("broken", error=ImportError("No module named 'broken_plugin'"))
     with pytest.warns(RuntimeWarning, match="plugin 'broken'.*failed to load.*ATP_STRICT_PLUGINS=1"):
-        pm = plugins.plugin_manager()
-    assert pm.has_plugin("atp.policies") and not pm.has_plugin("broken")
-    monkeypatch.setenv(plugins.STRICT_ENV, "1")
+        reg = registry_with(monkeypatch, broken)
+    assert "atp" in reg.names("policy")
     with pytest.raises(ImportError, match="broken_plugin"):
-        plugins.plugin_manager()
+        registry_with(monkeypatch, broken, strict=True)
+
+
+def test_misspelt_hook_names_are_caught(monkeypatch):
+    typo = FakeEntryPoint("typo", plugin(atp_register_scorer=lambda register: register("x", object)))
+    with pytest.warns(RuntimeWarning, match=r"unknown hook\(s\) \['atp_register_scorer'\]"):
+        reg = registry_with(monkeypatch, typo)
+    assert "x" not in reg.names("scorer")
+    import pluggy
+
+    with pytest.raises(pluggy.PluginValidationError, match="atp_register_scorers"):
+        registry_with(monkeypatch, typo, strict=True)
+
+
+def test_a_plugin_that_fails_while_registering_is_skipped(monkeypatch):
+    def explode(register):
+        register("fine", object)
+        raise RuntimeError("boom")
+
+    bad = FakeEntryPoint("bad", plugin(atp_register_policies=explode))
+    with pytest.warns(RuntimeWarning, match="failed in atp_register_policies"):
+        reg = registry_with(monkeypatch, bad)
+    assert "fine" not in reg.names("policy")  # nothing half-registered
+
+
+def test_plugins_add_components_resolve_backbones_and_observe(monkeypatch, batch):
+    from atp.policies.keep_all import KeepAllPolicy
+
+    class EveryOther(KeepAllPolicy):
+        def decide(self, inputs):
+            decision = super().decide(inputs)
+            decision.mask[:, 1::2] = 0.0
+            return decision
+
+    events = []
+    extra = FakeEntryPoint(
+        "extra",
+        plugin(
+            atp_register_policies=lambda register: register("every_other", EveryOther),
+            atp_resolve_backbone=lambda model: "llava" if hasattr(model, "marked_for_llava") else None,
+            atp_observe=lambda event: events.append(event),
+        ),
+    )
+    reg = registry_with(monkeypatch, extra)
+    import sys
+
+    monkeypatch.setattr(sys.modules["atp.attach"], "registry", lambda: reg)
+    assert reg.get("policy", "every_other").origin == "extra"
+    model = tiny_llava(num_layers=4)
+    model.config.model_type = "something_else"  # only the resolve hook can claim it now
+    with pytest.raises(ValueError, match="unsupported model"):
+        atp.attach(model, layers=[1])
+    model.marked_for_llava = True
+    with atp.attach(model, layers=[1, 3], policy="every_other", observe=True) as handle:
+        with torch.no_grad():
+            model(**batch)
+        assert handle.stats.kept.tolist() == [[8, 8], [8, 8]]
+    assert [event["layer"] for event in events] == [1, 3]
+    assert events[0]["keep"].shape == (2, 16) and events[0]["model"] is model
 
 
 def test_llava_15_7b_shapes_attach_without_weights():
