@@ -52,6 +52,8 @@ class Prefill:
     visual_valid: torch.Tensor  # (B, N)
     visual_id: torch.Tensor  # (B, L) visual index of each position, -1 for text
     instruction: torch.Tensor  # (B, L) instruction tokens (queries of S_cross)
+    real: torch.Tensor  # (B, L) non-padding tokens
+    context: dict  # the forward's inputs, the grids, visual positions (for scorers that need them)
     spatial: torch.Tensor  # (B, N)
     keep: torch.Tensor  # (B, N) cumulative binary keep mask
     weight: torch.Tensor  # (B, N) cumulative soft mask (== keep in binary mode)
@@ -102,6 +104,7 @@ class Runtime:
         self.seq_dim = adapter.position_seq_dim()
         self.prefill: Prefill | None = None
         self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
+        self.latest_pixels = None  # the last images the vision tower saw
         self.decoding = False
         self.step_past = 0
         self.step_cache: dict = {}
@@ -133,6 +136,12 @@ class Runtime:
             )
         )
         self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output))
+        tower = self.adapter.vision_tower()
+        if tower is not None:
+            self.hooks.append(tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
+
+    def _on_vision_input(self, module, args, kwargs):
+        self.latest_pixels = args[0] if args else kwargs.get("pixel_values")
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -188,7 +197,10 @@ class Runtime:
             return None
         input_ids = pending["input_ids"]
         layout = self.adapter.visual_layout(input_ids, pending, kwargs)
-        self.prefill = self._start_prefill(layout, pending.get("attention_mask"))
+        if pending.get("pixel_values") is None and self.latest_pixels is not None:
+            pending["pixel_values"] = self.latest_pixels  # generate encodes the images before the prefill
+        self.latest_pixels = None
+        self.prefill = self._start_prefill(layout, pending)
         if self.prefill is None:
             self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
         return None
@@ -205,7 +217,8 @@ class Runtime:
                 "beam search, cache reordering and caches built elsewhere are not supported yet"
             )
 
-    def _start_prefill(self, layout, attention_mask) -> Prefill | None:
+    def _start_prefill(self, layout, inputs: dict) -> Prefill | None:
+        attention_mask = inputs.get("attention_mask")
         visual = layout.visual
         if not bool(visual.any()):
             return None
@@ -218,7 +231,10 @@ class Runtime:
         positions, valid = mask_to_index(visual)
         visual_order = torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
         visual_id = place(visual_order, positions, valid, length, -1)
-        not_pad = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else True
+        if attention_mask is not None and attention_mask.dim() == 2:
+            not_pad = attention_mask.bool()
+        else:
+            not_pad = torch.ones_like(visual)
         first = torch.where(visual.any(1), visual.float().argmax(1), length)
         after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
         instruction = ~visual & ~layout.structural & after & not_pad
@@ -238,6 +254,8 @@ class Runtime:
             visual_valid=valid,
             visual_id=visual_id,
             instruction=instruction,
+            real=not_pad,
+            context={"inputs": inputs, "grids": layout.grids, "visual_positions": positions},
             spatial=spatial,
             keep=valid.clone(),
             weight=valid.float(),
@@ -305,7 +323,10 @@ class Runtime:
         slot_visual_id = torch.where(valid, p.visual_id.gather(1, index), -1)
         visual_slots, visual_slot_valid = mask_to_index(slot_visual_id >= 0)
         instruction_slots, instruction_valid = mask_to_index(p.instruction.gather(1, index) & valid)
+        real = p.real.gather(1, index) & valid
+        last_slot = real.shape[1] - 1 - real.flip(1).float().argmax(dim=1)  # last non-padding token
         p.view = {
+            "last_slot": last_slot,
             "visual_slots": visual_slots,
             "visual_valid": visual_slot_valid,
             "visual_ids": slot_visual_id.gather(1, visual_slots).clamp_min(0),
@@ -329,6 +350,9 @@ class Runtime:
             visual_weight=weight,
             instruction_slots=view["instruction_slots"],
             instruction_valid=view["instruction_valid"],
+            last_slot=view["last_slot"],
+            visual_ids=view["visual_ids"],
+            context=p.context,
         )
         scores = self.policy.scorer.score(attention)
         width = p.visual_valid.shape[1]

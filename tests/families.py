@@ -108,3 +108,5 @@ FAMILIES = [
         mistral3_batch,
     ),
 ]
+
+BY_NAME_FAMILIES = {family.name: family for family in FAMILIES}

@@ -60,6 +60,10 @@ class BackboneAdapter:
     def language_model(self) -> nn.Module:
         return self.multimodal_model().language_model
 
+    def vision_tower(self) -> nn.Module | None:
+        """The image encoder (its input pixels are kept for scorers that look at the image)."""
+        return getattr(self.multimodal_model(), "vision_tower", None)
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
 

@@ -45,13 +45,16 @@ class FixedPolicy(Policy):
         self.keep = keep
         self.scorer = RedundancyScorer()
 
-    def decide(self, inputs: PolicyInput) -> Decision:
+    def counts(self, inputs: PolicyInput) -> torch.Tensor:
+        """LongTensor (B,): tokens to keep at this layer (a count, or a fraction of those alive)."""
         alive = inputs.live.sum(dim=1)
         budget = self.keep[inputs.index]
         if isinstance(budget, float):
-            counts = torch.round(alive.double() * budget).long()
-        else:
-            counts = alive.clamp(max=budget)
+            return torch.round(alive.double() * budget).long()
+        return alive.clamp(max=budget)
+
+    def decide(self, inputs: PolicyInput) -> Decision:
+        counts = self.counts(inputs)
         s_redundant = minmax_normalize(inputs.scores["s_self"], inputs.live)
         s_redundant = (s_redundant + minmax_normalize(inputs.scores["s_cross"], inputs.live)) / 2
         return Decision(top_k_mask(s_redundant, inputs.live, counts).float())

@@ -2,10 +2,13 @@
 
 from atp.hookspecs import hookimpl
 from atp.scorers.base import AttentionView, Scorer
+from atp.scorers.last_token import LastTokenScorer, last_token_attention
 from atp.scorers.redundancy import RedundancyScorer, cross_scores, self_scores
 from atp.scorers.spatial import grid_scores, spatial_scores
 
 __all__ = [
+    "LastTokenScorer",
+    "last_token_attention",
     "AttentionView",
     "RedundancyScorer",
     "Scorer",
@@ -19,3 +22,4 @@ __all__ = [
 @hookimpl
 def atp_register_scorers(register):
     register("redundancy", RedundancyScorer)
+    register("last_token", LastTokenScorer)

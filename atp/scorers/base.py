@@ -19,6 +19,10 @@ class AttentionView:
     visual_slots, visual_valid : (B, N) slot of each live visual token (original visual order).
     visual_weight : (B, N) float weight of each visual slot (the cumulative keep mask).
     instruction_slots, instruction_valid : (B, T) slots of the instruction tokens.
+    last_slot : (B,) slot of the last non-padding token (FastV's and PDrop's query).
+    visual_ids : (B, N) original visual index of each visual slot.
+    context : the forward's ``inputs`` (multimodal kwargs: input_ids, pixel_values, ...), the
+        image ``grids`` and the ``visual_positions`` (B, N_all) in the original sequence.
     """
 
     query: torch.Tensor
@@ -30,6 +34,9 @@ class AttentionView:
     visual_weight: torch.Tensor
     instruction_slots: torch.Tensor
     instruction_valid: torch.Tensor
+    last_slot: torch.Tensor | None = None
+    visual_ids: torch.Tensor | None = None
+    context: dict | None = None
 
 
 class Scorer:

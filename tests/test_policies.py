@@ -1,0 +1,144 @@
+"""Baselines and ablations: each keep set matches its definition; shared invariants per policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.testing import tiny_llava
+from tests.families import BY_NAME_FAMILIES as FAMILY
+from tests.families import visual_mask
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+POLICIES = {  # name -> options, for layers [1, 3]
+    "atp": {"init_theta_r": 0.45, "init_theta_s": 0.9, "temperature": 200.0},
+    "fixed": {"keep": [10, 0.5]},
+    "pdrop": {"ratio": 0.5},
+    "spatial": {"strides": [2, 4]},
+    "random": {"keep": [0.5, 3], "seed": 3},
+}
+
+
+def eager_attention_rows(model, batch, layer):
+    """Attention probabilities of the unmodified model at ``layer`` (eager), (B, H, L, L)."""
+    model.set_attn_implementation({"text_config": "eager"})
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    model.set_attn_implementation({"text_config": "sdpa"})
+    return attentions[layer]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize(("k", "ratio"), [(1, 0.5), (2, 0.75), (3, 0.25)])
+def test_fastv_keeps_the_top_k_of_the_last_tokens_eager_attention(family, k, ratio):
+    case = FAMILY[family]
+    model = case.model()
+    batch = case.batch(model)
+    visual = visual_mask(model, batch)
+    rows = eager_attention_rows(model, batch, k - 1)[:, :, -1, :].mean(1)  # last token, mean over heads
+    with atp.attach(model, layers=[k], policy="fastv", ratio=ratio) as handle:
+        with torch.no_grad():
+            model(**batch)
+        kept = handle.stats.masks[0]
+    for b in range(2):
+        scores = rows[b][visual[b]]
+        count = round(len(scores) * (1 - ratio))
+        expected = torch.zeros(len(scores), dtype=torch.bool)
+        expected[scores.topk(count).indices] = True
+        assert torch.equal(kept[b, : len(scores)], expected)
+
+
+def test_pdrop_keeps_a_fixed_ratio_per_stage_ranked_by_the_last_token():
+    model = tiny_llava(num_layers=4)
+    batch = FAMILY["llava"].batch(model)
+    first = eager_attention_rows(model, batch, 0)[:, :, -1, :].mean(1)
+    with atp.attach(model, layers=[1, 2, 3], policy="pdrop", ratio=0.5) as handle:
+        with torch.no_grad():
+            model(**batch)
+        stats = handle.stats
+    assert stats.kept.tolist() == [[8, 4, 2], [8, 4, 2]]
+    visual = visual_mask(model, batch)
+    for b in range(2):
+        expected = torch.zeros(16, dtype=torch.bool)
+        expected[first[b][visual[b]].topk(8).indices] = True
+        assert torch.equal(stats.masks[0][b], expected)
+
+
+def test_spatial_keeps_exactly_the_uniform_grids():
+    model = tiny_llava(num_layers=4, image_size=64)  # an 8 x 8 grid of visual tokens
+    batch = {
+        "input_ids": torch.tensor([[1, 5] + [127] * 64 + [6, 7]]),
+        "pixel_values": torch.randn(1, 3, 64, 64),
+    }
+    with atp.attach(model, layers=[1, 3], policy="spatial", strides=[2, 4]) as handle:
+        with torch.no_grad():
+            model(**batch)
+        masks = handle.stats.masks
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    assert torch.equal(masks[0][0], (rows % 2 == 0) & (cols % 2 == 0))
+    assert torch.equal(masks[1][0], (rows % 4 == 0) & (cols % 4 == 0))
+
+
+def test_random_meets_the_budget_and_is_seeded(model, batch):
+    results = []
+    for seed in (3, 3, 4):
+        with atp.attach(model, layers=[1, 3], policy="random", keep=[0.5, 3], seed=seed) as handle:
+            with torch.no_grad():
+                model(**batch)
+            results.append(handle.stats)
+    assert results[0].kept.tolist() == [[8, 3], [8, 3]]
+    assert all(torch.equal(a, b) for a, b in zip(results[0].masks, results[1].masks))
+    assert not all(torch.equal(a, b) for a, b in zip(results[0].masks, results[2].masks))
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_every_policy_gives_the_same_tokens_and_logits_in_drop_and_mask_mode(policy, family):
+    case = FAMILY[family]
+    model = case.model()
+    batch = case.batch(model)
+    results = {}
+    for mode in ("drop", "mask"):
+        with atp.attach(model, layers=[1, 3], policy=policy, prune_mode=mode, **POLICIES[policy]) as handle:
+            with torch.no_grad():
+                logits = model(**batch).logits
+                generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+            results[mode] = (handle.stats.masks, logits, generated)
+    drop, mask = results["drop"], results["mask"]
+    assert all(torch.equal(a, b) for a, b in zip(drop[0], mask[0]))
+    assert torch.equal(drop[2], mask[2])  # same seed, same calls: random draws the same sets
+    visual = visual_mask(model, batch)
+    compare = ~visual & batch["attention_mask"].bool()
+    torch.testing.assert_close(drop[1][compare], mask[1][compare], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "pdrop", "spatial", "fastv"])
+def test_deterministic_policies_give_each_sample_alone_the_same_tokens(policy):
+    case = FAMILY["qwen2_vl"]
+    model = case.model()
+    batch = case.batch(model)
+    layers, options = ([2], {"ratio": 0.5}) if policy == "fastv" else ([1, 3], POLICIES[policy])
+    with atp.attach(model, layers=layers, policy=policy, **options) as handle:
+        with torch.no_grad():
+            model(**batch)
+        batch_masks = handle.stats.masks
+    for b in range(2):
+        alone = case.single(model, b)
+        with atp.attach(model, layers=layers, policy=policy, **options) as handle:
+            with torch.no_grad():
+                model(**alone)
+            count = int(handle.stats.num_visual[0])
+            assert all(torch.equal(m[0], bm[b, :count]) for m, bm in zip(handle.stats.masks, batch_masks))
+
+
+def test_policy_option_errors(model):
+    with pytest.raises(ValueError, match="fastv prunes once"):
+        atp.attach(model, layers=[1, 2], policy="fastv")
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        atp.attach(model, layers=[2], policy="fastv", ratio=1.0)
+    with pytest.raises(ValueError, match="needs strides"):
+        atp.attach(model, layers=[1, 2], policy="spatial", strides=[2])
+    with pytest.raises(ValueError, match="needs keep"):
+        atp.attach(model, layers=[1], policy="random")
