@@ -102,6 +102,7 @@ def attach(
     add_budget_loss: bool = True,
     from_pretrained: str | os.PathLike | None = None,
     observe: bool = False,
+    positions: str | None = None,
     **options,
 ) -> AttachHandle:
     """Attach adaptive token pruning to a transformers vision-language model.
@@ -124,6 +125,9 @@ def attach(
     from_pretrained : a folder written by ``handle.save_pretrained``: restores layers, policy,
         options, budget and weights (explicit arguments must agree or override the budget).
     observe : call the plugins' ``atp_observe`` hook with every ATP layer's decision.
+    positions : a registered position keeper: "keep" (original positions, default), "renumber"
+        (contiguous after pruning; drop mode) or "rope2d" (the paper's PP: 2D rotary positions
+        for visual tokens; changes the model, needs fine-tuning).
     **options : options of the policy (e.g. ``keep=[...]`` for "fixed").
 
     Returns
@@ -161,6 +165,11 @@ def attach(
                 f"policy={policy!r} differs from the checkpoint's {saved['policy']!r}; leave policy out"
             )
         layers, policy = saved["layers"], saved["policy"]
+        if positions is not None and positions != saved.get("positions", "keep"):
+            raise ValueError(
+                f"positions={positions!r} differs from the checkpoint's {saved.get('positions')!r}"
+            )
+        positions = saved.get("positions", "keep")
         options = {**saved["options"], **options}
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
@@ -191,6 +200,15 @@ def attach(
             f"this {adapter.family} model's language model uses sliding-window attention layers, "
             "which atp does not support yet"
         )
+    positions = "keep" if positions is None else positions
+    keeper = registry().get("position_keeper", positions).factory(adapter)
+    if adapter.positions not in keeper.positions:
+        raise ValueError(
+            f"positions={positions!r} works with {', '.join(keeper.positions)} models; this {adapter.family} model "
+            f"uses {adapter.positions} (keep its positions with positions='keep')"
+        )
+    if keeper.drop_only and prune_mode == "mask":
+        raise ValueError(f"positions={positions!r} needs prune_mode='drop' (or 'auto' in eval mode)")
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
     policy_module = entry.factory(context, **options)
     if saved is not None:
@@ -203,7 +221,7 @@ def attach(
     policy_module.train(model.training)
     container = AtpModules(policy_module)
     observers = registry().observers() if observe else []
-    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget, observers)
+    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper)
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
     model.add_module(CONTAINER_NAME, container)
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})
@@ -211,7 +229,9 @@ def attach(
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = _guarded_generate(model, model.generate)
         restore["generate_patched"] = True
-    handle = AttachHandle(model, runtime, restore, {"policy": policy, "options": options})
+    handle = AttachHandle(
+        model, runtime, restore, {"policy": policy, "options": options, "positions": positions}
+    )
     container.handle = handle
     if policy_module.untrained:
         warnings.warn(

@@ -91,6 +91,7 @@ class AttachHandle:
             "layers": list(self.layers),
             "policy": self._spec["policy"],
             "options": self._spec["options"],
+            "positions": self._spec.get("positions", "keep"),
             "budget": {
                 "lambda_atp": budget.lambda_atp,
                 "lambda_target": budget.lambda_target,

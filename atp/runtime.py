@@ -86,13 +86,14 @@ class Runtime:
         hard_masks,
         budget: Budget | None = None,
         observers: list | None = None,
+        keeper=None,
     ):
         self.adapter = adapter
         self.policy = policy
         self.layers = layers
         self.prune_mode = prune_mode
         self.hard_masks = hard_masks
-        self.keeper = KeepPositions()
+        self.keeper = keeper or KeepPositions(adapter)
         self.atp_index = {layer: k for k, layer in enumerate(layers)}
         # layer -> index k of the last ATP layer at or before it (absent before the first)
         self.segment_of = {
@@ -123,7 +124,8 @@ class Runtime:
                 self._on_model_forward, with_kwargs=True
             )
         )
-        hooked = sorted(set(self.score_index) | set(range(self.layers[0], self.num_layers)))
+        first = 0 if self.keeper.from_layer_zero else self.layers[0]
+        hooked = sorted(set(self.score_index) | set(range(first, self.num_layers)))
         for i in hooked:
             hook = functools.partial(self._on_layer_input, i)
             self.hooks.append(decoder[i].register_forward_pre_hook(hook, with_kwargs=True))
@@ -226,6 +228,11 @@ class Runtime:
         training = self.policy.training
         if mode == "auto":
             mode = "mask" if training else "drop"
+        if mode == "mask" and self.keeper.drop_only:
+            raise ValueError(
+                f"positions={self.keeper.name!r} renumbers removed tokens, so it needs prune_mode='drop' "
+                "(mask mode keeps every token in place; the model is in training mode here)"
+            )
         soft = mode == "mask" and (not self.hard_masks if self.hard_masks is not None else training)
         batch, length = visual.shape
         positions, valid = mask_to_index(visual)
@@ -272,8 +279,12 @@ class Runtime:
         if self.decoding:
             if segment is None:
                 return None
-            kwargs["attention_mask"] = self._segment_kwargs(segment, kwargs)["attention_mask"]
+            kwargs.update(self._segment_kwargs(segment, kwargs))
             return args, kwargs
+        if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
+            if "positions" not in self.step_cache:
+                self.step_cache["positions"] = self.keeper.prefill(kwargs["position_embeddings"], p)
+            kwargs["position_embeddings"] = self.step_cache["positions"]
         if layer in self.atp_index:
             hidden = args[0] if args else kwargs["hidden_states"]
             hidden = self._prune(self.atp_index[layer], hidden)
@@ -432,7 +443,9 @@ class Runtime:
             out["attention_mask"] = base
         elif self.decoding and base is None and not segment.has_fillers:
             out["attention_mask"] = None  # one query, every cached key visible
+            out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
         elif self.decoding:
+            out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
             batch = segment.index.shape[0]
             query_len = _query_length(kwargs, self.seq_dim)
             new = torch.arange(p.length, self.step_past + query_len, device=segment.index.device)
@@ -444,15 +457,15 @@ class Runtime:
         else:
             index, valid = segment.index, segment.valid
             out["attention_mask"] = compact_mask(base, index, index, valid, q_valid=valid)
-            cos, sin = kwargs["position_embeddings"]
-            out["position_embeddings"] = (
-                self.keeper.select(cos, index, self.seq_dim),
-                self.keeper.select(sin, index, self.seq_dim),
-            )
-            if kwargs.get("position_ids") is not None:
-                out["position_ids"] = self.keeper.select(kwargs["position_ids"], index, self.seq_dim)
+            out.update(self.keeper.select(kwargs, index, self._shift(k), self.seq_dim))
         self.step_cache[k] = out
         return out
+
+    def _shift(self, k: int) -> torch.Tensor:
+        """LongTensor (B, L): visual tokens pruned up to ATP layer k before each position (inclusive)."""
+        p = self.prefill
+        pruned = p.to_sequence(p.visual_valid & ~p.records[k][0], False)
+        return pruned.long().cumsum(dim=1)
 
     # statistics -----------------------------------------------------------------------
     def _stats(self) -> PruningStats:

@@ -142,3 +142,136 @@ def test_policy_option_errors(model):
         atp.attach(model, layers=[1, 2], policy="spatial", strides=[2])
     with pytest.raises(ValueError, match="needs keep"):
         atp.attach(model, layers=[1], policy="random")
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        ({"use_spatial": False}, "redundant"),
+        ({"use_redundant": False}, "spatial"),
+        ({}, "both"),
+        ({"use_cross": False, "use_spatial": False}, "self"),
+        ({"use_self": False, "use_spatial": False}, "cross"),
+    ],
+)
+def test_atp_ablations_keep_what_their_rule_says(model, batch, options, rule):
+    """Untrained heads give constant thresholds, so each ablation's keep set is a plain rule."""
+    from atp.scorers.normalize import minmax_normalize
+
+    theta_r, theta_s = 0.5, 0.2  # the stride-2 grid (score 0.25) survives theta_s
+    captured = []
+    with atp.attach(
+        model, layers=[2], init_theta_r=theta_r, init_theta_s=theta_s, temperature=1000.0, **options
+    ) as handle:
+        original = handle.policy.decide
+        handle.policy.decide = lambda inputs, _o=original: (captured.append(inputs), _o(inputs))[1]
+        with torch.no_grad():
+            model(**batch)
+        kept = handle.stats.masks[0]
+    inputs = captured[0]
+    n_self = minmax_normalize(inputs.scores["s_self"], inputs.live)
+    n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live)
+    redundant = {"self": n_self, "cross": n_cross}.get(rule, (n_self + n_cross) / 2) > theta_r
+    spatial = inputs.spatial > theta_s
+    expected = {"redundant": redundant, "spatial": spatial, "both": redundant | spatial}.get(rule, redundant)
+    assert torch.equal(kept, expected & inputs.live)
+    assert 0 < int(kept.sum()) < kept.numel()
+
+
+def test_renumbered_positions_close_the_gaps_and_keep_the_invariants():
+    case = FAMILY["llava"]
+    model = case.model()
+    batch = case.batch(model)
+    masks = [torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) < 0.5]
+    masks[0][1, :3] = False  # different counts per sample
+    seen = {}
+    handle = atp.attach(model, layers=[2], policy="manual", keep_masks=masks, positions="renumber")
+    hook = model.model.language_model.layers[3].register_forward_pre_hook(
+        lambda m, a, k: seen.update(ids=k["position_ids"].clone()) if a[0].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    positions = torch.arange(batch["input_ids"].shape[1])[None].expand(2, -1)
+    with torch.no_grad():
+        model(**batch, position_ids=positions)
+    hook.remove()
+    handle.remove()
+    for b in range(2):
+        kept = 16 - int((masks[0][b]).sum())
+        ids = seen["ids"][b][-(batch["input_ids"].shape[1] - kept) :]
+        assert torch.equal(ids, torch.arange(len(ids)) + int(positions[b, 0]))  # contiguous, gaps closed
+    with atp.attach(model, layers=[2], policy="manual", keep_masks=masks, positions="renumber"):
+        batch_gen = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    total = batch["input_ids"].shape[1]
+    for b in range(2):
+        alone = case.single(model, b)
+        with atp.attach(
+            model, layers=[2], policy="manual", keep_masks=[masks[0][b : b + 1]], positions="renumber"
+        ):
+            gen = model.generate(**alone, max_new_tokens=5, do_sample=False)
+        assert torch.equal(batch_gen[b, total:], gen[0, alone["input_ids"].shape[1] :])
+    with torch.no_grad():
+        plain = model(**batch).logits
+    handle = atp.attach(
+        model, layers=[2], policy="keep_all", positions="renumber"
+    )  # nothing pruned: unchanged
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain)
+    handle.remove()
+
+
+def test_position_keepers_are_refused_where_they_do_not_apply():
+    model = FAMILY["qwen2_vl"].model()
+    for positions in ("renumber", "rope2d"):
+        with pytest.raises(ValueError, match=f"positions='{positions}' works with 1d-rope models"):
+            atp.attach(model, layers=[1], positions=positions)
+    llava = tiny_llava(num_layers=4)
+    with pytest.raises(ValueError, match="needs prune_mode='drop'"):
+        atp.attach(llava, layers=[1], positions="renumber", prune_mode="mask")
+
+
+def test_rope2d_gives_visual_tokens_row_and_column_positions(model, batch):
+    seen = {}
+    handle = atp.attach(model, layers=[2], policy="keep_all", positions="rope2d")
+    model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.update(cos=k["position_embeddings"][0].clone()), with_kwargs=True
+    )
+    positions = torch.arange(batch["input_ids"].shape[1])[None].expand(2, -1)
+    with torch.no_grad():
+        model(**batch, position_ids=positions)
+    inv_freq = model.model.language_model.rotary_emb.inv_freq[0::2]  # 4 bands per axis (head_dim 16)
+    visual = batch["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        slots = visual[b].nonzero().flatten()
+        first = int(slots[0])
+        for index, slot in enumerate(slots.tolist()):
+            row, col = divmod(index, 4)
+            angles = torch.cat([(first + row) * inv_freq, (first + col) * inv_freq])
+            torch.testing.assert_close(seen["cos"][b, slot], torch.cat([angles, angles]).cos())
+        text = (~visual[b]).nonzero().flatten()
+        plain = torch.cat(
+            [positions[b, text, None] * model.model.language_model.rotary_emb.inv_freq] * 2, -1
+        ).cos()
+        torch.testing.assert_close(seen["cos"][b, text], plain)
+    handle.remove()
+
+
+def test_rope2d_changes_the_model_but_drop_still_equals_mask(model, batch):
+    with torch.no_grad():
+        plain = model(**batch).logits
+    masks = [torch.rand(2, 16, generator=torch.Generator().manual_seed(1)) < 0.6]
+    out = {}
+    for mode in ("drop", "mask"):
+        with (
+            atp.attach(
+                model, layers=[2], policy="manual", keep_masks=masks, positions="rope2d", prune_mode=mode
+            ),
+            torch.no_grad(),
+        ):
+            out[mode] = (
+                model(**batch).logits,
+                model.generate(**batch, max_new_tokens=4, do_sample=False),
+            )
+    text = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
+    torch.testing.assert_close(out["drop"][0][text], out["mask"][0][text], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["drop"][1], out["mask"][1])
+    assert not torch.allclose(out["drop"][0][text], plain[text], atol=1e-3)  # PP is a different model

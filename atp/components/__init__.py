@@ -2,11 +2,13 @@
 
 from atp.components.budget_loss import Budget, PaperBudgetLoss, average_tokens
 from atp.components.mask_combiner import MaxSigmoidCombiner, cumulative
-from atp.components.position_keeper import KeepPositions
+from atp.components.position_keeper import KeepPositions, RenumberPositions, Rope2DPositions
 from atp.components.threshold_head import BinnedThresholdHead, PaperThresholdHead
 from atp.hookspecs import hookimpl
 
 __all__ = [
+    "RenumberPositions",
+    "Rope2DPositions",
     "BinnedThresholdHead",
     "Budget",
     "KeepPositions",
@@ -32,6 +34,8 @@ def atp_register_mask_combiners(register):
 @hookimpl
 def atp_register_position_keepers(register):
     register("keep", KeepPositions)
+    register("renumber", RenumberPositions)
+    register("rope2d", Rope2DPositions)
 
 
 @hookimpl

@@ -1,4 +1,11 @@
-"""Position keepers: what the positions of kept tokens become after pruning."""
+"""Position keepers: what the positions of the tokens become around pruning.
+
+The runtime asks a keeper for the rotary cos / sin (and position ids) of
+
+* every layer at the prefill, when it changes positions from layer 0 on (``from_layer_zero``);
+* the layers after an ATP layer in drop mode (``select``: the kept slots);
+* the new tokens of a decode step in those layers (``decode``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,111 @@ from atp.layout import gather_seq
 
 
 class KeepPositions:
-    """Kept tokens keep their original positions (the paper's choice, Sec. 3.3.1).
-
-    ``select`` gathers per-token position tensors (rotary cos/sin, position ids) at the
-    kept slots along the sequence axis.
-    """
+    """Kept tokens keep their original positions (the paper's choice, Sec. 3.3.1). Works in both
+    modes and for 1D RoPE and M-RoPE alike: cos / sin are gathered at the kept slots."""
 
     name = "keep"
+    from_layer_zero = False
+    drop_only = False
+    positions = ("1d-rope", "mrope")
 
-    def select(self, tensor: torch.Tensor, slot_index: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
-        """``tensor`` (B or 1, L, ...) -> (B, S, ...) at the original positions ``slot_index`` (B, S)."""
-        return gather_seq(tensor, slot_index, dim=seq_dim)
+    def __init__(self, adapter=None):
+        self.adapter = adapter
+
+    def prefill(self, position_embeddings, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        return position_embeddings
+
+    def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
+        """Replacements for the kwargs of a layer in the pruned sequence (slots ``index`` (B, S))."""
+        cos, sin = kwargs["position_embeddings"]
+        out = {"position_embeddings": (gather_seq(cos, index, seq_dim), gather_seq(sin, index, seq_dim))}
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = gather_seq(kwargs["position_ids"], index, seq_dim)
+        return out
+
+    def decode(self, kwargs: dict, shift: torch.Tensor, past: int) -> dict:
+        """Replacements for a decode step's kwargs in a pruned segment (``shift`` (B,) tokens removed)."""
+        return {}
+
+
+def _position_ids(kwargs: dict, batch: int, length: int, past: int, device) -> torch.Tensor:
+    ids = kwargs.get("position_ids")
+    if ids is None:
+        ids = torch.arange(past, past + length, device=device)[None]
+    return ids.expand(batch, -1)
+
+
+class RenumberPositions(KeepPositions):
+    """Kept tokens are renumbered contiguously (the gaps of pruned tokens close), as most pruning
+    methods do; an ablation of the paper's choice. Drop mode and 1D RoPE only; new cos / sin come
+    from the language model's own rotary embedding."""
+
+    name = "renumber"
+    drop_only = True
+    positions = ("1d-rope",)
+
+    def _rotary(self, ids: torch.Tensor, like: torch.Tensor):
+        rotary = self.adapter.language_model().rotary_emb
+        return rotary(like, ids)
+
+    def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
+        cos = kwargs["position_embeddings"][0]
+        batch, length = index.shape[0], shift.shape[1]
+        ids = _position_ids(kwargs, batch, length, 0, index.device)
+        renumbered = gather_seq(ids - shift, index)  # (B, S)
+        out = {"position_embeddings": self._rotary(renumbered, cos)}
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = renumbered
+        return out
+
+    def decode(self, kwargs: dict, shift: torch.Tensor, past: int) -> dict:
+        cos = kwargs["position_embeddings"][0]
+        ids = _position_ids(kwargs, shift.shape[0], cos.shape[1], past, cos.device) - shift[:, None]
+        out = {"position_embeddings": self._rotary(ids, cos)}
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = ids
+        return out
+
+
+class Rope2DPositions(KeepPositions):
+    """The paper's pruning positional embedding (PP, Sec. 3.3.1): the visual tokens of each image
+    get 2D rotary positions, the row on one half of the rotary frequency bands and the column on
+    the other (offset by the image's first position), built with timm's 2D rotary helper; text
+    keeps 1D positions, and kept tokens keep these positions after pruning.
+
+    This changes the model from layer 0 on: a model must be fine-tuned with it (the paper leaves
+    it out of the frozen-LM runs). 1D-RoPE families only (Qwen's M-RoPE is 2D already).
+    """
+
+    name = "rope2d"
+    from_layer_zero = True
+    positions = ("1d-rope",)
+
+    def prefill(self, position_embeddings, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+
+        cos, sin = position_embeddings
+        batch, length = prefill.visual_id.shape
+        cos, sin = cos.expand(batch, -1, -1).clone(), sin.expand(batch, -1, -1).clone()
+        rotary = self.adapter.language_model().rotary_emb
+        bands = rotary.inv_freq.float()[0::2]  # half of the bands per axis, spread over the whole range
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+        starts = prefill.context["visual_positions"]
+        for b, grids in enumerate(prefill.context["grids"]):
+            offset = 0
+            for height, width in grids:
+                slots = starts[b, offset : offset + height * width]
+                first = int(slots[0]) if len(slots) else 0
+                grid_sin, grid_cos = build_rotary_pos_embed(
+                    [height, width],
+                    bands=bands,
+                    in_pixels=False,
+                    grid_type="index",
+                    grid_offset=first,
+                    rotate_half=True,
+                    device=cos.device,
+                )
+                cos[b, slots] = (grid_cos * scaling).to(cos.dtype)
+                sin[b, slots] = (grid_sin * scaling).to(sin.dtype)
+                offset += height * width
+        return cos, sin

@@ -26,6 +26,10 @@ class AtpPolicy(Policy):
         fixes the visual token count, binned otherwise); any registered head name.
     bins : quantiles per score for the binned head (default 64).
     scorer, mask_combiner : registered component names (default "redundancy", "max_sigmoid").
+    use_self, use_cross : ablations of the redundancy score (Table 5): S_red from S_self only,
+        S_cross only, or both (default); a switched-off score also reads as 0 in the head input.
+    use_redundant, use_spatial : ablations of the mask (Table 4, RP / SP): redundant pruning
+        only, spatial pruning only, or both (default).
     """
 
     def __init__(
@@ -41,8 +45,15 @@ class AtpPolicy(Policy):
         bins: int = 64,
         scorer: str = "redundancy",
         mask_combiner: str = "max_sigmoid",
+        use_self: bool = True,
+        use_cross: bool = True,
+        use_redundant: bool = True,
+        use_spatial: bool = True,
     ):
         super().__init__(context)
+        if not (use_self or use_cross):
+            raise ValueError("use_self and use_cross are both False: S_red needs at least one of them")
+        self.use_self, self.use_cross = bool(use_self), bool(use_cross)
         components = registry()
         if threshold_head == "auto":
             threshold_head = "paper" if context.num_visual_tokens is not None else "binned"
@@ -54,13 +65,16 @@ class AtpPolicy(Policy):
             head.from_options(context.num_visual_tokens, hidden_size, init_theta_r, init_theta_s, bins)
             for _ in context.layers
         )
-        self.combiner = components.get("mask_combiner", mask_combiner).factory(temperature)
+        self.combiner = components.get("mask_combiner", mask_combiner).factory(
+            temperature, use_redundant=use_redundant, use_spatial=use_spatial
+        )
         self.untrained = True
 
     def decide(self, inputs: PolicyInput) -> Decision:
-        n_self = minmax_normalize(inputs.scores["s_self"], inputs.live)
-        n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live)
-        s_redundant = (n_self + n_cross) / 2
+        zero = inputs.live.float() * 0.0
+        n_self = minmax_normalize(inputs.scores["s_self"], inputs.live) if self.use_self else zero
+        n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live) if self.use_cross else zero
+        s_redundant = (n_self + n_cross) / (int(self.use_self) + int(self.use_cross))
         theta_r, theta_s = self.heads[inputs.index](n_self, n_cross, inputs.live, inputs.num_visual)
         mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
         return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s})
