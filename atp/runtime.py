@@ -262,7 +262,12 @@ class Runtime:
             visual_id=visual_id,
             instruction=instruction,
             real=not_pad,
-            context={"inputs": inputs, "grids": layout.grids, "visual_positions": positions},
+            context={
+                "inputs": inputs,
+                "grids": layout.grids,
+                "visual_positions": positions,
+                "instruction": instruction,
+            },
             spatial=spatial,
             keep=valid.clone(),
             weight=valid.float(),

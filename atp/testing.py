@@ -97,6 +97,10 @@ class TinyTokenizer:
         ids = [3 + zlib.crc32(word.encode()) % (self.vocab_size - 4) for word in text.split()]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
+    def decode(self, ids) -> str:
+        """Not invertible (words are hashed): ``w<id>`` per token, enough for text-side tests."""
+        return " ".join(f"w{int(i)}" for i in ids)
+
     def save_pretrained(self, path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "tiny_tokenizer.json").write_text(json.dumps({"vocab_size": self.vocab_size}))

@@ -26,6 +26,7 @@ class AtpPolicy(Policy):
         fixes the visual token count, binned otherwise); any registered head name.
     bins : quantiles per score for the binned head (default 64).
     scorer, mask_combiner : registered component names (default "redundancy", "max_sigmoid").
+    scorer_options : keyword arguments for the scorer.
     use_self, use_cross : ablations of the redundancy score (Table 5): S_red from S_self only,
         S_cross only, or both (default); a switched-off score also reads as 0 in the head input.
     use_redundant, use_spatial : ablations of the mask (Table 4, RP / SP): redundant pruning
@@ -44,6 +45,7 @@ class AtpPolicy(Policy):
         threshold_head: str = "auto",
         bins: int = 64,
         scorer: str = "redundancy",
+        scorer_options: dict | None = None,
         mask_combiner: str = "max_sigmoid",
         use_self: bool = True,
         use_cross: bool = True,
@@ -58,7 +60,7 @@ class AtpPolicy(Policy):
         if threshold_head == "auto":
             threshold_head = "paper" if context.num_visual_tokens is not None else "binned"
         head = components.get("threshold_head", threshold_head).factory
-        self.scorer = components.get("scorer", scorer).factory()
+        self.scorer = components.get("scorer", scorer).factory(**(scorer_options or {}))
         self.lambda_sample = float(lambda_sample)
         self.spatial_strides = tuple(spatial_strides) if spatial_strides is not None else None
         self.heads = nn.ModuleList(

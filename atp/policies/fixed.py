@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from atp.plugins import registry
 from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
 from atp.scorers.normalize import minmax_normalize
-from atp.scorers.redundancy import RedundancyScorer
 
 
 def top_k_mask(scores: torch.Tensor, live: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -20,15 +20,25 @@ def top_k_mask(scores: torch.Tensor, live: torch.Tensor, counts: torch.Tensor) -
 
 
 class FixedPolicy(Policy):
-    """Keep a pre-defined budget per ATP layer, ranked by S_red (as the ``atp`` policy scores).
+    """Keep a pre-defined budget per ATP layer, ranked by the scorer's scores: each score is
+    min-max normalised over the live tokens and the scores are averaged (for the default
+    ``redundancy`` scorer that is S_red, as the ``atp`` policy computes it).
 
     Options
     -------
     keep : one entry per ATP layer. An int is a token count, a float in (0, 1] a fraction
         of the tokens alive before that layer (rounded to the nearest integer).
+    scorer : a registered scorer name (default "redundancy"; e.g. a plugin's).
+    scorer_options : keyword arguments for that scorer.
     """
 
-    def __init__(self, context: PolicyContext, keep: list[int | float] | None = None):
+    def __init__(
+        self,
+        context: PolicyContext,
+        keep: list[int | float] | None = None,
+        scorer: str = "redundancy",
+        scorer_options: dict | None = None,
+    ):
         super().__init__(context)
         if keep is None:
             raise ValueError("the 'fixed' policy needs keep=[...], one count or fraction per ATP layer")
@@ -43,7 +53,7 @@ class FixedPolicy(Policy):
             if isinstance(value, float) and not 0.0 < value <= 1.0:
                 raise ValueError(f"keep fractions must be in (0, 1], got {value}")
         self.keep = keep
-        self.scorer = RedundancyScorer()
+        self.scorer = registry().get("scorer", scorer).factory(**(scorer_options or {}))
 
     def counts(self, inputs: PolicyInput) -> torch.Tensor:
         """LongTensor (B,): tokens to keep at this layer (a count, or a fraction of those alive)."""
@@ -55,6 +65,7 @@ class FixedPolicy(Policy):
 
     def decide(self, inputs: PolicyInput) -> Decision:
         counts = self.counts(inputs)
-        s_redundant = minmax_normalize(inputs.scores["s_self"], inputs.live)
-        s_redundant = (s_redundant + minmax_normalize(inputs.scores["s_cross"], inputs.live)) / 2
-        return Decision(top_k_mask(s_redundant, inputs.live, counts).float())
+        combined = sum(minmax_normalize(score, inputs.live) for score in inputs.scores.values()) / len(
+            inputs.scores
+        )
+        return Decision(top_k_mask(combined, inputs.live, counts).float())
