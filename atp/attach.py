@@ -173,13 +173,20 @@ def attach(
         options = {**saved["options"], **options}
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
-    layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
+    entry = registry().get("policy", policy)
+    if entry.factory.pre_llm:
+        if layers not in (None, [0], (0,)):
+            raise ValueError(
+                f"policy {policy!r} acts before the language model: leave layers out (or pass [0])"
+            )
+        layers = (0,)
+    else:
+        layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
     if prune_mode not in PRUNE_MODES:
         raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
     if hard_masks is not None and not isinstance(hard_masks, bool):
         raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
     budget = Budget(**budget_given, add_to_loss=bool(add_budget_loss))
-    entry = registry().get("policy", policy)
     known = entry.factory.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
-from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
+from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.policies.base import Policy, PolicyInput
 from atp.scorers.base import AttentionView
 from atp.scorers.spatial import spatial_scores
@@ -108,6 +108,7 @@ class Runtime:
         self.latest_pixels = None  # the last images the vision tower saw
         self.decoding = False
         self.step_past = 0
+        self.step_padding = None
         self.step_cache: dict = {}
         self.last_stats: PruningStats | None = None
         self.hooks: list = []
@@ -186,10 +187,21 @@ class Runtime:
                 "atp needs the whole multimodal prompt in one forward"
             )
         if self.prefill is not None:
+            past = self._original_past(cache, past)
             self._check_cache(cache, past, input_ids.shape[0])
         self.decoding = True
         self.step_past = past
+        self.step_padding = kwargs.get("attention_mask")  # 2D, original columns (layer 0 may be pruned)
         return None
+
+    def _original_past(self, cache, past: int) -> int:
+        """Tokens seen so far in original coordinates. Layer 0's cache holds them all unless a
+        pre-LLM policy pruned it; then its prefill width tells how many were removed."""
+        p = self.prefill
+        first = p.segments.get(0) if self.layers[0] == 0 else None
+        if isinstance(first, Layout):
+            return p.length + past - first.index.shape[1]
+        return past
 
     def _on_language_model_forward(self, module, args, kwargs):
         """Prefill: the adapter reads the visual layout from the multimodal model's inputs and
@@ -389,10 +401,13 @@ class Runtime:
                 weight=p.weight,
                 spatial=p.spatial,
                 num_visual=p.num_visual,
+                grids=p.context["grids"],
             )
         )
         mask = decision.mask.float() * p.visual_valid
         keep = p.keep & (mask > 0.5)
+        if decision.merge is not None:  # kept tokens become the mean of the tokens merged into them
+            hidden = self._merge(p, hidden, decision.merge)
         weight = p.weight * mask if p.soft else keep.float()
         thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
         p.records.append((keep, weight, thresholds))
@@ -427,6 +442,28 @@ class Runtime:
         p.segments[k] = p.layout
         return hidden
 
+    def _merge(self, p: Prefill, hidden: torch.Tensor, merge: torch.Tensor) -> torch.Tensor:
+        """Average the hidden states of each merge group (B, N) -> visual index of its target,
+        into the target token. Works on the current layout (full sequence or kept slots)."""
+        if p.layout is not None:
+            raise ValueError("merging policies act on the full sequence (before any pruning)")
+        positions, valid = p.visual_positions, p.visual_valid
+        width = hidden.shape[-1]
+        visual = gather_seq(hidden, positions)  # (B, N, D)
+        target = torch.where(valid, merge, merge.new_full((), positions.shape[1]))
+        sums = visual.new_zeros(visual.shape[0], positions.shape[1] + 1, width)
+        sums = sums.index_put(
+            (torch.arange(visual.shape[0])[:, None].expand_as(target), target), visual, accumulate=True
+        )
+        counts = torch.zeros(visual.shape[0], positions.shape[1] + 1, device=hidden.device)
+        counts = counts.index_put(
+            (torch.arange(visual.shape[0])[:, None].expand_as(target), target), valid.float(), accumulate=True
+        )
+        means = (sums[:, :-1] / counts[:, :-1, None].clamp_min(1)).to(hidden.dtype)
+        is_target = (counts[:, :-1] > 0) & valid
+        merged = torch.where(is_target[..., None], means, visual)
+        return scatter_seq(hidden, positions, valid, merged)
+
     # what each layer of a segment receives ------------------------------------------------
     def _segment_kwargs(self, k: int, kwargs) -> dict:
         """Per forward, computed once per segment and shared by its layers."""
@@ -435,6 +472,8 @@ class Runtime:
         p = self.prefill
         segment = p.segments[k]
         base = kwargs.get("attention_mask")
+        if self.decoding and self.layers[0] == 0 and isinstance(p.segments.get(0), Layout):
+            base = self._decode_base(kwargs)  # transformers sized its mask for the pruned layer 0
         out = {}
         if p.mode == "mask":
             bias = segment
@@ -465,6 +504,24 @@ class Runtime:
             out.update(self.keeper.select(kwargs, index, self._shift(k), self.seq_dim))
         self.step_cache[k] = out
         return out
+
+    def _decode_base(self, kwargs) -> torch.Tensor | None:
+        """The decode step's mask in original columns, from the 2D padding mask (or None)."""
+        padding = self.step_padding
+        query_len = _query_length(kwargs, self.seq_dim)
+        if padding is None or padding.dim() != 2:
+            return (
+                None
+                if query_len == 1
+                else causal_mask(
+                    torch.arange(self.step_past, self.step_past + query_len)[None],
+                    torch.arange(self.step_past + query_len)[None],
+                )
+            )
+        total = padding.shape[1]
+        rows = torch.arange(total - query_len, total, device=padding.device)
+        allowed = torch.arange(total, device=padding.device)[None, :] <= rows[:, None]
+        return (padding.bool()[:, None, None, :] & allowed[None, None]).expand(-1, 1, query_len, total)
 
     def _shift(self, k: int) -> torch.Tensor:
         """LongTensor (B, L): visual tokens pruned up to ATP layer k before each position (inclusive)."""

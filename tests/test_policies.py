@@ -275,3 +275,81 @@ def test_rope2d_changes_the_model_but_drop_still_equals_mask(model, batch):
     torch.testing.assert_close(out["drop"][0][text], out["mask"][0][text], rtol=1e-4, atol=1e-4)
     assert torch.equal(out["drop"][1], out["mask"][1])
     assert not torch.allclose(out["drop"][0][text], plain[text], atol=1e-3)  # PP is a different model
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pooling_before_the_llm_averages_blocks_and_keeps_the_invariants(family):
+    case = FAMILY[family]
+    model = case.model()
+    batch = case.batch(model)
+    seen = {}
+    results = {}
+    for mode in ("drop", "mask"):
+        handle = atp.attach(model, policy="pool", prune_mode=mode)
+        layer0 = handle.runtime.adapter.decoder_layers()[0]
+        hook = layer0.register_forward_pre_hook(
+            lambda m, a, k, _mode=mode: seen.update({_mode: a[0].clone()}) if a[0].shape[1] > 1 else None,
+            with_kwargs=True,
+        )
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+            generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        hook.remove()
+        results[mode] = (out.logits, generated, handle.stats, out.past_key_values)
+        handle.remove()
+    stats = results["drop"][2]
+    assert stats.layers == (0,)
+    counts = visual_mask(model, batch).sum(1)
+    assert torch.equal(stats.kept[:, 0], counts // 4)  # 2 x 2 blocks (every grid side here is even)
+    length = batch["input_ids"].shape[1]
+    assert results["drop"][3].layers[0].keys.shape[2] == length - int(
+        (counts - counts // 4).min()
+    )  # layer 0 shrinks
+    assert torch.equal(results["drop"][1], results["mask"][1])
+    text = ~visual_mask(model, batch) & batch["attention_mask"].bool()
+    torch.testing.assert_close(results["drop"][0][text], results["mask"][0][text], rtol=1e-4, atol=1e-4)
+    # the kept token of each block carries the block's mean input embedding
+    embeds = {}
+    adapter = atp.attach(model, policy="keep_all", layers=[1]).runtime.adapter
+    grab = adapter.language_model().register_forward_pre_hook(
+        lambda m, a, k: embeds.update(x=k["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    grab.remove()
+    atp.detach(model)
+    from atp.policies.pool import block_targets
+
+    visual = visual_mask(model, batch)
+    width = int(counts.max())
+    targets = block_targets(stats_grids(model, batch), width, 2)
+    for b in range(2):
+        positions = visual[b].nonzero().flatten()
+        vis = embeds["x"][b, positions]
+        target_of = targets[b, : len(positions)]
+        first = int(target_of.unique()[0])
+        expected = vis[target_of == first].mean(0)
+        kept_rows = seen["mask"][b, positions]  # mask mode keeps the layout: the pooled token sits in place
+        torch.testing.assert_close(kept_rows[first], expected, rtol=1e-5, atol=1e-5)
+    for b in range(2):  # each sample alone generates the same tokens
+        alone = case.single(model, b)
+        with atp.attach(model, policy="pool"):
+            gen = model.generate(**alone, max_new_tokens=5, do_sample=False)
+        new = results["drop"][1][b, length:]
+        assert torch.equal(
+            new[: gen.shape[1] - alone["input_ids"].shape[1]], gen[0, alone["input_ids"].shape[1] :]
+        )
+
+
+def stats_grids(model, batch):
+    with atp.attach(model, policy="pool") as handle:
+        with torch.no_grad():
+            model(**batch)
+        return handle.runtime.prefill.context["grids"]
+
+
+def test_pooling_refuses_layers(model):
+    with pytest.raises(ValueError, match="acts before the language model: leave layers out"):
+        atp.attach(model, layers=[2], policy="pool")
+    with pytest.raises(ValueError, match="stride must be an int >= 2"):
+        atp.attach(model, policy="pool", stride=1)

@@ -8,10 +8,12 @@ from atp.policies.fixed import FixedPolicy, top_k_mask
 from atp.policies.keep_all import KeepAllPolicy
 from atp.policies.manual import ManualPolicy
 from atp.policies.pdrop import PDropPolicy
+from atp.policies.pool import PoolPolicy
 from atp.policies.random import RandomPolicy
 from atp.policies.spatial import SpatialPolicy
 
 __all__ = [
+    "PoolPolicy",
     "FastVPolicy",
     "PDropPolicy",
     "RandomPolicy",
@@ -38,3 +40,4 @@ def atp_register_policies(register):
     register("pdrop", PDropPolicy)
     register("spatial", SpatialPolicy)
     register("random", RandomPolicy)
+    register("pool", PoolPolicy)

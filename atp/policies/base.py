@@ -36,14 +36,17 @@ class PolicyInput:
     weight: torch.Tensor
     spatial: torch.Tensor
     num_visual: torch.Tensor
+    grids: list | None = None  # per sample, the (height, width) of each image grid
 
 
 @dataclass
 class Decision:
-    """``mask`` (B, N) in [0, 1] (> 0.5 = keep); ``thresholds`` name -> (B,) for the statistics."""
+    """``mask`` (B, N) in [0, 1] (> 0.5 = keep); ``thresholds`` name -> (B,) for the statistics;
+    ``merge`` (B, N) optional: the visual index each token is averaged into (itself when kept)."""
 
     mask: torch.Tensor
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
+    merge: torch.Tensor | None = None
 
 
 class Policy(nn.Module):
@@ -55,6 +58,7 @@ class Policy(nn.Module):
 
     scorer: Scorer | None = None
     untrained: bool = False  # True: learned parts not trained or loaded (attach warns)
+    pre_llm: bool = False  # True: acts before layer 0 (layers=[0]), e.g. pooling baselines
 
     def __init__(self, context: PolicyContext):
         super().__init__()
