@@ -13,6 +13,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _build(model_class, config, seed: int):
+    """A model with random weights from ``seed``, in eval mode, padding with token 0."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
 def tiny_llava(
     num_layers: int = 4,
     image_size: int = 32,
@@ -58,10 +66,7 @@ def tiny_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return _build(LlavaForConditionalGeneration, config, seed)
 
 
 def llava_prompt(model, text_before: list[int], text_after: list[int], images: int = 1) -> list[int]:
@@ -170,11 +175,9 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
         vision_start_token_id=QWEN_IDS["start"],
         vision_end_token_id=QWEN_IDS["end"],
     )
-    torch.manual_seed(seed)
-    model = Model(config)
-    model.generation_config.pad_token_id = 0
+    model = _build(Model, config, seed)
     model.generation_config.eos_token_id = 2
-    return model.eval()
+    return model
 
 
 def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
@@ -281,10 +284,7 @@ def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False)
             vision_feature_layer=-1,
         )
         model_class = LlavaNextForConditionalGeneration
-    torch.manual_seed(seed)
-    model = model_class(config)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return _build(model_class, config, seed)
 
 
 def llava_next_batch(
@@ -365,10 +365,7 @@ def tiny_internvl(num_layers: int = 4, seed: int = 0):
         image_seq_length=16,
         downsample_ratio=0.5,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return _build(InternVLForConditionalGeneration, config, seed)
 
 
 def internvl_batch(
@@ -417,10 +414,7 @@ def tiny_mistral3(num_layers: int = 4, seed: int = 0):
         image_token_index=127,
         spatial_merge_size=2,
     )
-    torch.manual_seed(seed)
-    model = Mistral3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return _build(Mistral3ForConditionalGeneration, config, seed)
 
 
 def mistral3_batch(

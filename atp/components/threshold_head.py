@@ -9,13 +9,51 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class PaperThresholdHead(nn.Module):
-    """The paper's head: z = MLP(cat(S_self, S_cross)); theta = sigmoid(Linear(z)).
+class ThresholdHead(nn.Module):
+    """theta_r, theta_s = sigmoid(Linear(GELU(Linear(features)))), computed in float32.
 
-    Its input has a fixed length ``2 * num_visual_tokens`` over the original visual order
-    (pruned positions hold 0). The output layers start at zero weight with biases that
-    put the thresholds at ``init_theta_r`` / ``init_theta_s``, so an untrained head is a
-    constant rule ("close to keep everything" by default). Runs in float32.
+    Subclasses choose the features (:meth:`features`). The output layers start at zero weight
+    with biases that put the thresholds at ``init_theta_r`` / ``init_theta_s``, so an untrained
+    head is a constant rule ("close to keep everything" by default), like a zero-initialised adapter.
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, init_theta_r: float, init_theta_s: float):
+        super().__init__()
+        for name, value in (("init_theta_r", init_theta_r), ("init_theta_s", init_theta_s)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        self.proj = nn.Linear(in_features, hidden_size)
+        self.theta_r = nn.Linear(hidden_size, 1)
+        self.theta_s = nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            for layer, value in ((self.theta_r, init_theta_r), (self.theta_s, init_theta_s)):
+                layer.weight.zero_()
+                layer.bias.fill_(math.log(value / (1.0 - value)))
+
+    def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, s_self: torch.Tensor, s_cross: torch.Tensor, live: torch.Tensor, num_visual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) normalised scores (0 where pruned), live mask, (B,) visual counts -> theta_r, theta_s (B,)."""
+        z = F.gelu(
+            F.linear(
+                self.features(s_self, s_cross, live, num_visual),
+                self.proj.weight.float(),
+                self.proj.bias.float(),
+            )
+        )
+        theta_r = torch.sigmoid(F.linear(z, self.theta_r.weight.float(), self.theta_r.bias.float()))
+        theta_s = torch.sigmoid(F.linear(z, self.theta_s.weight.float(), self.theta_s.bias.float()))
+        return theta_r.squeeze(-1), theta_s.squeeze(-1)
+
+
+class PaperThresholdHead(ThresholdHead):
+    """The paper's head: its input is cat(S_self, S_cross) with a fixed length
+    ``2 * num_visual_tokens`` over the original visual order (pruned positions hold 0).
 
     Parameters
     ----------
@@ -31,14 +69,10 @@ class PaperThresholdHead(nn.Module):
         init_theta_r: float = 1e-3,
         init_theta_s: float = 0.999,
     ):
-        super().__init__()
-        if num_visual_tokens < 1 or hidden_size < 1:
-            raise ValueError("num_visual_tokens and hidden_size must be positive")
+        if num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
+        super().__init__(2 * num_visual_tokens, hidden_size, init_theta_r, init_theta_s)
         self.num_visual_tokens = num_visual_tokens
-        self.proj = nn.Linear(2 * num_visual_tokens, hidden_size)
-        self.theta_r = nn.Linear(hidden_size, 1)
-        self.theta_s = nn.Linear(hidden_size, 1)
-        _init_outputs(self, init_theta_r, init_theta_s)
 
     @classmethod
     def from_options(
@@ -56,10 +90,7 @@ class PaperThresholdHead(nn.Module):
             )
         return cls(num_visual_tokens, hidden_size, init_theta_r, init_theta_s)
 
-    def forward(
-        self, s_self: torch.Tensor, s_cross: torch.Tensor, live: torch.Tensor, num_visual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) normalised scores (0 where pruned) -> theta_r, theta_s, each (B,) float32."""
+    def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
         width = s_self.shape[1]
         if width > self.num_visual_tokens:
             raise ValueError(
@@ -67,26 +98,7 @@ class PaperThresholdHead(nn.Module):
                 f"got {width}; use a size-agnostic threshold head for inputs with more visual tokens"
             )
         pad = self.num_visual_tokens - width
-        features = torch.cat([F.pad(s_self.float(), (0, pad)), F.pad(s_cross.float(), (0, pad))], dim=1)
-        return _thresholds(self, features)
-
-
-def _thresholds(head: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta_r, theta_s = sigmoid(Linear(GELU(Linear(features)))), in float32."""
-    z = F.gelu(F.linear(features, head.proj.weight.float(), head.proj.bias.float()))
-    theta_r = torch.sigmoid(F.linear(z, head.theta_r.weight.float(), head.theta_r.bias.float()))
-    theta_s = torch.sigmoid(F.linear(z, head.theta_s.weight.float(), head.theta_s.bias.float()))
-    return theta_r.squeeze(-1), theta_s.squeeze(-1)
-
-
-def _init_outputs(head: nn.Module, init_theta_r: float, init_theta_s: float) -> None:
-    for name, value in (("init_theta_r", init_theta_r), ("init_theta_s", init_theta_s)):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-    with torch.no_grad():
-        for layer, value in ((head.theta_r, init_theta_r), (head.theta_s, init_theta_s)):
-            layer.weight.zero_()
-            layer.bias.fill_(math.log(value / (1.0 - value)))
+        return torch.cat([F.pad(s_self.float(), (0, pad)), F.pad(s_cross.float(), (0, pad))], dim=1)
 
 
 def quantiles(scores: torch.Tensor, live: torch.Tensor, bins: int) -> torch.Tensor:
@@ -99,25 +111,21 @@ def quantiles(scores: torch.Tensor, live: torch.Tensor, bins: int) -> torch.Tens
     return torch.where(count > 0, picked, torch.zeros_like(picked))
 
 
-class BinnedThresholdHead(nn.Module):
+class BinnedThresholdHead(ThresholdHead):
     """A size-agnostic head for any number of visual tokens (dynamic resolution, several images, video).
 
     Its input is ``bins`` quantiles of each normalised score over the live tokens, plus the
     fraction of the sample's visual tokens still alive and log(1 + alive) / 10, so the same
-    weights serve 64 or 16,000 visual tokens. Initialised like :class:`PaperThresholdHead`.
+    weights serve 64 or 16,000 visual tokens.
     """
 
     def __init__(
         self, bins: int = 64, hidden_size: int = 256, init_theta_r: float = 1e-3, init_theta_s: float = 0.999
     ):
-        super().__init__()
-        if bins < 2 or hidden_size < 1:
-            raise ValueError(f"bins must be >= 2 and hidden_size >= 1, got {bins}, {hidden_size}")
+        if bins < 2:
+            raise ValueError(f"bins must be >= 2, got {bins}")
+        super().__init__(2 * bins + 2, hidden_size, init_theta_r, init_theta_s)
         self.bins = bins
-        self.proj = nn.Linear(2 * bins + 2, hidden_size)
-        self.theta_r = nn.Linear(hidden_size, 1)
-        self.theta_s = nn.Linear(hidden_size, 1)
-        _init_outputs(self, init_theta_r, init_theta_s)
 
     @classmethod
     def from_options(
@@ -130,12 +138,9 @@ class BinnedThresholdHead(nn.Module):
     ):
         return cls(bins, hidden_size, init_theta_r, init_theta_s)
 
-    def forward(
-        self, s_self: torch.Tensor, s_cross: torch.Tensor, live: torch.Tensor, num_visual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) normalised scores, live mask, (B,) visual counts -> theta_r, theta_s (B,)."""
+    def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
         alive = live.sum(dim=1).float()
-        features = torch.cat(
+        return torch.cat(
             [
                 quantiles(s_self, live, self.bins),
                 quantiles(s_cross, live, self.bins),
@@ -144,4 +149,3 @@ class BinnedThresholdHead(nn.Module):
             ],
             dim=1,
         )
-        return _thresholds(self, features)
