@@ -19,6 +19,48 @@ def _demo_parser(sub) -> None:
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
 
 
+def _flops_parser(sub) -> None:
+    flops = sub.add_parser("flops", help="analytic FLOPs, KV cache and Token metric of a pruning schedule")
+    source = flops.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=["llava-1.5-7b", "llava-1.5-13b", "qwen2-vl-7b"])
+    source.add_argument("--config", help="a local folder or config.json of a transformers model (no weights)")
+    flops.add_argument("--layers", type=int, nargs="+", required=True, help="ATP layers, e.g. 4 14 24")
+    flops.add_argument("--kept", type=float, nargs="+", required=True, help="visual tokens kept after each")
+    flops.add_argument("--visual-tokens", type=float, default=None, help="visual tokens before pruning")
+    flops.add_argument(
+        "--text-tokens", type=float, default=0, help="text tokens (default 0: visual only, as Table 6)"
+    )
+    flops.add_argument("--convention", choices=["paper", "2flops-per-mac"], default="paper")
+    flops.add_argument("--include-vision", action="store_true", help="add the image encoder")
+    flops.add_argument("--include-lm-head", action="store_true", help="add the LM head over the prompt")
+    flops.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2: bf16)")
+    flops.add_argument("--json", action="store_true")
+
+
+def _flops_main(args) -> int:
+    from atp import efficiency
+
+    if args.preset:
+        shape = efficiency.PRESETS[args.preset]
+    else:
+        from transformers import AutoConfig
+
+        shape = efficiency.shape_from_config(AutoConfig.from_pretrained(args.config), name=args.config)
+    result = efficiency.report(
+        shape,
+        args.layers,
+        args.kept,
+        args.visual_tokens,
+        args.text_tokens,
+        args.convention,
+        args.include_vision,
+        args.include_lm_head,
+        args.kv_bytes,
+    )
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from atp.training.cli import add_parser as add_train_parser
 
@@ -28,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     add_train_parser(sub)
+    _flops_parser(sub)
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
     models = sub.add_parser("models", help="list the supported model families")
     models.add_argument("--json", action="store_true")
@@ -43,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(args)
         except (ValueError, TypeError) as error:
             print(f"atp demo: error: {error}", file=sys.stderr)
+            return 2
+    if args.command == "flops":
+        try:
+            return _flops_main(args)
+        except (ValueError, OSError) as error:
+            print(f"atp flops: error: {error}", file=sys.stderr)
             return 2
     if args.command == "train":
         from atp.training.cli import main as train_main

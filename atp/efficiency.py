@@ -1,0 +1,242 @@
+"""Analytic efficiency report: FLOPs, KV-cache bytes and the "Token" metric from kept counts.
+
+Two FLOPs conventions (DESIGN.md section 8), always stated next to the numbers:
+
+* ``"paper"``: the paper's Eq. 15 per layer, ``4 L d^2 + 2 L^2 d + 2 L d m`` (FastV's
+  multiply-accumulate count with a 2-matrix FFN; no GQA, no causal discount);
+* ``"2flops-per-mac"``: 2 FLOPs per multiply-accumulate with the model's real layers (q / o
+  projections ``2 L d (H hd)`` each, k / v projections ``2 L d (H_kv hd)`` each, attention
+  ``4 L^2 (H hd)`` ignoring the causal mask, a 3-matrix FFN ``6 L d m``), which is what
+  ``torch.utils.flop_counter.FlopCounterMode`` counts for matmuls and attention.
+
+``L`` at a layer is the text tokens plus the visual tokens alive at its input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+CONVENTIONS = ("paper", "2flops-per-mac")
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT image encoder: ``layers`` blocks of width ``hidden`` and MLP ``intermediate`` over ``tokens``."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the analytic count needs from a language model (no weights)."""
+
+    name: str
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    visual_tokens: int  # per image, for presets
+    vision: VisionShape | None = None
+
+
+PRESETS = {
+    # published configs: Vicuna-7B / 13B v1.5 with CLIP ViT-L/14-336 (llava-hf/llava-1.5-*-hf)
+    "llava-1.5-7b": ModelShape(
+        "llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064, 576, VisionShape(24, 1024, 4096, 577)
+    ),
+    "llava-1.5-13b": ModelShape(
+        "llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064, 576, VisionShape(24, 1024, 4096, 577)
+    ),
+    # Qwen/Qwen2-VL-7B-Instruct: 28 layers, GQA 28/4; a 448 x 448 image -> 32 x 32 patches -> 256 tokens
+    "qwen2-vl-7b": ModelShape(
+        "qwen2-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 256, VisionShape(32, 1280, 5120, 1024)
+    ),
+}
+
+
+def shape_from_config(config, name: str = "") -> ModelShape:
+    """A ModelShape from any transformers (VLM or text) config object."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    visual = getattr(config, "image_seq_length", None) or 0
+    return ModelShape(
+        name or getattr(config, "model_type", "model"),
+        text.num_hidden_layers,
+        text.hidden_size,
+        text.intermediate_size,
+        heads,
+        getattr(text, "num_key_value_heads", None) or heads,
+        head_dim,
+        text.vocab_size,
+        int(visual),
+    )
+
+
+def layer_flops(tokens: float, shape: ModelShape, convention: str) -> float:
+    """FLOPs of one decoder layer over ``tokens`` tokens (prefill)."""
+    length, d, m = float(tokens), shape.hidden, shape.intermediate
+    if convention == "paper":
+        return 4 * length * d * d + 2 * length * length * d + 2 * length * d * m
+    if convention == "2flops-per-mac":
+        q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        projections = 2 * length * d * (2 * q_width + 2 * kv_width)
+        attention = 4 * length * length * q_width
+        return projections + attention + 6 * length * d * m
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def vision_flops(vision: VisionShape) -> float:
+    """2 FLOPs per MAC of a ViT with a 2-matrix MLP (one image)."""
+    n, d, m = vision.tokens, vision.hidden, vision.intermediate
+    return vision.layers * (8 * n * d * d + 4 * n * n * d + 4 * n * d * m)
+
+
+def tokens_per_layer(
+    num_layers: int, layers: Sequence[int], kept: Sequence[float], visual: float
+) -> list[float]:
+    """Visual tokens at the input of every decoder layer."""
+    if len(layers) != len(kept):
+        raise ValueError(f"{len(layers)} ATP layers but {len(kept)} kept counts")
+    if list(layers) != sorted(set(layers)) or (layers and not layers[0] >= 0 and layers[-1] < num_layers):
+        raise ValueError(f"layers must be increasing indices in 0..{num_layers - 1}, got {list(layers)}")
+    out, current, schedule = [], float(visual), dict(zip(layers, kept))
+    for i in range(num_layers):
+        current = float(schedule.get(i, current))
+        out.append(current)
+    return out
+
+
+@dataclass
+class EfficiencyReport:
+    """Per-layer and total numbers for one configuration, with the unpruned ones beside them."""
+
+    model: str
+    flops_convention: str
+    layers: list[int]
+    kept: list[float]
+    visual_tokens: float
+    text_tokens: float
+    avg_tokens: float
+    visual_per_layer: list[float]
+    flops_per_layer: list[float]
+    flops: float
+    flops_full: float
+    kv_cache_bytes_per_layer: list[float]
+    kv_cache_bytes: float
+    kv_cache_bytes_full: float
+    includes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops / self.flops_full
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_cache_bytes / self.kv_cache_bytes_full
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(flops_ratio=self.flops_ratio, kv_cache_ratio=self.kv_ratio)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def table(self) -> str:
+        rows = [
+            f"{self.model}: {self.visual_tokens:g} visual + {self.text_tokens:g} text tokens; "
+            f"FLOPs convention: {self.flops_convention}"
+            + (f" (+ {', '.join(self.includes)})" if self.includes else ""),
+            f"{'layers':>9} | {'visual':>7} | {'TFLOPs/layer':>12} | {'KV MiB/layer':>11}",
+        ]
+        start = 0
+        for end in [*[layer for layer in self.layers if layer > 0], len(self.visual_per_layer)]:
+            rows.append(
+                f"{f'{start}-{end - 1}':>9} | {self.visual_per_layer[start]:>7.1f} | "
+                f"{self.flops_per_layer[start] / 1e12:>12.4f} | {self.kv_cache_bytes_per_layer[start] / 2**20:>11.2f}"
+            )
+            start = end
+        rows += [
+            f"average visual tokens per layer (the paper's Token metric): {self.avg_tokens:.1f} of {self.visual_tokens:g}",
+            f"FLOPs: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T ({self.flops_ratio:.1%}, "
+            f"saves {1 - self.flops_ratio:.1%}) [{self.flops_convention}]",
+            f"KV cache: {self.kv_cache_bytes / 2**20:.1f} MiB of {self.kv_cache_bytes_full / 2**20:.1f} MiB "
+            f"({self.kv_ratio:.1%}, saves {1 - self.kv_ratio:.1%})",
+        ]
+        return "\n".join(rows)
+
+
+def report(
+    shape: ModelShape,
+    layers: Sequence[int],
+    kept: Sequence[float],
+    visual_tokens: float | None = None,
+    text_tokens: float = 64,
+    convention: str = "paper",
+    include_vision: bool = False,
+    include_lm_head: bool = False,
+    kv_bytes_per_element: int = 2,
+    images: int = 1,
+) -> EfficiencyReport:
+    """The report of one schedule: ``kept[k]`` visual tokens alive after ATP layer ``layers[k]``.
+
+    ``include_vision`` adds the image encoder (2 FLOPs per MAC, ``images`` of them);
+    ``include_lm_head`` adds ``2 d V`` per prompt token (a full forward's logits). KV bytes use
+    ``kv_bytes_per_element`` (2 for bf16 / fp16).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    visual = float(shape.visual_tokens * images if visual_tokens is None else visual_tokens)
+    per_layer_visual = tokens_per_layer(shape.num_layers, list(layers), list(kept), visual)
+    per_layer = [layer_flops(text_tokens + v, shape, convention) for v in per_layer_visual]
+    full = layer_flops(text_tokens + visual, shape, convention) * shape.num_layers
+    flops, includes = sum(per_layer), []
+    if include_vision and shape.vision is not None:
+        extra = vision_flops(shape.vision) * images
+        flops, full = flops + extra, full + extra
+        includes.append("vision tower")
+    if include_lm_head:
+        extra = 2 * shape.hidden * shape.vocab * (text_tokens + visual)
+        flops, full = flops + extra, full + extra
+        includes.append("LM head")
+    kv_width = 2 * shape.kv_heads * shape.head_dim * kv_bytes_per_element  # K and V per token
+    kv_per_layer = [(text_tokens + v) * kv_width for v in per_layer_visual]
+    return EfficiencyReport(
+        model=shape.name,
+        flops_convention=convention,
+        layers=list(layers),
+        kept=[float(k) for k in kept],
+        visual_tokens=visual,
+        text_tokens=float(text_tokens),
+        avg_tokens=sum(per_layer_visual) / shape.num_layers,
+        visual_per_layer=per_layer_visual,
+        flops_per_layer=per_layer,
+        flops=flops,
+        flops_full=full,
+        kv_cache_bytes_per_layer=kv_per_layer,
+        kv_cache_bytes=sum(kv_per_layer),
+        kv_cache_bytes_full=(text_tokens + visual) * kv_width * shape.num_layers,
+        includes=includes,
+    )
+
+
+def report_from_stats(stats, model, text_tokens: float, sample: int = 0, **options) -> EfficiencyReport:
+    """The report of one sample of the last forward (``handle.stats``) of ``model``."""
+    shape = shape_from_config(model.config)
+    return report(
+        shape,
+        list(stats.layers),
+        stats.kept[sample].tolist(),
+        visual_tokens=float(stats.num_visual[sample]),
+        text_tokens=text_tokens,
+        **options,
+    )

@@ -1,0 +1,130 @@
+"""The analytic efficiency report, cross-checked against FlopCounterMode and the real KV cache."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import atp
+from atp.cli import main
+from atp.efficiency import PRESETS, layer_flops, report, report_from_stats, shape_from_config
+from atp.testing import llava_prompt, tiny_llava
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+
+def test_paper_example_numbers():
+    result = report(PRESETS["llava-1.5-7b"], [4, 14, 24], [126, 88, 20], text_tokens=0)
+    assert result.avg_tokens == pytest.approx(143.875)  # DESIGN.md section 2
+    per_token = 32 * 2 * 4096 * 2  # layers x (K, V) x 32 heads x 128 x bf16
+    assert result.kv_cache_bytes_full == 576 * per_token  # 302.0 MB: the paper's Table 6 upper bound
+    assert result.kv_cache_bytes == pytest.approx(143.875 * per_token)
+    d, m = 4096, 11008
+    assert (
+        layer_flops(576, PRESETS["llava-1.5-7b"], "paper")
+        == 4 * 576 * d * d + 2 * 576**2 * d + 2 * 576 * d * m
+    )
+    assert result.flops_full == 32 * layer_flops(576, PRESETS["llava-1.5-7b"], "paper")
+    assert (
+        0 < result.flops_ratio < result.kv_ratio < 1
+    )  # attention is quadratic: FLOPs fall faster than the cache
+    qwen = report(PRESETS["qwen2-vl-7b"], [4], [64], text_tokens=0, convention="2flops-per-mac")
+    assert qwen.kv_cache_bytes_full == 256 * 28 * 2 * 4 * 128 * 2  # GQA: 4 KV heads
+
+
+def test_schedules_are_validated():
+    with pytest.raises(ValueError, match="2 ATP layers but 3 kept counts"):
+        report(PRESETS["llava-1.5-7b"], [4, 14], [1, 2, 3])
+    with pytest.raises(ValueError, match="convention must be one of"):
+        report(PRESETS["llava-1.5-7b"], [4], [100], convention="macs")
+
+
+def pruned_forward(model, ids, pixels, masks, layers):
+    with atp.attach(model, layers=layers, policy="manual", keep_masks=masks) as handle:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+        return handle.stats, counter.get_flop_counts(), out.past_key_values
+
+
+def test_analytic_flops_equal_flop_counter_mode_on_a_pruned_forward():
+    model = tiny_llava(num_layers=4)
+    ids = torch.tensor([llava_prompt(model, [1, 5, 6], [7, 8, 9, 10, 11])])
+    pixels = torch.randn(1, 3, 32, 32)
+    masks = [torch.arange(16)[None] % 3 != 0, torch.arange(16)[None] % 3 == 1]  # 10 then 5 kept
+    stats, counts, _ = pruned_forward(model, ids, pixels, masks, [1, 3])
+    layer_names = [name for name in counts if re.search(r"language_model\.layers\.\d+$", name)]
+    measured = [sum(counts[name].values()) for name in sorted(layer_names)]
+    expected = report_from_stats(stats, model, text_tokens=ids.shape[1] - 16, convention="2flops-per-mac")
+    assert stats.kept.tolist() == [[10, 5]]
+    assert measured == [int(f) for f in expected.flops_per_layer]  # exact: same convention
+    assert sum(measured) == int(expected.flops)
+
+
+def test_analytic_kv_bytes_equal_the_dynamic_cache_after_a_pruned_prefill():
+    model = tiny_llava(num_layers=4)
+    ids = torch.tensor([llava_prompt(model, [1, 5], [7, 8, 9])])
+    masks = [torch.arange(16)[None] < 9, torch.arange(16)[None] < 4]
+    stats, _, cache = pruned_forward(model, ids, torch.randn(1, 3, 32, 32), masks, [2, 3])
+    expected = report_from_stats(stats, model, text_tokens=ids.shape[1] - 16, kv_bytes_per_element=4)
+    assert atp.kv_cache_bytes(cache) == expected.kv_cache_bytes
+    assert [layer.keys.numel() * 4 * 2 for layer in cache.layers] == expected.kv_cache_bytes_per_layer
+
+
+def test_shape_from_any_config():
+    model = tiny_llava(num_layers=4)
+    shape = shape_from_config(model.config)
+    assert (
+        shape.num_layers,
+        shape.hidden,
+        shape.heads,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.visual_tokens,
+    ) == (4, 64, 4, 2, 16, 16)
+
+
+def test_flops_cli_table_and_json(capsys):
+    assert (
+        main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "24", "--kept", "126", "88", "20"])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "143.9" in table and "FLOPs convention: paper" in table
+    assert (
+        main(
+            [
+                "flops",
+                "--preset",
+                "llava-1.5-7b",
+                "--layers",
+                "4",
+                "14",
+                "24",
+                "--kept",
+                "126",
+                "88",
+                "20",
+                "--json",
+                "--convention",
+                "2flops-per-mac",
+                "--include-vision",
+            ]
+        )
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert {
+        "avg_tokens",
+        "kv_cache_bytes",
+        "kv_cache_bytes_full",
+        "flops",
+        "flops_full",
+        "flops_convention",
+    } <= set(record)
+    assert record["flops_convention"] == "2flops-per-mac" and record["includes"] == ["vision tower"]
+    assert main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "--kept", "1", "2"]) == 2
