@@ -61,6 +61,22 @@ def _flops_main(args) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser(
+        "bench", help="prefill / decode latency and memory: unpruned vs atp vs fastv vs fixed"
+    )
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
+    bench.add_argument("--num-layers", type=int, default=None)
+    bench.add_argument("--hidden-size", type=int, default=None)
+    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--new-tokens", type=int, default=None)
+    bench.add_argument("--text-tokens", type=int, default=None)
+    bench.add_argument("--output", default=None, help="also write the JSON record to this file")
+    bench.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    bench.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from atp.training.cli import add_parser as add_train_parser
 
@@ -71,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     add_train_parser(sub)
     _flops_parser(sub)
+    _bench_parser(sub)
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
     models = sub.add_parser("models", help="list the supported model families")
     models.add_argument("--json", action="store_true")
@@ -93,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as error:
             print(f"atp flops: error: {error}", file=sys.stderr)
             return 2
+    if args.command == "bench":
+        from atp import bench
+
+        return bench.main(args)
     if args.command == "train":
         from atp.training.cli import main as train_main
 

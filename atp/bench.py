@@ -1,0 +1,294 @@
+"""``atp bench``: prefill latency, time to first token, decode speed and memory, pruned vs not.
+
+Methods run interleaved, round after round, on one model and one prompt, so the ratios come
+from one run (wall clock on a shared CPU is noisy; CUDA events after a warm-up on a GPU).
+``atp`` (untrained heads with fixed initial thresholds), ``fastv`` and ``fixed`` are set to the
+same average token count: ``atp`` runs first, ``fixed`` reuses its kept counts at the same
+layers, and ``fastv``'s ratio is solved for the same Token metric.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import atp
+from atp.efficiency import report_from_stats
+
+
+@dataclass
+class BenchConfig:
+    num_layers: int = 8
+    hidden_size: int = 1024
+    heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    text_tokens: int = 48
+    new_tokens: int = 8
+    repeats: int = 5
+    warmup: int = 1
+    theta_r: float = 0.5
+    theta_s: float = 0.9
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def build_model(config: BenchConfig, device: str):
+    """A LLaVA-1.5-shaped model with random weights: CLIP 336/14 (576 visual tokens) and a Llama LM
+    with the 7B's FFN ratio, ``num_layers`` x ``hidden_size`` (the real 7B: 32 x 4096)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=config.hidden_size,
+        intermediate_size=int(config.hidden_size * 11008 / 4096),
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=32000,
+        image_seq_length=(config.image_size // config.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(llava).to(device=device, dtype=getattr(torch, config.dtype)).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_inputs(model, config: BenchConfig, device: str) -> dict:
+    generator = torch.Generator().manual_seed(config.seed)
+    visual = model.config.image_seq_length
+    before = torch.randint(3, 32000, (8,), generator=generator).tolist()
+    after = torch.randint(3, 32000, (config.text_tokens - 8,), generator=generator).tolist()
+    ids = torch.tensor([[1, *before, *([model.config.image_token_id] * visual), *after]], device=device)
+    pixels = torch.randn(1, 3, config.image_size, config.image_size, generator=generator)
+    return {"input_ids": ids, "pixel_values": pixels.to(device=device, dtype=model.dtype)}
+
+
+class Clock:
+    """Wall clock on CPU, CUDA events on a GPU (after synchronising)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def _attach(model, method: dict):
+    if method["policy"] is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return atp.attach(model, layers=method["layers"], policy=method["policy"], **method["options"])
+
+
+def solve_fastv_ratio(avg_tokens: float, visual: int, num_layers: int, layer: int) -> float:
+    """The FastV ratio R whose Token metric equals ``avg_tokens`` when pruning before ``layer``."""
+    kept = (avg_tokens * num_layers - layer * visual) / (num_layers - layer)
+    return min(max(1.0 - kept / visual, 0.0), 0.99)
+
+
+def run(config: BenchConfig, device: str = "cpu") -> dict:
+    model = build_model(config, device)
+    inputs = make_inputs(model, config, device)
+    clock = Clock(device)
+    visual = model.config.image_seq_length
+    layers = atp.default_layers(config.num_layers)
+    methods = {
+        "unpruned": {"policy": None, "layers": None, "options": {}},
+        "keep_all": {"policy": "keep_all", "layers": layers, "options": {}},  # the scoring overhead alone
+        "atp": {
+            "policy": "atp",
+            "layers": layers,
+            "options": {"init_theta_r": config.theta_r, "init_theta_s": config.theta_s},
+        },
+    }
+    with torch.no_grad():  # calibrate the baselines on atp's counts
+        handle = _attach(model, methods["atp"])
+        model(**inputs)
+        kept = handle.stats.kept[0].tolist()
+        avg = handle.stats.avg_tokens
+        handle.remove()
+    fastv_layer = max(1, round(2 * config.num_layers / 32))
+    methods["fastv"] = {
+        "policy": "fastv",
+        "layers": [fastv_layer],
+        "options": {"ratio": solve_fastv_ratio(avg, visual, config.num_layers, fastv_layer)},
+    }
+    methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
+    times = {name: {"prefill": [], "first_token": [], "generate": []} for name in methods}
+    results = {name: {} for name in methods}
+
+    def prefill():  # logits for the last position only, as generate's prefill
+        model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def first_token():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+    def generate():
+        model.generate(
+            **inputs, max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens, do_sample=False
+        )
+
+    with torch.no_grad():
+        for round_index in range(config.warmup + config.repeats):
+            for name, method in methods.items():
+                handle = _attach(model, method)
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                for kind, fn in (("prefill", prefill), ("first_token", first_token), ("generate", generate)):
+                    elapsed = clock(fn)
+                    if round_index >= config.warmup:
+                        times[name][kind].append(elapsed)
+                if round_index == 0:
+                    out = model(**inputs, use_cache=True)
+                    results[name]["kv_cache_bytes"] = atp.kv_cache_bytes(out.past_key_values)
+                    if handle is not None:
+                        results[name]["kept"] = handle.stats.kept[0].tolist()
+                        results[name]["layers"] = list(handle.stats.layers)
+                        results[name]["avg_tokens"] = handle.stats.avg_tokens
+                        efficiency = report_from_stats(
+                            handle.stats,
+                            model,
+                            text_tokens=inputs["input_ids"].shape[1] - visual,
+                            convention="2flops-per-mac",
+                        )
+                        results[name]["flops"] = efficiency.flops
+                    else:
+                        results[name].update(kept=[], layers=[], avg_tokens=float(visual))
+                    if device.startswith("cuda"):
+                        results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                if handle is not None:
+                    handle.remove()
+    base = results["unpruned"]
+    text = inputs["input_ids"].shape[1] - visual
+    from atp.efficiency import layer_flops, shape_from_config
+
+    full_flops = (
+        layer_flops(text + visual, shape_from_config(model.config), "2flops-per-mac") * config.num_layers
+    )
+    base["flops"] = full_flops
+    for name, result in results.items():
+        prefill_s = statistics.median(times[name]["prefill"])
+        first_s = statistics.median(times[name]["first_token"])
+        generate_s = statistics.median(times[name]["generate"])
+        result.update(
+            prefill_ms=prefill_s * 1000,
+            ttft_ms=first_s * 1000,
+            decode_tokens_per_s=(config.new_tokens - 1) / max(generate_s - first_s, 1e-9),
+            flops_ratio=result["flops"] / full_flops,
+            kv_ratio=result["kv_cache_bytes"] / base["kv_cache_bytes"],
+        )
+    for result in results.values():
+        result["prefill_ratio"] = result["prefill_ms"] / base["prefill_ms"]
+        result["decode_speedup"] = result["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    overhead = results["keep_all"]["prefill_ms"] / base["prefill_ms"] - 1.0
+    return {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "config": config.__dict__,
+        "visual_tokens": visual,
+        "text_tokens": text,
+        "flops_convention": "2flops-per-mac (decoder layers only; vision tower and LM head excluded)",
+        "timing": "CUDA events"
+        if device.startswith("cuda")
+        else "wall clock (time.perf_counter), median of repeats",
+        "scoring_overhead": overhead,
+        "methods": results,
+    }
+
+
+def format_table(record: dict) -> str:
+    rows = [
+        f"atp bench on {record['device']} ({record['threads']} threads), {record['timing']}",
+        f"model: LLaVA-1.5 shape, {record['config']['num_layers']} layers x {record['config']['hidden_size']}, "
+        f"{record['visual_tokens']} visual + {record['text_tokens']} text tokens, {record['config']['dtype']}",
+        f"FLOPs: {record['flops_convention']}",
+        "",
+        f"{'method':>9} | {'Token':>6} | {'FLOPs':>6} | {'prefill ms':>10} | {'ratio':>6} | {'TTFT ms':>8} | "
+        f"{'decode tok/s':>12} | {'KV':>6}",
+    ]
+    for name, result in record["methods"].items():
+        rows.append(
+            f"{name:>9} | {result['avg_tokens']:>6.1f} | {result['flops_ratio']:>6.1%} | {result['prefill_ms']:>10.1f} | "
+            f"{result['prefill_ratio']:>6.1%} | {result['ttft_ms']:>8.1f} | {result['decode_tokens_per_s']:>12.1f} | "
+            f"{result['kv_ratio']:>6.1%}"
+        )
+    rows.append("")
+    rows.append(f"scoring overhead (keep_all vs unpruned prefill): {record['scoring_overhead']:+.1%}")
+    atp_result = record["methods"]["atp"]
+    rows.append(
+        f"atp prefill ratio {atp_result['prefill_ratio']:.1%} vs FLOPs ratio {atp_result['flops_ratio']:.1%} "
+        f"(gap {atp_result['prefill_ratio'] - atp_result['flops_ratio']:+.1%})"
+    )
+    return "\n".join(rows)
+
+
+def plot(record: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from error
+    names = list(record["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar(names, [record["methods"][n]["prefill_ms"] for n in names])
+    axes[0].set_ylabel("prefill ms")
+    axes[1].bar(names, [record["methods"][n]["decode_tokens_per_s"] for n in names])
+    axes[1].set_ylabel("decode tokens / s")
+    fig.suptitle(f"atp bench ({record['device']})")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = BenchConfig()
+    if device.startswith("cuda") and not args.small:  # the real LLaVA-1.5-7B language model shapes
+        config = BenchConfig(
+            num_layers=32, hidden_size=4096, heads=32, dtype="bfloat16", repeats=10, warmup=3
+        )
+    for name in ("num_layers", "hidden_size", "repeats", "new_tokens", "text_tokens"):
+        if getattr(args, name, None) is not None:
+            setattr(config, name, getattr(args, name))
+    record = run(config, device)
+    text = json.dumps(record)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text + "\n")
+    if args.plot:
+        plot(record, args.plot)
+    print(text if args.json else format_table(record))
+    return 0
