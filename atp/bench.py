@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import atp
 from atp.efficiency import report_from_stats
@@ -146,7 +147,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
         "options": {"ratio": solve_fastv_ratio(avg, visual, config.num_layers, fastv_layer)},
     }
     methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
-    times = {name: {"prefill": [], "first_token": [], "generate": []} for name in methods}
+    times = {name: {"prefill": [], "first_token": [], "decode": []} for name in methods}
     results = {name: {} for name in methods}
 
     def prefill():  # logits for the last position only, as generate's prefill
@@ -155,10 +156,17 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
     def first_token():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
-    def generate():
-        model.generate(
-            **inputs, max_new_tokens=config.new_tokens, min_new_tokens=config.new_tokens, do_sample=False
-        )
+    state = {}
+
+    def start_decoding():  # untimed: a prefill whose cache the decode loop extends
+        state["cache"] = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+
+    def decode():  # decode steps with a fixed token: the same work for every method
+        length = inputs["input_ids"].shape[1]
+        token = torch.full((1, 1), 5, device=inputs["input_ids"].device)
+        for step in range(config.new_tokens):
+            position = torch.full((1, 1), length + step, device=token.device)
+            model(input_ids=token, past_key_values=state["cache"], position_ids=position, use_cache=True)
 
     with torch.no_grad():
         for round_index in range(config.warmup + config.repeats):
@@ -166,7 +174,9 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
                 handle = _attach(model, method)
                 if device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                for kind, fn in (("prefill", prefill), ("first_token", first_token), ("generate", generate)):
+                for kind, fn in (("prefill", prefill), ("first_token", first_token), ("decode", decode)):
+                    if kind == "decode":
+                        start_decoding()
                     elapsed = clock(fn)
                     if round_index >= config.warmup:
                         times[name][kind].append(elapsed)
@@ -184,8 +194,11 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
                             convention="2flops-per-mac",
                         )
                         results[name]["flops"] = efficiency.flops
+                        results[name]["kv_ratio_analytic"] = efficiency.kv_ratio
                     else:
-                        results[name].update(kept=[], layers=[], avg_tokens=float(visual))
+                        results[name].update(
+                            kept=[], layers=[], avg_tokens=float(visual), kv_ratio_analytic=1.0
+                        )
                     if device.startswith("cuda"):
                         results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                 if handle is not None:
@@ -201,11 +214,11 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
     for name, result in results.items():
         prefill_s = statistics.median(times[name]["prefill"])
         first_s = statistics.median(times[name]["first_token"])
-        generate_s = statistics.median(times[name]["generate"])
+        decode_s = statistics.median(times[name]["decode"])
         result.update(
             prefill_ms=prefill_s * 1000,
             ttft_ms=first_s * 1000,
-            decode_tokens_per_s=(config.new_tokens - 1) / max(generate_s - first_s, 1e-9),
+            decode_tokens_per_s=config.new_tokens / decode_s,
             flops_ratio=result["flops"] / full_flops,
             kv_ratio=result["kv_cache_bytes"] / base["kv_cache_bytes"],
         )
@@ -213,6 +226,15 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
         result["prefill_ratio"] = result["prefill_ms"] / base["prefill_ms"]
         result["decode_speedup"] = result["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     overhead = results["keep_all"]["prefill_ms"] / base["prefill_ms"] - 1.0
+    counted = {}
+    for name in ("unpruned", "keep_all"):  # the same overhead in FLOPs: deterministic
+        handle = _attach(model, methods[name])
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        counted[name] = counter.get_total_flops()
+        if handle is not None:
+            handle.remove()
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
@@ -224,6 +246,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
         if device.startswith("cuda")
         else "wall clock (time.perf_counter), median of repeats",
         "scoring_overhead": overhead,
+        "scoring_overhead_flops": counted["keep_all"] / counted["unpruned"] - 1.0,
         "methods": results,
     }
 
@@ -245,7 +268,10 @@ def format_table(record: dict) -> str:
             f"{result['kv_ratio']:>6.1%}"
         )
     rows.append("")
-    rows.append(f"scoring overhead (keep_all vs unpruned prefill): {record['scoring_overhead']:+.1%}")
+    rows.append(
+        f"scoring overhead (keep_all vs unpruned prefill): {record['scoring_overhead']:+.1%} time, "
+        f"{record['scoring_overhead_flops']:+.2%} FLOPs (FlopCounterMode, whole forward)"
+    )
     atp_result = record["methods"]["atp"]
     rows.append(
         f"atp prefill ratio {atp_result['prefill_ratio']:.1%} vs FLOPs ratio {atp_result['flops_ratio']:.1%} "

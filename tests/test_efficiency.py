@@ -128,3 +128,18 @@ def test_flops_cli_table_and_json(capsys):
     } <= set(record)
     assert record["flops_convention"] == "2flops-per-mac" and record["includes"] == ["vision tower"]
     assert main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "--kept", "1", "2"]) == 2
+
+
+def test_bench_runs_and_its_numbers_are_consistent(capsys):
+    from atp.bench import BenchConfig, format_table, run
+
+    record = run(BenchConfig(num_layers=4, hidden_size=64, heads=4, repeats=1, warmup=0, new_tokens=2), "cpu")
+    methods = record["methods"]
+    assert set(methods) == {"unpruned", "keep_all", "atp", "fastv", "fixed"}
+    assert methods["fixed"]["avg_tokens"] == methods["atp"]["avg_tokens"] < 576
+    assert abs(methods["fastv"]["avg_tokens"] - methods["atp"]["avg_tokens"]) < 2
+    for name in ("atp", "fixed"):
+        assert methods[name]["flops_ratio"] < 1 and methods[name]["kv_ratio"] < 1
+        assert methods[name]["kv_ratio"] == pytest.approx(methods[name]["kv_ratio_analytic"])  # exact bytes
+    assert methods["keep_all"]["flops_ratio"] == 1.0 and 0 <= record["scoring_overhead_flops"] < 0.05
+    assert "FLOPs: 2flops-per-mac" in format_table(record)
