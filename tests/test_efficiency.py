@@ -143,3 +143,20 @@ def test_bench_runs_and_its_numbers_are_consistent(capsys):
         assert methods[name]["kv_ratio"] == pytest.approx(methods[name]["kv_ratio_analytic"])  # exact bytes
     assert methods["keep_all"]["flops_ratio"] == 1.0 and 0 <= record["scoring_overhead_flops"] < 0.05
     assert "FLOPs: 2flops-per-mac" in format_table(record)
+
+
+def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    import builtins
+
+    from atp.bench import plot
+
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)
+    with pytest.raises(ValueError, match=r"--plot needs matplotlib \(pip install matplotlib\)"):
+        plot({"methods": {}, "device": "cpu"}, str(tmp_path / "bench.png"))
