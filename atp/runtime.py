@@ -15,7 +15,6 @@ One :class:`Runtime` per attached model; all state lives on it (never global).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -25,53 +24,9 @@ from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.policies.base import Policy, PolicyInput
+from atp.prefill import Layout, Prefill
 from atp.scorers.base import AttentionView
-from atp.scorers.spatial import spatial_scores
 from atp.stats import PruningStats, empty_stats
-
-
-@dataclass
-class Layout:
-    """Slots of a pruned sequence: original position (B, S) and validity (B, S); fillers left."""
-
-    index: torch.Tensor
-    valid: torch.Tensor
-
-    def __post_init__(self):
-        self.has_fillers = not bool(self.valid.all())  # read once, not per decode step
-
-
-@dataclass
-class Prefill:
-    """State of one prefill, kept for the decode steps that follow it."""
-
-    mode: str  # "drop" or "mask"
-    soft: bool  # soft masks (training) or binary ones
-    length: int  # L, the prefill length
-    visual_positions: torch.Tensor  # (B, N) sequence position of each visual token
-    visual_valid: torch.Tensor  # (B, N)
-    visual_id: torch.Tensor  # (B, L) visual index of each position, -1 for text
-    instruction: torch.Tensor  # (B, L) instruction tokens (queries of S_cross)
-    real: torch.Tensor  # (B, L) non-padding tokens
-    context: dict  # the forward's inputs, the grids, visual positions (for scorers that need them)
-    spatial: torch.Tensor  # (B, N)
-    keep: torch.Tensor  # (B, N) cumulative binary keep mask
-    weight: torch.Tensor  # (B, N) cumulative soft mask (== keep in binary mode)
-    layout: Layout | None = None  # current drop-mode layout; None = full sequence
-    view: dict = field(default_factory=dict)  # slots of visual / instruction tokens in the layout
-    scores: dict = field(default_factory=dict)  # ATP index -> scores (B, N) visual order
-    segments: dict = field(default_factory=dict)  # ATP index -> Layout (drop) or bias (B, L) (mask)
-    full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
-    records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
-    decided: set = field(default_factory=set)  # ATP indices already decided
-
-    @property
-    def num_visual(self) -> torch.Tensor:
-        return self.visual_valid.sum(dim=1)
-
-    def to_sequence(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
-        """Visual-order values (B, N) placed at their sequence positions (B, L); ``fill`` elsewhere."""
-        return place(values, self.visual_positions, self.visual_valid, self.length, fill)
 
 
 class Runtime:
@@ -232,9 +187,7 @@ class Runtime:
             )
 
     def _start_prefill(self, layout, inputs: dict) -> Prefill | None:
-        attention_mask = inputs.get("attention_mask")
-        visual = layout.visual
-        if not bool(visual.any()):
+        if not bool(layout.visual.any()):
             return None
         mode = self.prune_mode
         training = self.policy.training
@@ -246,46 +199,11 @@ class Runtime:
                 "(mask mode keeps every token in place; the model is in training mode here)"
             )
         soft = mode == "mask" and (not self.hard_masks if self.hard_masks is not None else training)
-        batch, length = visual.shape
-        positions, valid = mask_to_index(visual)
-        visual_order = torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
-        visual_id = place(visual_order, positions, valid, length, -1)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            not_pad = attention_mask.bool()
-        else:
-            not_pad = torch.ones_like(visual)
-        first = torch.where(visual.any(1), visual.float().argmax(1), length)
-        after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
-        instruction = ~visual & ~layout.structural & after & not_pad
-        strides = getattr(self.policy, "spatial_strides", None)
-        spatial = spatial_scores(
-            layout.grids,
-            positions.shape[1],
+        spatial_options = (
             getattr(self.policy, "lambda_sample", 3.0),
-            strides,
-            visual.device,
+            getattr(self.policy, "spatial_strides", None),
         )
-        p = Prefill(
-            mode=mode,
-            soft=soft,
-            length=length,
-            visual_positions=positions,
-            visual_valid=valid,
-            visual_id=visual_id,
-            instruction=instruction,
-            real=not_pad,
-            context={
-                "inputs": inputs,
-                "grids": layout.grids,
-                "visual_positions": positions,
-                "instruction": instruction,
-            },
-            spatial=spatial,
-            keep=valid.clone(),
-            weight=valid.float(),
-        )
-        self._update_view(p)
-        return p
+        return Prefill.start(layout, inputs, mode, soft, *spatial_options)
 
     # decoder layers -------------------------------------------------------------------
     def _on_layer_input(self, layer: int, module, args, kwargs):
@@ -341,27 +259,6 @@ class Runtime:
         return output
 
     # scoring and deciding ---------------------------------------------------------------
-    def _update_view(self, p: Prefill) -> None:
-        batch = p.visual_id.shape[0]
-        if p.layout is None:
-            index = torch.arange(p.length, device=p.visual_id.device).expand(batch, -1)
-            valid = torch.ones_like(index, dtype=torch.bool)
-        else:
-            index, valid = p.layout.index, p.layout.valid
-        slot_visual_id = torch.where(valid, p.visual_id.gather(1, index), -1)
-        visual_slots, visual_slot_valid = mask_to_index(slot_visual_id >= 0)
-        instruction_slots, instruction_valid = mask_to_index(p.instruction.gather(1, index) & valid)
-        real = p.real.gather(1, index) & valid
-        last_slot = real.shape[1] - 1 - real.flip(1).float().argmax(dim=1)  # last non-padding token
-        p.view = {
-            "last_slot": last_slot,
-            "visual_slots": visual_slots,
-            "visual_valid": visual_slot_valid,
-            "visual_ids": slot_visual_id.gather(1, visual_slots).clamp_min(0),
-            "instruction_slots": instruction_slots,
-            "instruction_valid": instruction_valid,
-        }
-
     @torch.no_grad()  # scores are detached from the LM (and nothing is saved for a checkpoint recompute)
     def _score(self, p: Prefill, k: int, query, key, attention_mask, scale) -> None:
         if k in p.decided:  # a gradient-checkpointing recompute: the decision is already taken
@@ -438,7 +335,7 @@ class Runtime:
                 p.full_hidden = scatter_seq(p.full_hidden, old.index, old.valid, hidden)
             p.layout = Layout(*mask_to_index(keep_sequence, align="left"))
             hidden = gather_seq(p.full_hidden, p.layout.index)
-            self._update_view(p)
+            p.update_view()
         p.segments[k] = p.layout
         return hidden
 

@@ -1,0 +1,118 @@
+"""The state of one prefill: where the visual tokens are, what is alive, the current layout.
+
+Built when the language model starts a prefill and kept for the decode steps that follow it.
+Pure tensor bookkeeping; the hooks that use it live in :mod:`atp.runtime`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from atp.layout import mask_to_index, place
+from atp.scorers.spatial import spatial_scores
+
+
+@dataclass
+class Layout:
+    """Slots of a pruned sequence: original position (B, S) and validity (B, S); fillers left."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    def __post_init__(self):
+        self.has_fillers = not bool(self.valid.all())  # read once, not per decode step
+
+
+@dataclass
+class Prefill:
+    """State of one prefill, kept for the decode steps that follow it."""
+
+    mode: str  # "drop" or "mask"
+    soft: bool  # soft masks (training) or binary ones
+    length: int  # L, the prefill length
+    visual_positions: torch.Tensor  # (B, N) sequence position of each visual token
+    visual_valid: torch.Tensor  # (B, N)
+    visual_id: torch.Tensor  # (B, L) visual index of each position, -1 for text
+    instruction: torch.Tensor  # (B, L) instruction tokens (queries of S_cross)
+    real: torch.Tensor  # (B, L) non-padding tokens
+    context: dict  # the forward's inputs, the grids, visual positions (for scorers that need them)
+    spatial: torch.Tensor  # (B, N)
+    keep: torch.Tensor  # (B, N) cumulative binary keep mask
+    weight: torch.Tensor  # (B, N) cumulative soft mask (== keep in binary mode)
+    layout: Layout | None = None  # current drop-mode layout; None = full sequence
+    view: dict = field(default_factory=dict)  # slots of visual / instruction tokens in the layout
+    scores: dict = field(default_factory=dict)  # ATP index -> scores (B, N) visual order
+    segments: dict = field(default_factory=dict)  # ATP index -> Layout (drop) or bias (B, L) (mask)
+    full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
+    records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
+    decided: set = field(default_factory=set)  # ATP indices already decided
+
+    @property
+    def num_visual(self) -> torch.Tensor:
+        return self.visual_valid.sum(dim=1)
+
+    def to_sequence(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
+        """Visual-order values (B, N) placed at their sequence positions (B, L); ``fill`` elsewhere."""
+        return place(values, self.visual_positions, self.visual_valid, self.length, fill)
+
+    @classmethod
+    def start(cls, layout, inputs: dict, mode: str, soft: bool, lambda_sample: float, strides) -> Prefill:
+        """The prefill state of an adapter's VisualLayout and the multimodal model's ``inputs``."""
+        visual = layout.visual
+        attention_mask = inputs.get("attention_mask")
+        batch, length = visual.shape
+        positions, valid = mask_to_index(visual)
+        visual_order = torch.arange(positions.shape[1], device=visual.device).expand_as(positions)
+        visual_id = place(visual_order, positions, valid, length, -1)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            not_pad = attention_mask.bool()
+        else:
+            not_pad = torch.ones_like(visual)
+        first = torch.where(visual.any(1), visual.float().argmax(1), length)
+        after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
+        instruction = ~visual & ~layout.structural & after & not_pad
+        p = cls(
+            mode=mode,
+            soft=soft,
+            length=length,
+            visual_positions=positions,
+            visual_valid=valid,
+            visual_id=visual_id,
+            instruction=instruction,
+            real=not_pad,
+            context={
+                "inputs": inputs,
+                "grids": layout.grids,
+                "visual_positions": positions,
+                "instruction": instruction,
+            },
+            spatial=spatial_scores(layout.grids, positions.shape[1], lambda_sample, strides, visual.device),
+            keep=valid.clone(),
+            weight=valid.float(),
+        )
+        p.update_view()
+        return p
+
+    def update_view(self) -> None:
+        """Slots of the visual, instruction and last tokens in the current layout."""
+        batch = self.visual_id.shape[0]
+        if self.layout is None:
+            index = torch.arange(self.length, device=self.visual_id.device).expand(batch, -1)
+            valid = torch.ones_like(index, dtype=torch.bool)
+        else:
+            index, valid = self.layout.index, self.layout.valid
+        slot_visual_id = torch.where(valid, self.visual_id.gather(1, index), -1)
+        visual_slots, visual_slot_valid = mask_to_index(slot_visual_id >= 0)
+        instruction_slots, instruction_valid = mask_to_index(self.instruction.gather(1, index) & valid)
+        real = self.real.gather(1, index) & valid
+        last_slot = real.shape[1] - 1 - real.flip(1).float().argmax(dim=1)  # last non-padding token
+        self.view = {
+            "last_slot": last_slot,
+            "visual_slots": visual_slots,
+            "visual_valid": visual_slot_valid,
+            "visual_ids": slot_visual_id.gather(1, visual_slots).clamp_min(0),
+            "instruction_slots": instruction_slots,
+            "instruction_valid": instruction_valid,
+        }
