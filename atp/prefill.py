@@ -48,6 +48,7 @@ class Prefill:
     full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
     records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
     decided: set = field(default_factory=set)  # ATP indices already decided
+    shifts: dict = field(default_factory=dict)  # ATP index -> (B, L) pruned tokens before each position
 
     @property
     def num_visual(self) -> torch.Tensor:

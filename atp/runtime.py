@@ -423,8 +423,10 @@ class Runtime:
     def _shift(self, k: int) -> torch.Tensor:
         """LongTensor (B, L): visual tokens pruned up to ATP layer k before each position (inclusive)."""
         p = self.prefill
-        pruned = p.to_sequence(p.visual_valid & ~p.records[k][0], False)
-        return pruned.long().cumsum(dim=1)
+        if k not in p.shifts:  # once per prefill: decode steps reuse it
+            pruned = p.to_sequence(p.visual_valid & ~p.records[k][0], False)
+            p.shifts[k] = pruned.long().cumsum(dim=1)
+        return p.shifts[k]
 
     # statistics -----------------------------------------------------------------------
     def _stats(self) -> PruningStats:
