@@ -132,3 +132,43 @@ def test_top_k_keeps_exactly_the_best_live_tokens(values, count, data):
     assert not (mask & ~live).any()
     if mask.any() and (live & ~mask).any():
         assert scores[mask].min() >= scores[live & ~mask].max()
+
+
+def test_scoring_never_builds_an_l_by_l_matrix(monkeypatch):
+    """Every tensor created while atp scores a layer is far smaller than L x L (long prompt)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import atp
+    from atp.runtime import Runtime
+    from atp.testing import tiny_llava
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.numel())  # batch of one
+            return out
+
+    seen = []
+    original = Runtime._score
+
+    def recorded(self, *args, **kwargs):
+        with Largest() as mode:
+            original(self, *args, **kwargs)
+        seen.append(mode.largest)
+
+    monkeypatch.setattr(Runtime, "_score", recorded)
+    model = tiny_llava(num_layers=4, image_size=128)  # 256 visual tokens
+    length = 256 + 12
+    ids = torch.tensor([[1, 5, 6] + [127] * 256 + [7] * 9])
+    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[0.5, 0.5]), torch.no_grad():
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 128, 128))
+    heads, head_dim = 4, 16
+    assert len(seen) == 2
+    # the largest tensors are the float32 query / key (H x L x d) and the 9 instruction rows (H x 9 x L)
+    assert max(seen) <= heads * length * head_dim < length * length
