@@ -35,6 +35,7 @@ def supported_models() -> list[dict[str, object]]:
                     "model_types": list(cls.model_types),
                     "positions": cls.positions,
                     "attention": list(cls.attention_implementations),
+                    "cache_layers": list(cls.cache_layers),
                     "origin": entry.origin,
                 }
             )

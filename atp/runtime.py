@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
 from atp.components.budget_loss import Budget, PaperBudgetLoss
@@ -117,7 +117,8 @@ class Runtime:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and not (
-            isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+            isinstance(cache, DynamicCache)
+            and all(type(layer).__name__ in self.adapter.cache_layers for layer in cache.layers)
         ):
             raise ValueError(
                 f"atp supports transformers' DynamicCache only, got {type(cache).__name__} "

@@ -36,6 +36,7 @@ class BackboneAdapter:
     attention_implementations : text attention implementations that work.
     positions : how positions are built ("1d-rope", "mrope").
     visual_inputs : forward kwargs that carry images / videos (refused after the prefill).
+    cache_layers : the transformers cache layer classes (by name) the family works with.
     """
 
     family = ""
@@ -43,6 +44,7 @@ class BackboneAdapter:
     attention_implementations: tuple[str, ...] = ("sdpa",)
     positions = "1d-rope"
     visual_inputs: tuple[str, ...] = ("pixel_values",)
+    cache_layers: tuple[str, ...] = ("DynamicLayer",)  # not StaticLayer, sliding-window or quantized layers
 
     def __init__(self, model: nn.Module):
         self.model = model
