@@ -70,7 +70,8 @@ def build_model(config: BenchConfig, device: str):
         vision_feature_layer=-1,
     )
     torch.manual_seed(config.seed)
-    model = LlavaForConditionalGeneration(llava).to(device=device, dtype=getattr(torch, config.dtype)).eval()
+    with torch.device(device):  # built in place: a 7B model is not first materialised on the host
+        model = LlavaForConditionalGeneration._from_config(llava, dtype=getattr(torch, config.dtype)).eval()
     model.generation_config.pad_token_id = 0
     return model
 
