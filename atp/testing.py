@@ -443,3 +443,40 @@ def mistral3_batch(
         batch["pixel_values"] = padded
         batch["image_sizes"] = torch.tensor(sizes)
     return batch
+
+
+def write_toy_conversations(folder, images: int = 4, text_only: int = 4) -> Path:
+    """A tiny LLaVA-format dataset in ``folder``: ``data.json`` and ``images/`` with random
+    pictures, plus text-only conversations. Returns the JSON path (for ``atp train``)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(images):
+        pixels = rng.integers(0, 255, (36 + 4 * i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nDescribe picture {i}"},
+                    {"from": "gpt", "value": f"Noise number {i}"},
+                ],
+            }
+        )
+    for i in range(text_only):
+        records.append(
+            {
+                "id": f"txt{i}",
+                "conversations": [
+                    {"from": "human", "value": f"Count to {i}"},
+                    {"from": "gpt", "value": " ".join(map(str, range(i + 1)))},
+                ],
+            }
+        )
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -10,48 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+
+from atp.testing import write_toy_conversations
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def toy_dataset(folder: Path, images: int = 4, text_only: int = 4) -> Path:
-    """Conversations with random images, and some without any image."""
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    records = []
-    for i in range(images):
-        Image.fromarray(rng.integers(0, 255, (36 + 4 * i, 40, 3), dtype=np.uint8)).save(
-            folder / "images" / f"{i}.png"
-        )
-        records.append(
-            {
-                "id": f"img{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": f"<image>\nDescribe picture {i}"},
-                    {"from": "gpt", "value": f"Noise number {i}"},
-                ],
-            }
-        )
-    for i in range(text_only):
-        records.append(
-            {
-                "id": f"txt{i}",
-                "conversations": [
-                    {"from": "human", "value": f"Count to {i}"},
-                    {"from": "gpt", "value": " ".join(map(str, range(i + 1)))},
-                ],
-            }
-        )
-    path = folder / "data.json"
-    path.write_text(json.dumps(records))
-    return path
+    return write_toy_conversations(folder, images, text_only)
 
 
 def free_port() -> int:
