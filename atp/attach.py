@@ -104,6 +104,7 @@ def attach(
     from_pretrained: str | os.PathLike | None = None,
     observe: bool = False,
     positions: str | None = None,
+    budget_loss: str = "paper",
     **options,
 ) -> AttachHandle:
     """Attach adaptive token pruning to a transformers vision-language model.
@@ -123,6 +124,8 @@ def attach(
         and L_target and N_target (default 0, 0, None: no budget terms).
     add_budget_loss : when the model is called with labels in training mode, add the
         weighted budget terms to ``outputs.loss`` (default True).
+    budget_loss : a registered budget loss (default "paper", Eq. 12-13); it is built with
+        ``target_tokens`` and called with the cumulative soft masks.
     from_pretrained : a folder written by ``handle.save_pretrained``: restores layers, policy,
         options, budget and weights (explicit arguments must agree or override the budget).
     observe : call the plugins' ``atp_observe`` hook with every ATP layer's decision.
@@ -208,6 +211,7 @@ def attach(
             f"this {adapter.family} model's language model uses sliding-window attention layers, "
             "which atp does not support yet"
         )
+    loss_factory = registry().get("budget_loss", budget_loss).factory
     positions = "keep" if positions is None else positions
     keeper = registry().get("position_keeper", positions).factory(adapter)
     if adapter.positions not in keeper.positions:
@@ -229,7 +233,9 @@ def attach(
     policy_module.train(model.training)
     container = AtpModules(policy_module)
     observers = registry().observers() if observe else []
-    runtime = Runtime(adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper)
+    runtime = Runtime(
+        adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper, loss_factory
+    )
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
     model.add_module(CONTAINER_NAME, container)
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})

@@ -106,8 +106,10 @@ def tokens_per_layer(
     """Visual tokens at the input of every decoder layer."""
     if len(layers) != len(kept):
         raise ValueError(f"{len(layers)} ATP layers but {len(kept)} kept counts")
-    if list(layers) != sorted(set(layers)) or (layers and not layers[0] >= 0 and layers[-1] < num_layers):
+    if list(layers) != sorted(set(layers)) or not all(0 <= layer < num_layers for layer in layers):
         raise ValueError(f"layers must be increasing indices in 0..{num_layers - 1}, got {list(layers)}")
+    if any(count < 0 or count > visual for count in kept):
+        raise ValueError(f"kept counts must be between 0 and the {visual:g} visual tokens, got {list(kept)}")
     out, current, schedule = [], float(visual), dict(zip(layers, kept))
     for i in range(num_layers):
         current = float(schedule.get(i, current))
@@ -196,6 +198,10 @@ def report(
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     visual = float(shape.visual_tokens * images if visual_tokens is None else visual_tokens)
+    if visual + text_tokens <= 0:
+        raise ValueError(
+            f"{shape.name} has no visual token count in its config; give visual_tokens (--visual-tokens)"
+        )
     per_layer_visual = tokens_per_layer(shape.num_layers, list(layers), list(kept), visual)
     per_layer = [layer_flops(text_tokens + v, shape, convention) for v in per_layer_visual]
     full = layer_flops(text_tokens + visual, shape, convention) * shape.num_layers

@@ -49,6 +49,7 @@ class Prefill:
     records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
     decided: set = field(default_factory=set)  # ATP indices already decided
     shifts: dict = field(default_factory=dict)  # ATP index -> (B, L) pruned tokens before each position
+    cache: object = None  # weak reference to the prefill's KV cache
 
     @property
     def num_visual(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ One :class:`Runtime` per attached model; all state lives on it (never global).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -42,6 +43,7 @@ class Runtime:
         budget: Budget | None = None,
         observers: list | None = None,
         keeper=None,
+        budget_loss=None,
     ):
         self.adapter = adapter
         self.policy = policy
@@ -69,7 +71,7 @@ class Runtime:
         self.hooks: list = []
         self.observers = observers or []  # atp_observe implementations, resolved at attach
         self.budget = budget or Budget()
-        self.budget_loss = PaperBudgetLoss(self.budget.target_tokens)
+        self.budget_loss = (budget_loss or PaperBudgetLoss)(self.budget.target_tokens)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
 
     # install / remove ------------------------------------------------------------------
@@ -135,7 +137,15 @@ class Runtime:
         if past == 0:  # the layout is read when the language model starts (embeddings are known)
             self.decoding = False
             self.prefill = None
-            self.pending = {**kwargs, "input_ids": input_ids}
+            kept = (
+                "attention_mask",
+                "pixel_values",
+                "pixel_values_videos",
+                "image_grid_thw",
+                "video_grid_thw",
+                "image_sizes",
+            )
+            self.pending = {"input_ids": input_ids, **{name: kwargs.get(name) for name in kept}}
             return None
         if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs):
             raise ValueError(
@@ -145,6 +155,11 @@ class Runtime:
         if self.prefill is not None:
             past = self._original_past(cache, past)
             self._check_cache(cache, past, input_ids.shape[0])
+            if past != cache.get_seq_length() and kwargs.get("position_ids") is None:
+                raise ValueError(
+                    "layer 0's cache was pruned by a pre-LLM policy, so decode steps need position_ids "
+                    "(and the growing 2D attention_mask), as generate passes them"
+                )
         self.decoding = True
         self.step_past = past
         self.step_padding = kwargs.get("attention_mask")  # 2D, original columns (layer 0 may be pruned)
@@ -178,6 +193,7 @@ class Runtime:
     def _check_cache(self, cache, past: int, batch: int) -> None:
         p = self.prefill
         ok = p.visual_valid.shape[0] == batch and past >= p.length
+        ok = ok and (p.cache is None or p.cache() is cache)
         last = p.segments.get(len(self.layers) - 1)
         if ok and isinstance(last, Layout):
             ok = cache.layers[self.layers[-1]].get_seq_length() == last.index.shape[1] + past - p.length
@@ -217,6 +233,9 @@ class Runtime:
                 return None
             kwargs.update(self._segment_kwargs(segment, kwargs))
             return args, kwargs
+        cache = kwargs.get("past_key_values")
+        if cache is not None and p.cache is None:
+            p.cache = weakref.ref(cache)  # decoding must continue this very cache
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
             if "positions" not in self.step_cache:
                 self.step_cache["positions"] = self.keeper.prefill(kwargs["position_embeddings"], p)
@@ -239,6 +258,7 @@ class Runtime:
         if p is None or self.decoding:
             return None
         self.last_stats = self._stats()
+        p.context["inputs"] = {}  # pixels are not needed after the prefill
         if p.layout is None:
             p.full_hidden = None
             return None
@@ -349,17 +369,14 @@ class Runtime:
         width = hidden.shape[-1]
         visual = gather_seq(hidden, positions)  # (B, N, D)
         target = torch.where(valid, merge, merge.new_full((), positions.shape[1]))
-        sums = visual.new_zeros(visual.shape[0], positions.shape[1] + 1, width)
-        sums = sums.index_put(
-            (torch.arange(visual.shape[0])[:, None].expand_as(target), target), visual, accumulate=True
-        )
+        rows = torch.arange(visual.shape[0], device=hidden.device)[:, None].expand_as(target)
+        sums = torch.zeros(visual.shape[0], positions.shape[1] + 1, width, device=hidden.device)  # float32
+        sums = sums.index_put((rows, target), visual.float(), accumulate=True)
         counts = torch.zeros(visual.shape[0], positions.shape[1] + 1, device=hidden.device)
-        counts = counts.index_put(
-            (torch.arange(visual.shape[0])[:, None].expand_as(target), target), valid.float(), accumulate=True
-        )
+        counts = counts.index_put((rows, target), valid.float(), accumulate=True)
         means = (sums[:, :-1] / counts[:, :-1, None].clamp_min(1)).to(hidden.dtype)
         is_target = (counts[:, :-1] > 0) & valid
-        merged = torch.where(is_target[..., None], means, visual)
+        merged = torch.where(is_target[..., None], means, visual)  # means already in the hidden dtype
         return scatter_seq(hidden, positions, valid, merged)
 
     # what each layer of a segment receives ------------------------------------------------
@@ -412,8 +429,10 @@ class Runtime:
                 None
                 if query_len == 1
                 else causal_mask(
-                    torch.arange(self.step_past, self.step_past + query_len)[None],
-                    torch.arange(self.step_past + query_len)[None],
+                    torch.arange(self.step_past, self.step_past + query_len, device=self.prefill.real.device)[
+                        None
+                    ],
+                    torch.arange(self.step_past + query_len, device=self.prefill.real.device)[None],
                 )
             )
         total = padding.shape[1]

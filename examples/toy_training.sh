@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# A toy run of the whole training story on one CPU, nothing downloaded (about a minute):
+# A toy run of the whole training story on one CPU, nothing downloaded (about 20 s):
 # write a tiny LLaVA-format dataset, train the ATP heads of the embedded tiny model with the
 # budget loss, resume, and reload the result for pruned generation.
 set -euo pipefail
 out=${1:-runs/toy}
-python -c "from atp.testing import write_toy_conversations as w; print(w('$out/data'))"
-atp train --model tiny --data "$out/data/data.json" --image-folder "$out/data/images" --output-dir "$out/run" \
+python=${PYTHON:-python}  # the interpreter of the environment atp is installed in (e.g. .venv/bin/python)
+"$python" -c "from atp.testing import write_toy_conversations as w; print(w('$out/data'))"
+"$python" -m atp train --model tiny --data "$out/data/data.json" --image-folder "$out/data/images" --output-dir "$out/run" \
   --max-steps 20 --save-steps 10 --batch-size 2 --workers 0 --freeze-lm --atp-learning-rate 0.01 \
   --target-tokens 8 --lambda-target 1.0
-atp train --model tiny --data "$out/data/data.json" --image-folder "$out/data/images" --output-dir "$out/run" \
+"$python" -m atp train --model tiny --data "$out/data/data.json" --image-folder "$out/data/images" --output-dir "$out/run" \
   --max-steps 30 --save-steps 10 --batch-size 2 --workers 0 --freeze-lm --atp-learning-rate 0.01 \
   --target-tokens 8 --lambda-target 1.0 --resume latest
-python - "$out/run" <<'PY'
+"$python" - "$out/run" <<'PY'
 import sys
 import torch
 import atp

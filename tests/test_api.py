@@ -235,3 +235,29 @@ def test_llava_15_7b_shapes_attach_without_weights():
         assert handle.layers == (4, 14, 24)
         assert handle.policy.heads[0].proj.in_features == 2 * 576
         assert handle.policy.heads[0].proj.weight.device.type == "meta"
+
+
+def test_budget_losses_are_selected_by_name(monkeypatch, batch):
+    from atp.components.budget_loss import PaperBudgetLoss
+
+    class Doubled(PaperBudgetLoss):
+        def __call__(self, *args, **kwargs):
+            return {name: 2 * value for name, value in super().__call__(*args, **kwargs).items()}
+
+    extra = FakeEntryPoint(
+        "losses", plugin(atp_register_budget_losses=lambda register: register("doubled", Doubled))
+    )
+    reg = registry_with(monkeypatch, extra)
+    import sys
+
+    monkeypatch.setattr(sys.modules["atp.attach"], "registry", lambda: reg)
+    model = tiny_llava(num_layers=4)
+    losses = {}
+    for name in ("paper", "doubled"):
+        with atp.attach(model, layers=[1, 3], budget_loss=name, target_tokens=4.0) as handle, torch.no_grad():
+            model(**batch)
+            losses[name] = handle.stats.losses
+    assert torch.equal(losses["doubled"]["atp"], 2 * losses["paper"]["atp"])
+    with pytest.raises(ValueError, match="unknown budget_loss 'nope'"):
+        atp.attach(model, layers=[1], budget_loss="nope")
+    assert "atp" not in dict(model.named_children())

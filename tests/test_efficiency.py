@@ -160,3 +160,19 @@ def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_pat
     monkeypatch.setattr(builtins, "__import__", blocked)
     with pytest.raises(ValueError, match=r"--plot needs matplotlib \(pip install matplotlib\)"):
         plot({"methods": {}, "device": "cpu"}, str(tmp_path / "bench.png"))
+
+
+def test_out_of_range_schedules_and_missing_token_counts_are_refused(capsys):
+    with pytest.raises(ValueError, match="layers must be increasing indices in 0..31"):
+        report(PRESETS["llava-1.5-7b"], [4, 40], [10, 5])
+    with pytest.raises(ValueError, match="layers must be increasing"):
+        report(PRESETS["llava-1.5-7b"], [14, 4], [10, 5])
+    with pytest.raises(ValueError, match="kept counts must be between 0 and the 576"):
+        report(PRESETS["llava-1.5-7b"], [4], [600])
+    shape = shape_from_config(tiny_llava(num_layers=4).config.text_config)  # a text config: no visual count
+    with pytest.raises(ValueError, match="give visual_tokens"):
+        report(shape, [1], [0], text_tokens=0)
+    assert (
+        main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "40", "--kept", "1", "2", "3"]) == 2
+    )
+    assert "layers must be increasing" in capsys.readouterr().err

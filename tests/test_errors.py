@@ -177,3 +177,44 @@ def test_compiling_after_attach_is_refused_at_the_forward(model, batch):
         model.compile(backend="eager")
         with pytest.raises(RuntimeError, match="does not support torch.compile"):
             model(**batch)
+
+
+def test_a_cache_from_elsewhere_is_refused_in_mask_mode_too(model, batch):
+    with torch.no_grad():
+        foreign = model(**batch, use_cache=True).past_key_values  # built without atp
+    step = {
+        "input_ids": torch.tensor([[5], [6]]),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+    }
+    with atp.attach(model, layers=[1], policy="fixed", keep=[4], prune_mode="mask"), torch.no_grad():
+        own = model(**batch, use_cache=True).past_key_values
+        model(**step, past_key_values=own)  # the prefill's own cache continues
+        with pytest.raises(ValueError, match="does not continue the last prefill"):
+            model(**step, past_key_values=foreign)
+
+
+def test_pool_needs_position_ids_when_decoding_by_hand(model, batch):
+    step = {
+        "input_ids": torch.tensor([[5], [6]]),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+    }
+    with atp.attach(model, policy="pool"), torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="decode steps need position_ids"):
+            model(**step, past_key_values=cache)
+        length = batch["input_ids"].shape[1]
+        positions = (batch["attention_mask"].sum(1, keepdim=True) - 1 + 1).clamp_min(0) * 0 + length
+        model(**step, past_key_values=cache, position_ids=positions)  # fine with positions
+
+
+def test_the_runtime_keeps_no_cache_or_pixels_after_a_prefill(model, batch):
+    import gc
+    import weakref
+
+    with atp.attach(model, layers=[1], policy="fixed", keep=[4]) as handle, torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, return_dict_in_generate=True)
+        cache = weakref.ref(out.past_key_values)
+        assert handle.runtime.prefill.context["inputs"] == {}
+        del out
+        gc.collect()
+        assert cache() is None  # atp holds no strong reference to the KV cache

@@ -65,3 +65,22 @@ def test_clip_relevance_refuses_bad_options(model):
             scorer_options={**OPTIONS, "weights": "clip.pt"},
         )
     assert "atp" not in dict(model.named_children())
+
+
+def test_clip_scores_follow_the_prompt_of_each_prefill(model):
+    from atp.testing import llava_batch
+
+    first = llava_batch(model, [([1, 5], [7, 8, 9], 1)])
+    second = {**first, "input_ids": first["input_ids"].clone()}
+    second["input_ids"][0, -3:] = torch.tensor([20, 21, 22])  # same image, another question
+    with (
+        atp.attach(
+            model, layers=[2], policy="fixed", keep=[6], scorer="clip_relevance", scorer_options=OPTIONS
+        ) as handle,
+        torch.no_grad(),
+    ):
+        model(**first)
+        scores_first = handle.policy.scorer._cache[1].clone()
+        model(**second)
+        scores_second = handle.policy.scorer._cache[1]
+    assert not torch.equal(scores_first, scores_second)

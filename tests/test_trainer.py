@@ -226,3 +226,39 @@ def test_shipped_accelerate_configs_load(name):
     if name == "fsdp":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
         assert config.fsdp_config["fsdp_use_orig_params"] is True
+
+
+def test_gradient_accumulation_gives_the_gradients_of_the_full_batch(tmp_path):
+    """Two micro-batches of one sample (GA=2) accumulate the same ATP gradients as one batch of two."""
+    grads = {}
+    cases = ((1, [[0, 1]], None), (2, [[0], [1]], None), ("unscaled", [[0], [1]], 1.0))
+    for accumulation, micro_batches, forced_scale in cases:
+        steps = 1 if accumulation == 1 else 2
+        trainer, handle = make_trainer(tmp_path / str(accumulation), gradient_accumulation_steps=steps)
+        if forced_scale is not None:  # a negative control: the budget terms not scaled for accumulation
+            trainer.budget_scale = lambda num_items_in_batch, _scale=forced_scale: _scale
+        handle.freeze_base_model()
+        dataset, collate = trainer.train_dataset, trainer.data_collator
+        batches = [collate([dataset[i] for i in indices]) for indices in micro_batches]
+        items = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+        trainer.current_gradient_accumulation_steps = steps
+        trainer.model.train()
+        for batch in batches:
+            trainer.training_step(trainer.model, batch, num_items_in_batch=torch.tensor(items))
+        grads[accumulation] = [p.grad.clone() for p in handle.parameters()]
+        handle.remove()
+    assert any(g.abs().sum() > 0 for g in grads[1])
+    for full, accumulated in zip(grads[1], grads[2]):
+        torch.testing.assert_close(accumulated, full, rtol=1e-3, atol=1e-5)
+    unscaled = max(float((a - b).abs().max()) for a, b in zip(grads["unscaled"], grads[1]))
+    assert unscaled > 1e-3  # the check above would see a wrong scale
+
+
+def test_budget_scale_follows_accumulation_and_process_count(tmp_path, monkeypatch):
+    trainer, handle = make_trainer(tmp_path, gradient_accumulation_steps=4)
+    trainer.current_gradient_accumulation_steps = 4
+    assert trainer.budget_scale(torch.tensor(10)) == 0.25
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 8))
+    assert trainer.budget_scale(torch.tensor(10)) == 1 / 32  # the Trainer multiplies the loss by 8 before DDP
+    assert trainer.budget_scale(None) == 1.0  # no global token count: plain per-batch means
+    handle.remove()

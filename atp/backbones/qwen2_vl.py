@@ -4,7 +4,7 @@ Each image (or video) sits between ``<|vision_start|>`` and ``<|vision_end|>`` a
 ``t * h * w / merge**2`` tokens: ``t`` frames of an ``(h / merge) x (w / merge)`` grid. The
 markers are structural (never pruned, not instruction tokens). Kept tokens keep their
 original (t, h, w) M-RoPE positions: the rotary cos / sin are gathered like 1D ones, and the
-decoding positions (``rope_deltas``) stay right because layer 0's cache is never pruned.
+decoding positions (``rope_deltas``) stay right because ATP layers never prune layer 0's cache.
 """
 
 from __future__ import annotations

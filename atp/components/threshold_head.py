@@ -95,7 +95,8 @@ class PaperThresholdHead(ThresholdHead):
         if width > self.num_visual_tokens:
             raise ValueError(
                 f"this threshold head was built for {self.num_visual_tokens} visual tokens per sample, "
-                f"got {width}; use a size-agnostic threshold head for inputs with more visual tokens"
+                f"got {width} (several images in one prompt?); attach with threshold_head='binned', the "
+                "size-agnostic head, for such inputs"
             )
         pad = self.num_visual_tokens - width
         return torch.cat([F.pad(s_self.float(), (0, pad)), F.pad(s_cross.float(), (0, pad))], dim=1)

@@ -25,9 +25,9 @@ class AtpTrainer(Trainer):
 
     * optimizer groups with their own learning rates: ``atp_learning_rate`` (paper 1e-4) for
       the ATP parameters, ``args.learning_rate`` (paper 2e-5) for the trainable base model;
-    * the budget terms are added to ``outputs.loss`` by the attached model; when the Trainer
-      normalises the LM loss over the whole accumulated batch, they are scaled by
-      1 / gradient-accumulation steps so the accumulated gradient is that of the mean;
+    * the budget terms are added to ``outputs.loss`` by the attached model, scaled so that the
+      accumulated, all-reduced gradient is that of their mean over the global batch (the
+      Trainer normalises the LM loss over it; see :meth:`budget_scale`);
     * logs ``atp_loss``, ``target_loss`` and ``avg_tokens`` (means since the last log, over
       all processes) next to ``loss``;
     * saves ``atp_config.json`` + ``atp_model.safetensors`` in every checkpoint, gathered
@@ -53,8 +53,7 @@ class AtpTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         runtime = self.atp_handle.runtime
-        pre_scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        runtime.budget_scale = 1.0 / self.current_gradient_accumulation_steps if pre_scaled else 1.0
+        runtime.budget_scale = self.budget_scale(num_items_in_batch)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         stats = runtime.last_stats
         if stats is not None and model.training and bool((stats.num_visual > 0).any()):
@@ -68,6 +67,31 @@ class AtpTrainer(Trainer):
                 dtype=torch.float64,
             )
         return result
+
+    def budget_scale(self, num_items_in_batch) -> float:
+        """The factor that turns the per-micro-batch budget mean into its share of the step.
+
+        The Trainer normalises the LM loss over the whole accumulated (and, across devices,
+        global) batch, then does not divide by accumulation steps and multiplies by the number
+        of processes before DDP averages; the budget terms are per-micro-batch means, so they
+        get the inverse of both (mirroring ``Trainer.training_step`` and ``compute_loss``).
+        """
+        scale = 1.0
+        scaled_for_accumulation = self.loss_is_scaled_for_ga
+        if scaled_for_accumulation is None:
+            scaled_for_accumulation = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if scaled_for_accumulation:
+            scale /= self.current_gradient_accumulation_steps
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            processes = self.accelerator.num_processes // self.get_tp_size()
+            scale /= processes if self.args.n_gpu <= 1 else self.args.n_gpu
+        return scale
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

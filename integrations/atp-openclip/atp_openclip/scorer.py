@@ -101,9 +101,8 @@ class ClipRelevanceScorer(Scorer):
             raise ValueError(
                 "clip_relevance needs the images as pixel_values (I, 3, H, W), one grid per image (LLaVA-1.5)"
             )
-        key = (pixels.data_ptr(), tuple(pixels.shape))
-        if self._cache is None or self._cache[0] != key:
+        if self._cache is None or self._cache[0] is not context:  # one computation per prefill
             ids, instruction = inputs["input_ids"], context["instruction"]
             texts = [self.tokenizer.decode(ids[b][instruction[b]].tolist()) for b in range(ids.shape[0])]
-            self._cache = (key, self.relevance(pixels, context["grids"], texts))
+            self._cache = (context, self.relevance(pixels, context["grids"], texts))
         return {"s_clip": self._cache[1].gather(1, view.visual_ids)}
