@@ -63,6 +63,13 @@ class Prefill:
     def start(cls, layout, inputs: dict, mode: str, soft: bool, lambda_sample: float, strides) -> Prefill:
         """The prefill state of an adapter's VisualLayout and the multimodal model's ``inputs``."""
         visual = layout.visual
+        counts = visual.sum(dim=1).tolist()
+        for sample, (grids, count) in enumerate(zip(layout.grids, counts)):
+            if sum(h * w for h, w in grids) != count:
+                raise ValueError(
+                    f"sample {sample}: the image grids {grids} cover {sum(h * w for h, w in grids)} tokens but "
+                    f"the prompt has {count} visual tokens; the backbone adapter misread this layout"
+                )
         attention_mask = inputs.get("attention_mask")
         batch, length = visual.shape
         positions, valid = mask_to_index(visual)

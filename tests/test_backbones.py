@@ -147,3 +147,44 @@ def test_sliding_window_language_models_are_refused():
     with pytest.raises(ValueError, match="uses sliding-window attention layers"):
         atp.attach(model, layers=[1])
     assert "atp" not in dict(model.named_children())
+
+
+@pytest.mark.parametrize("onevision", [False, True])
+def test_llava_next_images_back_to_back_are_told_apart(onevision):
+    from atp.testing import llava_next_batch, tiny_llava_next
+
+    model = tiny_llava_next(onevision=onevision)
+    media = [("image", 32, 32), ("image", 40, 70), ("image", 32, 32)]  # no text between the images
+    batch = llava_next_batch(model, [([1], [5, 6], media)])
+    layout = layout_of(model, batch)
+    assert layout.grids == [[(4, 4), (4, 4), (4, 4), (4, 8), (4, 4), (4, 4)]]
+    with torch.no_grad():
+        reference = model(**batch).logits
+    with atp.attach(model, layers=[1, 3], policy="keep_all") as handle, torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+        assert handle.stats.num_visual.tolist() == [16 * 5 + 32]
+    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[0.5, 0.5]), torch.no_grad():
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+
+
+def test_llava_next_newlines_are_found_under_autocast():
+    from atp.testing import llava_next_batch, tiny_llava_next
+
+    model = tiny_llava_next()
+    batch = llava_next_batch(model, [([1], [5, 6], [("image", 40, 70)])])
+    with atp.attach(model, layers=[1, 3], policy="keep_all") as handle:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+        assert handle.stats.num_visual.tolist() == [48]  # 16 + 4 x 8; the 4 newlines are structural
+        assert handle.runtime.prefill.context["grids"] == [[(4, 4), (4, 8)]]
+
+
+def test_a_misread_layout_is_an_error_not_silent():
+    from atp.backbones.base import VisualLayout
+    from atp.prefill import Prefill
+
+    visual = torch.zeros(1, 10, dtype=torch.bool)
+    visual[0, 2:8] = True
+    layout = VisualLayout(visual, torch.zeros_like(visual), [[(2, 2)]])  # 4 of 6 tokens
+    with pytest.raises(ValueError, match="cover 4 tokens but the prompt has 6 visual tokens"):
+        Prefill.start(layout, {}, "drop", False, 3.0, None)

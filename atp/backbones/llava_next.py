@@ -19,23 +19,50 @@ from atp.backbones.base import BackboneAdapter, VisualLayout, runs
 
 
 def newline_positions(language_inputs: dict, tokens: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
-    """BoolTensor (B, L): positions of ``tokens`` whose input embedding is exactly ``newline``."""
+    """BoolTensor (B, L): positions of ``tokens`` whose input embedding is the ``newline`` vector.
+
+    The model scatters the newline in the dtype its image features had, which is lower than the
+    embedding's under autocast, so the vector is also matched after a bf16 / fp16 round trip.
+    """
     embeds = language_inputs.get("inputs_embeds")
     if embeds is None:
         raise ValueError("atp needs the language model's inputs_embeds to find the image newline features")
-    return tokens & (embeds == newline.to(embeds.dtype)).all(dim=-1)
+    found = torch.zeros_like(tokens)
+    for dtype in {embeds.dtype, torch.bfloat16, torch.float16}:
+        candidate = newline.detach().to(dtype).to(embeds.dtype)
+        found |= (embeds == candidate).all(dim=-1)
+    return tokens & found
 
 
-def tiled_grids(length: int, is_newline: list[bool], side: int) -> list[tuple[int, int]]:
-    """Grids of one image's tokens: the base ``side x side`` grid, then rows closed by newlines."""
-    grids = [(side, side)] if length >= side * side else []
-    rest = is_newline[side * side :]
-    rows = sum(rest)
-    columns = (len(rest) - rows) // rows if rows else 0
-    if rows and columns and columns * rows + rows != len(rest):
-        raise ValueError("an image's tokens do not form rows closed by newline features")
-    if rows and columns:
-        grids.append((rows, columns))
+def tiled_grids(is_newline: list[bool], side: int) -> list[tuple[int, int]]:
+    """Grids of a run of image tokens holding one or more images back to back.
+
+    Each image is its base ``side x side`` grid, then either one newline (not tiled) or rows of
+    equal length each closed by a newline; a row that does not follow the pattern starts the
+    next image.
+    """
+    grids, position, total = [], 0, len(is_newline)
+    while position < total:
+        base = side * side
+        if position + base > total or any(is_newline[position : position + base]):
+            raise ValueError("an image's tokens do not start with its base grid; is the layout LLaVA-NeXT's?")
+        grids.append((side, side))
+        position += base
+        if position < total and is_newline[position]:  # not tiled: one trailing newline
+            position += 1
+            continue
+        following = [k for k in range(position, total) if is_newline[k]]
+        if not following:
+            continue  # no newline feature (a model without image_newline): the base grid only
+        width, rows = following[0] - position, 0
+        while (
+            position + width < total
+            and is_newline[position + width]
+            and not any(is_newline[position : position + width])
+        ):
+            rows += 1
+            position += width + 1
+        grids.append((rows, width))
     return grids
 
 
@@ -55,7 +82,7 @@ class LlavaNextAdapter(BackboneAdapter):
 
     def run_grids(self, kind: str, is_newline: list[bool]) -> list[tuple[int, int]]:
         """The grids of one run of placeholder tokens (``is_newline`` per token)."""
-        return tiled_grids(len(is_newline), is_newline, self.base_side())
+        return tiled_grids(is_newline, self.base_side())
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         kinds = {kind: input_ids == token for kind, token in self.token_ids().items()}

@@ -22,5 +22,11 @@ class LlavaOneVisionAdapter(LlavaNextAdapter):
         if kind == "image":
             return super().run_grids(kind, is_newline)
         side = math.ceil(self.base_side() / 2)
-        frames = (len(is_newline) - sum(is_newline)) // (side * side)
-        return [(side, side)] * frames
+        grids, frames = [], 0  # videos back to back: each is frames of pooled grids, then a newline
+        for flag in is_newline:
+            if flag:
+                grids += [(side, side)] * (frames // (side * side))
+                frames = 0
+            else:
+                frames += 1
+        return grids + [(side, side)] * (frames // (side * side))
