@@ -480,3 +480,33 @@ def write_toy_conversations(folder, images: int = 4, text_only: int = 4) -> Path
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     return path
+
+
+def tiny_pixtral_llava(num_layers: int = 4, seed: int = 0):
+    """A random LLaVA with a Pixtral tower (Pixtral-12B's layout): 8 px patches, no merge, rows of
+    image tokens closed by break tokens; build inputs with :func:`mistral3_batch`."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 8,
+            "head_dim": 8,
+        },
+        text_config={
+            "model_type": "mistral",
+            "sliding_window": None,
+            "head_dim": 16,
+            "num_hidden_layers": num_layers,
+            **_TEXT,
+        },
+        image_token_index=127,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    return _build(LlavaForConditionalGeneration, config, seed)

@@ -188,3 +188,20 @@ def test_a_misread_layout_is_an_error_not_silent():
     layout = VisualLayout(visual, torch.zeros_like(visual), [[(2, 2)]])  # 4 of 6 tokens
     with pytest.raises(ValueError, match="cover 4 tokens but the prompt has 6 visual tokens"):
         Prefill.start(layout, {}, "drop", False, 3.0, None)
+
+
+def test_llava_with_a_pixtral_tower_reads_rows_and_breaks():
+    from atp.testing import mistral3_batch, tiny_pixtral_llava
+
+    model = tiny_pixtral_llava()
+    batch = mistral3_batch(model, [([1, 5], [7, 8], [(32, 48)]), ([1], [4, 5, 6], [(16, 24), (24, 16)])])
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    with atp.attach(model, layers=[1, 3], policy="keep_all") as handle, torch.no_grad():
+        assert torch.equal(model(**batch).logits[real], reference[real])
+        assert handle.runtime.prefill.context["grids"] == [[(4, 6)], [(2, 3), (3, 2)]]
+    with atp.attach(model, layers=[1, 3]) as handle:
+        assert isinstance(handle.policy.heads[0], BinnedThresholdHead)  # the token count varies
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=3, do_sample=False)

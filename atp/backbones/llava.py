@@ -7,20 +7,30 @@ import math
 import torch
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
+from atp.backbones.mistral3 import pixtral_layout
 
 
 class LlavaAdapter(BackboneAdapter):
     """Each ``<image>`` placeholder expands to ``image_seq_length`` tokens (576 = 24 x 24 for
-    CLIP ViT-L/14 at 336 px); several images in one prompt are several consecutive grids."""
+    CLIP ViT-L/14 at 336 px); several images in one prompt are several consecutive grids.
+
+    LLaVA checkpoints with a Pixtral vision tower (e.g. Pixtral-12B) lay images out as Mistral 3
+    does (rows closed by break tokens, a variable number of tokens): that layout is read instead.
+    """
 
     family = "llava"
     model_types = ("llava",)
     positions = "1d-rope"
 
+    def pixtral(self) -> bool:
+        return getattr(self.model.config.vision_config, "model_type", "") == "pixtral"
+
     def num_visual_tokens(self) -> int | None:
-        return int(self.model.config.image_seq_length)
+        return None if self.pixtral() else int(self.model.config.image_seq_length)
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
+        if self.pixtral():
+            return pixtral_layout(input_ids, self.model.config.image_token_id)
         visual = input_ids == self.model.config.image_token_id
         per_image = self.num_visual_tokens()
         side = math.isqrt(per_image)

@@ -15,35 +15,40 @@ import torch
 from atp.backbones.base import BackboneAdapter, VisualLayout, runs
 
 
+def pixtral_layout(input_ids: torch.Tensor, image_token_id: int) -> VisualLayout:
+    """Rows of image tokens closed by break tokens, an image ending with an end token (Pixtral)."""
+    visual = input_ids == image_token_id
+    structural = torch.zeros_like(visual)
+    ids = input_ids.tolist()
+    grids = []
+    for sample, spans in enumerate(runs(visual)):
+        row = ids[sample]
+        followers = [row[stop] if stop < len(row) else None for _, stop in spans]
+        # an end token is a separator that is followed by text (not by another row)
+        end_ids = {
+            followers[i]
+            for i, (_, stop) in enumerate(spans)
+            if followers[i] is not None and (i + 1 == len(spans) or spans[i + 1][0] != stop + 1)
+        }
+        sample_grids, group = [], []
+        for i, (start, stop) in enumerate(spans):
+            group.append(stop - start)
+            if followers[i] is not None:
+                structural[sample, stop] = True
+            continues = i + 1 < len(spans) and spans[i + 1][0] == stop + 1 and followers[i] not in end_ids
+            if not continues:
+                if len(set(group)) != 1:
+                    raise ValueError(f"an image's rows have different lengths {group}")
+                sample_grids.append((len(group), group[0]))
+                group = []
+        grids.append(sample_grids)
+    return VisualLayout(visual, structural, grids)
+
+
 class Mistral3Adapter(BackboneAdapter):
     family = "mistral3"
     model_types = ("mistral3",)
     positions = "1d-rope"
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
-        visual = input_ids == self.model.config.image_token_id
-        structural = torch.zeros_like(visual)
-        ids = input_ids.tolist()
-        grids = []
-        for sample, spans in enumerate(runs(visual)):
-            row = ids[sample]
-            followers = [row[stop] if stop < len(row) else None for _, stop in spans]
-            # an end token is a separator that is followed by text (not by another row)
-            end_ids = {
-                followers[i]
-                for i, (_, stop) in enumerate(spans)
-                if followers[i] is not None and (i + 1 == len(spans) or spans[i + 1][0] != stop + 1)
-            }
-            sample_grids, group = [], []
-            for i, (start, stop) in enumerate(spans):
-                group.append(stop - start)
-                if followers[i] is not None:
-                    structural[sample, stop] = True
-                continues = i + 1 < len(spans) and spans[i + 1][0] == stop + 1 and followers[i] not in end_ids
-                if not continues:
-                    if len(set(group)) != 1:
-                        raise ValueError(f"an image's rows have different lengths {group}")
-                    sample_grids.append((len(group), group[0]))
-                    group = []
-            grids.append(sample_grids)
-        return VisualLayout(visual, structural, grids)
+        return pixtral_layout(input_ids, self.model.config.image_token_id)
