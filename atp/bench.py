@@ -302,6 +302,25 @@ def plot(record: dict, path: str) -> None:
 
 def main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    for name, least in (
+        ("repeats", 1),
+        ("new_tokens", 1),
+        ("num_layers", 2),
+        ("hidden_size", 16),
+        ("text_tokens", 9),
+    ):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            raise ValueError("--plot needs matplotlib (pip install matplotlib)") from error
     config = BenchConfig()
     if device.startswith("cuda") and not args.small:  # the real LLaVA-1.5-7B language model shapes
         config = BenchConfig(

@@ -1,4 +1,7 @@
-"""The ``atp`` command line: ``atp demo``, ``atp plugins``, ``atp models``."""
+"""The ``atp`` command line: demo, train, flops, bench, plugins, models.
+
+Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,13 @@ def _demo_parser(sub) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
+    demo.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy option, VALUE as JSON (e.g. --policy fixed --option keep=[144,72,36]); repeatable",
+    )
 
 
 def _flops_parser(sub) -> None:
@@ -25,7 +35,13 @@ def _flops_parser(sub) -> None:
     source.add_argument("--preset", choices=["llava-1.5-7b", "llava-1.5-13b", "qwen2-vl-7b"])
     source.add_argument("--config", help="a local folder or config.json of a transformers model (no weights)")
     flops.add_argument("--layers", type=int, nargs="+", required=True, help="ATP layers, e.g. 4 14 24")
-    flops.add_argument("--kept", type=float, nargs="+", required=True, help="visual tokens kept after each")
+    flops.add_argument(
+        "--kept",
+        type=float,
+        nargs="+",
+        required=True,
+        help="visual tokens kept after each ATP layer; a value in (0, 1) is a fraction of those alive before it",
+    )
     flops.add_argument("--visual-tokens", type=float, default=None, help="visual tokens before pruning")
     flops.add_argument(
         "--text-tokens", type=float, default=0, help="text tokens (default 0: visual only, as Table 6)"
@@ -46,10 +62,22 @@ def _flops_main(args) -> int:
         from transformers import AutoConfig
 
         shape = efficiency.shape_from_config(AutoConfig.from_pretrained(args.config), name=args.config)
+        if shape.visual_tokens == 0 and args.visual_tokens is None:
+            raise ValueError("this model's visual token count depends on the input; give --visual-tokens")
+    if (
+        args.kv_bytes < 1
+        or args.text_tokens < 0
+        or (args.visual_tokens is not None and args.visual_tokens <= 0)
+    ):
+        raise ValueError("--kv-bytes must be >= 1, --text-tokens >= 0 and --visual-tokens > 0")
+    kept, alive = [], args.visual_tokens if args.visual_tokens is not None else shape.visual_tokens
+    for value in args.kept:  # fractions of the tokens alive, as the fixed policy reads them
+        alive = round(alive * value) if 0 < value < 1 else value
+        kept.append(alive)
     result = efficiency.report(
         shape,
         args.layers,
-        args.kept,
+        kept,
         args.visual_tokens,
         args.text_tokens,
         args.convention,
@@ -67,14 +95,14 @@ def _bench_parser(sub) -> None:
     )
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
-    bench.add_argument("--num-layers", type=int, default=None)
-    bench.add_argument("--hidden-size", type=int, default=None)
-    bench.add_argument("--repeats", type=int, default=None)
-    bench.add_argument("--new-tokens", type=int, default=None)
-    bench.add_argument("--text-tokens", type=int, default=None)
+    bench.add_argument("--num-layers", type=int, default=None, help="decoder layers (CPU default 8, GPU 32)")
+    bench.add_argument("--hidden-size", type=int, default=None, help="LM width (CPU default 1024, GPU 4096)")
+    bench.add_argument("--repeats", type=int, default=None, help="timed rounds, median reported (default 5)")
+    bench.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default 8)")
+    bench.add_argument("--text-tokens", type=int, default=None, help="prompt text tokens (default 48)")
     bench.add_argument("--output", default=None, help="also write the JSON record to this file")
     bench.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return demo.main(args)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, OSError) as error:
             print(f"atp demo: error: {error}", file=sys.stderr)
             return 2
     if args.command == "flops":
@@ -113,11 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from atp import bench
 
-        return bench.main(args)
+        try:
+            return bench.main(args)
+        except (ValueError, OSError) as error:
+            print(f"atp bench: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "train":
         from atp.training.cli import main as train_main
 
-        return train_main(args)
+        try:
+            return train_main(args)
+        except (ValueError, OSError) as error:
+            print(f"atp train: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "plugins":
         from atp.plugins import registry
 

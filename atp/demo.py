@@ -42,6 +42,7 @@ def run(
     image_path: str | None = None,
     max_new_tokens: int = 8,
     seed: int = 0,
+    extra_options: dict | None = None,
 ) -> dict:
     """Build the tiny model, generate with and without ATP, return the measurements."""
     started = time.perf_counter()
@@ -57,6 +58,7 @@ def run(
         "pixel_values": clip_pixel_values(image, 336)[None],
     }
     options = {"init_theta_r": theta_r, "init_theta_s": theta_s} if policy == "atp" else {}
+    options.update(extra_options or {})
 
     def generate():
         with torch.no_grad():
@@ -115,9 +117,31 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """``["keep=[144,72]", "ratio=0.5"]`` -> {"keep": [144, 72], "ratio": 0.5} (JSON values, else strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option needs KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def main(args) -> int:
+    options = parse_options(getattr(args, "option", []))
     result = run(
-        args.layers, args.policy, args.theta_r, args.theta_s, args.image, args.max_new_tokens, args.seed
+        args.layers,
+        args.policy,
+        args.theta_r,
+        args.theta_s,
+        args.image,
+        args.max_new_tokens,
+        args.seed,
+        options,
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0

@@ -67,7 +67,10 @@ def shape_from_config(config, name: str = "") -> ModelShape:
     text = getattr(config, "text_config", None) or config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    visual = getattr(config, "image_seq_length", None) or 0
+    # a fixed count only for LLaVA-1.5 (CLIP tower); tiled / dynamic families depend on the input
+    vision_type = getattr(getattr(config, "vision_config", None), "model_type", "")
+    fixed = getattr(config, "model_type", None) == "llava" and vision_type != "pixtral"
+    visual = (getattr(config, "image_seq_length", None) or 0) if fixed else 0
     return ModelShape(
         name or getattr(config, "model_type", "model"),
         text.num_hidden_layers,

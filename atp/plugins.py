@@ -62,7 +62,7 @@ class Registry:
             raise ValueError(f"unknown component kind {kind!r}; kinds are {sorted(KINDS)}")
         if not isinstance(name, str) or (kind, name) not in self._entries:
             raise ValueError(
-                f"unknown {kind} {name!r}; registered {kind}s: {', '.join(self.names(kind)) or 'none'}. "
+                f"unknown {kind} {name!r}; registered: {', '.join(self.names(kind)) or 'none'}. "
                 "Run `atp plugins` to list every component and the package it comes from."
             )
         return self._entries[(kind, name)]

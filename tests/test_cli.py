@@ -36,3 +36,66 @@ def test_plugins_and_models_list_the_registry(capsys):
     assert main(["models", "--json"]) == 0
     families = {entry["family"] for entry in json.loads(capsys.readouterr().out)}
     assert {"llava", "qwen2_vl", "mistral3"} <= families
+
+
+def test_demo_takes_policy_options(capsys):
+    assert main(["demo", "--json", "--policy", "fixed", "--option", "keep=[144, 72, 36]"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept"] == [144, 72, 36]
+    assert main(["demo", "--policy", "fastv", "--layers", "2", "--option", "ratio=0.75", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept"] == [144]
+    assert main(["demo", "--option", "keep"]) == 2
+    assert "--option needs KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--image", "/nonexistent/picture.png"], "atp demo: error"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--device", "cuda"], "no CUDA device is available"),
+        (
+            ["train", "--model", "tiny", "--data", "/nonexistent.json", "--output-dir", "/tmp/x"],
+            "atp train: error",
+        ),
+        (
+            ["flops", "--preset", "llava-1.5-7b", "--layers", "4", "--kept", "100", "--kv-bytes", "0"],
+            "--kv-bytes must be >= 1",
+        ),
+        (["demo", "--policy", "random"], "the 'random' policy needs keep"),
+    ],
+)
+def test_bad_command_lines_end_with_a_message_not_a_traceback(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flops_reads_fractions_as_the_fixed_policy_does(capsys):
+    assert (
+        main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "--kept", "0.5", "0.25", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["kept"] == [288.0, 72.0]
+
+
+def test_train_reports_missing_images_before_loading_anything(tmp_path, capsys):
+    from atp.testing import write_toy_conversations
+
+    data = write_toy_conversations(tmp_path, images=2, text_only=1)
+    (tmp_path / "images" / "1.png").unlink()
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                str(data),
+                "--image-folder",
+                str(tmp_path / "images"),
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
+    assert "1 images not found" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def test_unsupported_attention_implementation(model):
 
 
 def test_unknown_policy_and_options(model):
-    with pytest.raises(ValueError, match="unknown policy 'fastvv'; registered policys: .*atp.*keep_all"):
+    with pytest.raises(ValueError, match="unknown policy 'fastvv'; registered: .*atp.*keep_all"):
         atp.attach(model, layers=[1], policy="fastvv")
     with pytest.raises(
         ValueError, match="policy 'atp' does not take option.*colour.*its options are: temperature"

@@ -19,6 +19,8 @@ class RandomPolicy(Policy):
 
     def __init__(self, context: PolicyContext, keep: list[int | float] | None = None, seed: int = 0):
         super().__init__(context)
+        if keep is None:
+            raise ValueError("the 'random' policy needs keep=[...], one count or fraction per ATP layer")
         self.budgets = FixedPolicy(context, keep=keep)  # same validation and counting
         self.generator = torch.Generator().manual_seed(int(seed))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace):
     from atp.training.trainer import AtpTrainer
 
     dataset = ConversationDataset(args.data)
+    folder = Path(args.image_folder)
+    missing = [r["image"] for r in dataset.records if r.get("image") and not (folder / r["image"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images not found under {folder}, e.g. {missing[:3]}")
     model, tokenizer, image_processor = load_model(args.model, args.bf16)
     visual = int(model.config.image_seq_length)
     options = (
