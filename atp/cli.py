@@ -122,61 +122,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo_main(args) -> int:
+    from atp import demo
+
+    return demo.main(args)
+
+
+def _bench_main(args) -> int:
+    from atp import bench
+
+    return bench.main(args)
+
+
+def _train_main(args) -> int:
+    from atp.training.cli import main as train_main
+
+    return train_main(args)
+
+
+def _plugins_main(args) -> int:
+    from atp.plugins import registry
+
+    entries = registry().entries()
+    width = max(len(e.name) for e in entries)
+    for entry in entries:
+        print(f"{entry.kind:<16} {entry.name:<{width}}  {entry.origin}")
+    return 0
+
+
+def _models_main(args) -> int:
+    from atp.attach import supported_models
+
+    models = supported_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    print(f"{'family':<16} {'model_type':<16} {'positions':<9} {'attention':<9} origin")
+    for entry in models:
+        types = ", ".join(entry["model_types"])
+        attention = ", ".join(entry["attention"])
+        print(f"{entry['family']:<16} {types:<16} {entry['positions']:<9} {attention:<9} {entry['origin']}")
+    return 0
+
+
+COMMANDS = {
+    "demo": _demo_main,
+    "train": _train_main,
+    "flops": _flops_main,
+    "bench": _bench_main,
+    "plugins": _plugins_main,
+    "models": _models_main,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from atp import demo
-
-        try:
-            return demo.main(args)
-        except (ValueError, TypeError, OSError) as error:
-            print(f"atp demo: error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "flops":
-        try:
-            return _flops_main(args)
-        except (ValueError, OSError) as error:
-            print(f"atp flops: error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "bench":
-        from atp import bench
-
-        try:
-            return bench.main(args)
-        except (ValueError, OSError) as error:
-            print(f"atp bench: error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "train":
-        from atp.training.cli import main as train_main
-
-        try:
-            return train_main(args)
-        except (ValueError, OSError) as error:
-            print(f"atp train: error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "plugins":
-        from atp.plugins import registry
-
-        entries = registry().entries()
-        width = max(len(e.name) for e in entries)
-        for entry in entries:
-            print(f"{entry.kind:<16} {entry.name:<{width}}  {entry.origin}")
-        return 0
-    if args.command == "models":
-        from atp.attach import supported_models
-
-        models = supported_models()
-        if args.json:
-            print(json.dumps(models, indent=2))
-            return 0
-        print(f"{'family':<16} {'model_type':<16} {'positions':<9} {'attention':<9} origin")
-        for entry in models:
-            types = ", ".join(entry["model_types"])
-            print(
-                f"{entry['family']:<16} {types:<16} {entry['positions']:<9} {', '.join(entry['attention']):<9} {entry['origin']}"
-            )
-        return 0
-    return 1
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, OSError) as error:  # bad input: a message, not a traceback
+        print(f"atp {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

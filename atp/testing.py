@@ -389,30 +389,36 @@ def internvl_batch(
     return batch
 
 
+def _pixtral_parts(num_layers: int, patch_size: int) -> tuple[dict, dict]:
+    """A tiny Pixtral vision config and Mistral text config (no sliding window)."""
+    vision = {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": patch_size,
+        "head_dim": 8,
+    }
+    text = {
+        "model_type": "mistral",
+        "sliding_window": None,
+        "head_dim": 16,
+        "num_hidden_layers": num_layers,
+        **_TEXT,
+    }
+    return vision, text
+
+
 def tiny_mistral3(num_layers: int = 4, seed: int = 0):
     """A random Mistral 3: Pixtral tower with 4 px patches merged 2 x 2 (an 8 px cell per token),
     Mistral LM of hidden 64 without sliding window. Image 127, ``[IMG_BREAK]`` 12, ``[IMG_END]`` 13."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
+    vision, text = _pixtral_parts(num_layers, patch_size=4)
     config = Mistral3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 64,
-            "patch_size": 4,
-            "head_dim": 8,
-        },
-        text_config={
-            "model_type": "mistral",
-            "sliding_window": None,
-            "head_dim": 16,
-            "num_hidden_layers": num_layers,
-            **_TEXT,
-        },
-        image_token_index=127,
-        spatial_merge_size=2,
+        vision_config=vision, text_config=text, image_token_index=127, spatial_merge_size=2
     )
     return _build(Mistral3ForConditionalGeneration, config, seed)
 
@@ -487,24 +493,10 @@ def tiny_pixtral_llava(num_layers: int = 4, seed: int = 0):
     image tokens closed by break tokens; build inputs with :func:`mistral3_batch`."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    vision, text = _pixtral_parts(num_layers, patch_size=8)
     config = LlavaConfig(
-        vision_config={
-            "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 64,
-            "patch_size": 8,
-            "head_dim": 8,
-        },
-        text_config={
-            "model_type": "mistral",
-            "sliding_window": None,
-            "head_dim": 16,
-            "num_hidden_layers": num_layers,
-            **_TEXT,
-        },
+        vision_config=vision,
+        text_config=text,
         image_token_index=127,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
