@@ -174,6 +174,8 @@ def attach(
                 f"positions={positions!r} differs from the checkpoint's {saved.get('positions')!r}"
             )
         positions = saved.get("positions", "keep")
+        if budget_loss == "paper":  # the default: take the checkpoint's
+            budget_loss = saved.get("budget_loss", "paper")
         options = {**saved["options"], **options}
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
@@ -243,9 +245,8 @@ def attach(
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = _guarded_generate(model, model.generate)
         restore["generate_patched"] = True
-    handle = AttachHandle(
-        model, runtime, restore, {"policy": policy, "options": options, "positions": positions}
-    )
+    spec = {"policy": policy, "options": options, "positions": positions, "budget_loss": budget_loss}
+    handle = AttachHandle(model, runtime, restore, spec)
     container.handle = handle
     if policy_module.untrained:
         warnings.warn(

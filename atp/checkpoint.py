@@ -34,7 +34,6 @@ def model_identity(adapter) -> dict:
 def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write ``atp_config.json`` and ``atp_model.safetensors`` into the folder ``path``."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True)
     except TypeError as error:
@@ -42,6 +41,7 @@ def save_checkpoint(path: str | os.PathLike, config: dict, state_dict: dict[str,
             f"the attach options cannot be saved as JSON ({error}); only policies with JSON options "
             "(numbers, strings, lists) can be saved"
         ) from None
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(text + "\n")

@@ -92,6 +92,7 @@ class AttachHandle:
             "policy": self._spec["policy"],
             "options": self._spec["options"],
             "positions": self._spec.get("positions", "keep"),
+            "budget_loss": self._spec.get("budget_loss", "paper"),
             "budget": {
                 "lambda_atp": budget.lambda_atp,
                 "lambda_target": budget.lambda_target,

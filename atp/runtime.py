@@ -15,6 +15,7 @@ One :class:`Runtime` per attached model; all state lives on it (never global).
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
@@ -72,6 +73,8 @@ class Runtime:
         self.observers = observers or []  # atp_observe implementations, resolved at attach
         self.budget = budget or Budget()
         self.budget_loss = (budget_loss or PaperBudgetLoss)(self.budget.target_tokens)
+        self.warned_hard = False
+        self.pruned_caches = weakref.WeakSet()  # caches filled by an ATP prefill (weakly held)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
 
     # install / remove ------------------------------------------------------------------
@@ -95,7 +98,7 @@ class Runtime:
                 self._on_language_model_forward, with_kwargs=True
             )
         )
-        self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output))
+        self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output, with_kwargs=True))
         tower = self.adapter.vision_tower()
         if tower is not None:
             self.hooks.append(tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
@@ -116,6 +119,7 @@ class Runtime:
             or getattr(self.adapter.model, "_compiled_call_impl", None) is not None
         ):
             raise RuntimeError(COMPILE_MESSAGE)
+        self.pending = None  # whatever an earlier, failed call left
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         if cache is not None and not (
@@ -152,6 +156,11 @@ class Runtime:
                 "visual inputs arrived after the prefill (chunked prefill or images in a continuation); "
                 "atp needs the whole multimodal prompt in one forward"
             )
+        if self.prefill is None and cache in self.pruned_caches:
+            raise ValueError(
+                "this KV cache was pruned by an earlier prefill, but the last forward (without images) "
+                "replaced atp's state; continue a cache right after its own prefill"
+            )
         if self.prefill is not None:
             past = self._original_past(cache, past)
             self._check_cache(cache, past, input_ids.shape[0])
@@ -179,6 +188,9 @@ class Runtime:
         the language model's (``inputs_embeds``, M-RoPE ``position_ids``)."""
         pending, self.pending = self.pending, None
         if pending is None:
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:  # the language model called on its own
+                self.prefill, self.decoding, self.step_cache = None, False, {}
             return None
         input_ids = pending["input_ids"]
         layout = self.adapter.visual_layout(input_ids, pending, kwargs)
@@ -189,6 +201,13 @@ class Runtime:
         if self.prefill is None:
             self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
         return None
+
+    def _reentrant_checkpointing(self) -> bool:
+        for layer in self.adapter.decoder_layers():
+            function = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(layer, "gradient_checkpointing", False) and function is not None:
+                return getattr(function, "keywords", {}).get("use_reentrant", True) is not False
+        return False
 
     def _check_cache(self, cache, past: int, batch: int) -> None:
         p = self.prefill
@@ -216,6 +235,22 @@ class Runtime:
                 "(mask mode keeps every token in place; the model is in training mode here)"
             )
         soft = mode == "mask" and (not self.hard_masks if self.hard_masks is not None else training)
+        learning = (
+            training and torch.is_grad_enabled() and any(p.requires_grad for p in self.policy.parameters())
+        )
+        if soft and learning and self._reentrant_checkpointing():
+            raise ValueError(
+                "soft masks need non-reentrant gradient checkpointing: call "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        if learning and not soft and not self.warned_hard:
+            self.warned_hard = True
+            warnings.warn(
+                f"training with prune_mode={mode!r} and binary masks: the threshold heads get no gradient; "
+                "use prune_mode='mask' (or 'auto') with soft masks to train them",
+                UserWarning,
+                stacklevel=2,
+            )
         spatial_options = (
             getattr(self.policy, "lambda_sample", 3.0),
             getattr(self.policy, "spatial_strides", None),
@@ -236,6 +271,7 @@ class Runtime:
         cache = kwargs.get("past_key_values")
         if cache is not None and p.cache is None:
             p.cache = weakref.ref(cache)  # decoding must continue this very cache
+            self.pruned_caches.add(cache)
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
             if "positions" not in self.step_cache:
                 self.step_cache["positions"] = self.keeper.prefill(kwargs["position_embeddings"], p)
@@ -267,16 +303,23 @@ class Runtime:
         p.full_hidden = None
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
-    def _on_model_output(self, module, args, output):
+    def _on_model_output(self, module, args, kwargs, output):
         """Training with labels: add the weighted budget terms to ``outputs.loss``."""
-        loss = getattr(output, "loss", None)
+        as_tuple = isinstance(output, tuple)
+        if as_tuple:  # return_dict=False: the loss leads the tuple when labels were given
+            loss = output[0] if kwargs.get("labels") is not None else None
+        else:
+            loss = getattr(output, "loss", None)
         if not (module.training and self.budget.add_to_loss and loss is not None and self.last_stats):
             return None
         losses = self.last_stats.losses
         weighted = self.budget.lambda_atp * losses["atp"] + self.budget.lambda_target * losses["target"]
         # every ATP parameter joins the graph, also in batches without images (DDP needs it)
         touch = sum((param.sum() * 0.0 for param in self.policy.parameters()), loss.new_zeros(()))
-        output.loss = loss + (weighted * self.budget_scale + touch).to(loss.dtype)
+        total = loss + (weighted * self.budget_scale + touch).to(loss.dtype)
+        if as_tuple:
+            return (total, *output[1:])
+        output.loss = total
         return output
 
     # scoring and deciding ---------------------------------------------------------------

@@ -218,3 +218,34 @@ def test_the_runtime_keeps_no_cache_or_pixels_after_a_prefill(model, batch):
         del out
         gc.collect()
         assert cache() is None  # atp holds no strong reference to the KV cache
+
+
+def test_state_is_not_reused_across_unrelated_calls(model, batch):
+    masks = [torch.tensor([[True] * 16, [True] * 4 + [False] * 12])]
+    step = {
+        "input_ids": torch.tensor([[5], [6]]),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+    }
+    with atp.attach(model, layers=[2], policy="manual", keep_masks=masks), torch.no_grad():
+        cache = model(**batch, use_cache=True).past_key_values
+        model(input_ids=torch.tensor([[1, 5, 6]]))  # an image-free forward replaces the state
+        with pytest.raises(ValueError, match="pruned by an earlier prefill"):
+            model(**step, past_key_values=cache)
+        model(**batch)
+        text = model.model.language_model(input_ids=torch.tensor([[1, 5, 6, 7]]))  # the LM on its own
+        assert text.last_hidden_state.shape[1] == 4
+        with pytest.raises(ValueError, match="Input image size"):  # fails between the hooks ...
+            model(**{**batch, "pixel_values": torch.randn(2, 3, 16, 16)})
+        cache = model(**batch, use_cache=True).past_key_values  # ... leaves nothing behind
+        model(**step, past_key_values=cache)
+
+
+def test_training_needs_soft_masks_and_non_reentrant_checkpointing(model, batch):
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    with atp.attach(model, layers=[1], prune_mode="drop"), pytest.warns(UserWarning, match="get no gradient"):
+        model(**batch, labels=labels)
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    with atp.attach(model, layers=[1]), pytest.raises(ValueError, match="use_reentrant': False"):
+        model(**batch, labels=labels)
+    model.activation_checkpointing_disable()

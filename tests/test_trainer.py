@@ -103,10 +103,12 @@ def make_trainer(tmp_path, **overrides):
         seed=0,
     )
     settings.update(overrides)
+    dataset = ConversationDataset(data)
     trainer = AtpTrainer(
         model=model,
         args=TrainingArguments(**settings),
-        train_dataset=ConversationDataset(data),
+        train_dataset=dataset,
+        eval_dataset=dataset if settings.get("eval_strategy") else None,
         data_collator=LlavaCollator(TinyTokenizer(), TinyImageProcessor(32), 127, 16, tmp_path / "images"),
         atp_learning_rate=5e-3,
     )
@@ -140,23 +142,23 @@ def test_trainer_full_finetune_uses_two_learning_rates_and_saves_the_model(tmp_p
     assert (tmp_path / "out" / "checkpoint-2" / "atp_model.safetensors").is_file()
 
 
-def test_budget_terms_are_scaled_for_gradient_accumulation(tmp_path):
+def test_budget_terms_are_scaled_inside_training_and_reset_after(tmp_path):
     trainer, handle = make_trainer(tmp_path, gradient_accumulation_steps=2, max_steps=1)
     handle.freeze_base_model()
     seen = []
-    original = trainer.compute_loss
+    runtime = handle.runtime
+    original = runtime._on_model_output
 
-    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = original(model, inputs, return_outputs, num_items_in_batch)
-        seen.append((num_items_in_batch is not None, handle.runtime.budget_scale))
-        return out
+    def spy(module, args, kwargs, output):  # the scale the budget terms get, as the model adds them
+        seen.append(runtime.budget_scale)
+        return original(module, args, kwargs, output)
 
-    trainer.compute_loss = spy
+    runtime._on_model_output = spy
+    runtime.hooks[-2].remove()  # re-register the output hook with the spy
+    runtime.hooks[-2] = runtime.adapter.model.register_forward_hook(spy, with_kwargs=True)
     trainer.train()
-    assert seen == [
-        (True, 0.5),
-        (True, 0.5),
-    ]  # LM loss normalised over the window: budget / 2 per micro-batch
+    assert seen == [0.5, 0.5]  # LM loss normalised over the window: budget / 2 per micro-batch
+    assert runtime.budget_scale == 1.0  # a forward outside the Trainer adds the full terms
 
 
 def test_gradient_checkpointing_gives_the_same_atp_gradients(batch):
@@ -262,3 +264,49 @@ def test_budget_scale_follows_accumulation_and_process_count(tmp_path, monkeypat
     assert trainer.budget_scale(torch.tensor(10)) == 1 / 32  # the Trainer multiplies the loss by 8 before DDP
     assert trainer.budget_scale(None) == 1.0  # no global token count: plain per-batch means
     handle.remove()
+
+
+def test_records_that_cannot_train_are_refused_with_their_id(tmp_path):
+    assistant_first = {
+        "id": "g",
+        "image": "x.png",
+        "conversations": [
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "<image> what"},
+            {"from": "gpt", "value": "a"},
+        ],
+    }
+    with pytest.raises(ValueError, match="has more than one|no human turn to place it in|has <image>"):
+        encode_conversation(
+            {**assistant_first, "conversations": assistant_first["conversations"][:1]},
+            word_tokenize,
+            1,
+            2,
+            99,
+            4,
+        )
+    data = toy_dataset(tmp_path, images=0, text_only=1)
+    collate = LlavaCollator(
+        TinyTokenizer(), TinyImageProcessor(32), 127, 16, tmp_path / "images", max_length=10
+    )
+    with pytest.raises(ValueError, match="max_length=10 cuts every answer token"):
+        collate([ConversationDataset(data)[0]])
+
+
+def test_the_best_checkpoint_restores_the_atp_weights(tmp_path):
+    trainer, handle = make_trainer(
+        tmp_path,
+        max_steps=4,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+    )
+    handle.freeze_base_model()
+    trainer.train()
+    from safetensors.torch import load_file
+
+    best = load_file(f"{trainer.state.best_model_checkpoint}/atp_model.safetensors")
+    assert all(torch.equal(best[k], v) for k, v in handle.policy.state_dict().items())

@@ -216,3 +216,23 @@ def test_budget_options_are_validated(model):
     with pytest.raises(ValueError, match="lambda_atp must be a number >= 0"):
         atp.attach(model, layers=[1], lambda_atp=-1)
     assert "atp" not in dict(model.named_children())
+
+
+def test_budget_terms_reach_tuple_outputs(model, batch):
+    inputs = with_labels(batch, model)
+    model.train()
+    with atp.attach(model, layers=[1, 3], lambda_atp=0.05, init_theta_r=0.3) as handle:
+        torch.manual_seed(0)
+        as_dict = model(**inputs).loss
+        torch.manual_seed(0)
+        as_tuple = model(**inputs, return_dict=False)[0]
+        assert handle.stats.losses["atp"] > 0
+    torch.testing.assert_close(as_tuple, as_dict)
+
+
+def test_unsaveable_options_leave_no_folder(tmp_path, model):
+    handle = atp.attach(model, layers=[1], policy="manual", keep_masks=[torch.ones(1, 16, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="cannot be saved as JSON"):
+        handle.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    handle.remove()

@@ -86,6 +86,8 @@ def encode_conversation(
             labels += tokens
         else:
             raise ValueError(f"record {record.get('id')!r}: unknown speaker {role!r} (use 'human' / 'gpt')")
+    if has_image and not placed:
+        raise ValueError(f"record {record.get('id')!r} has an image but no human turn to place it in")
     return ids, labels
 
 
@@ -157,6 +159,11 @@ class LlavaCollator:
                         f"record {record.get('id')!r}: max_length={self.max_length} would cut the image tokens"
                     )
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
+                if all(label == IGNORE for label in labels):
+                    raise ValueError(
+                        f"record {record.get('id')!r}: max_length={self.max_length} cuts every answer token; "
+                        "raise --max-length or drop the record"
+                    )
             encoded.append((ids, labels))
             if record.get("image"):
                 images.append(self._image(record["image"]))

@@ -54,7 +54,10 @@ class AtpTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         runtime = self.atp_handle.runtime
         runtime.budget_scale = self.budget_scale(num_items_in_batch)
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            runtime.budget_scale = 1.0  # outside the Trainer, a forward adds the full terms
         stats = runtime.last_stats
         if stats is not None and model.training and bool((stats.num_visual > 0).any()):
             self._atp_sums += torch.tensor(
@@ -116,6 +119,13 @@ class AtpTrainer(Trainer):
             self.atp_handle.save_pretrained(output_dir, state_dict=atp_state or None)
         if self._trains_base_model():
             super()._save(output_dir, state_dict=state_dict)
+
+    def _load_best_model(self) -> None:
+        if self._trains_base_model():
+            super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best and os.path.isfile(os.path.join(best, CONFIG_NAME)):
+            load_weights(self.atp_handle.policy, best)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self._trains_base_model():
