@@ -7,7 +7,14 @@ import os
 import torch
 from transformers import Trainer
 
-from atp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_config
+from atp.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_identity,
+    load_weights,
+    model_identity,
+    read_config,
+)
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 
 POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
@@ -132,10 +139,17 @@ class AtpTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         if os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
             config = read_config(resume_from_checkpoint)
-            if config["layers"] != list(self.atp_handle.layers):
+            check_identity(
+                config["model"], model_identity(self.atp_handle.runtime.adapter), resume_from_checkpoint
+            )
+            if (
+                config["layers"] != list(self.atp_handle.layers)
+                or config["policy"] != self.atp_handle.config()["policy"]
+            ):
                 raise ValueError(
-                    f"checkpoint {resume_from_checkpoint} has ATP layers {config['layers']}, "
-                    f"the attached model {list(self.atp_handle.layers)}"
+                    f"checkpoint {resume_from_checkpoint} has ATP layers {config['layers']} and policy "
+                    f"{config['policy']!r}, the attached model {list(self.atp_handle.layers)} and "
+                    f"{self.atp_handle.config()['policy']!r}"
                 )
             load_weights(self.atp_handle.policy, resume_from_checkpoint)
         elif not self._trains_base_model():
