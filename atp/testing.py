@@ -12,6 +12,18 @@ import torch
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# the tiny language models' shared settings (ids 0 / 1 / 2: pad / bos / eos)
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 
 def _build(model_class, config, seed: int):
     """A model with random weights from ``seed``, in eval mode, padding with token 0."""
@@ -156,15 +168,9 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
         }
     vision.update(patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     text = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        **_TEXT,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 160,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "vocab_size": 160,  # room for the vision ids 151..154
         "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
     }
     config = Config(
@@ -239,17 +245,7 @@ def llava_batch(
 def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False):
     """A random LLaVA-NeXT (or LLaVA-OneVision) with 32 px tiles of 8 px patches (4 x 4 base grid),
     pinpoints up to 64 x 64 and a Llama (NeXT) or Qwen2 (OneVision) LM of hidden 64."""
-    text = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 128,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
+    text = {**_TEXT, "num_hidden_layers": num_layers}
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -332,18 +328,6 @@ def llava_next_batch(
     if videos:
         batch["pixel_values_videos"] = torch.stack(videos)
     return batch
-
-
-_TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 
 
 def tiny_internvl(num_layers: int = 4, seed: int = 0):

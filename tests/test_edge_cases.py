@@ -7,29 +7,9 @@ import torch
 
 import atp
 from atp.testing import tiny_llava
+from tests.test_invariants import greedy, logits, random_masks
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def greedy(model, inputs, n=6, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
-
-
-def random_masks(batch: int, width: int, layers: int, seed: int, min_keep: int = 1) -> list[torch.Tensor]:
-    """Cumulative random keep masks with different kept counts per sample."""
-    generator = torch.Generator().manual_seed(seed)
-    masks, current = [], torch.ones(batch, width, dtype=torch.bool)
-    for _ in range(layers):
-        current = current & (torch.rand(batch, width, generator=generator) < 0.6)
-        current[:, :min_keep] = True
-        masks.append(current.clone())
-    return masks
 
 
 def comparable_positions(model, inputs, keep_mask):
