@@ -8,10 +8,9 @@ import os
 import warnings
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from atp import checkpoint
+from atp import checkpoint, compat
 from atp.attention import COMPILE_MESSAGE, register_attention
 from atp.components.budget_loss import Budget
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
@@ -201,7 +200,7 @@ def attach(
             f"its options are: {', '.join(known) or 'none'}"
         )
     text_config = adapter.text_config()
-    implementation = text_config._attn_implementation
+    implementation = compat.attention_implementation(text_config)
     if implementation not in adapter.attention_implementations:
         raise ValueError(
             f"atp does not support the {implementation!r} attention implementation of this {adapter.family} "
@@ -243,7 +242,7 @@ def attach(
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})
     runtime.install()
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
-        model.__dict__["generate"] = _guarded_generate(model, model.generate)
+        model.__dict__["generate"] = _guarded_generate(model, model.generate, runtime)
         restore["generate_patched"] = True
     spec = {"policy": policy, "options": options, "positions": positions, "budget_loss": budget_loss}
     handle = AttachHandle(model, runtime, restore, spec)
@@ -266,7 +265,7 @@ def detach(model: nn.Module) -> None:
     container.handle.remove()
 
 
-def _guarded_generate(model: nn.Module, generate):
+def _guarded_generate(model: nn.Module, generate, runtime: Runtime):
     """``model.generate`` that refuses the generation modes atp does not support yet."""
 
     @functools.wraps(generate)
@@ -291,8 +290,15 @@ def _guarded_generate(model: nn.Module, generate):
             )
         if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
             raise ValueError("assisted / speculative generation is not supported with atp yet")
-        if isinstance(kwargs.get("past_key_values"), torch.Tensor):
-            raise ValueError("past_key_values must be a transformers Cache object")
-        return generate(*args, **kwargs)
+        for name in compat.CACHE_ARGUMENTS:
+            if kwargs.get(name) is not None and not isinstance(kwargs[name], compat.Cache):
+                raise ValueError(
+                    f"{name} must be a transformers Cache object, got {type(kwargs[name]).__name__}"
+                )
+        runtime.generate_step = 0  # decode steps must find the cache (Runtime._check_continuation)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            runtime.generate_step = None
 
     return wrapper

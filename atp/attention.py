@@ -9,9 +9,8 @@ function itself holds no state, so any number of attached models share it.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from atp import compat
 
 ATTENTION_NAME = "atp_sdpa"
 SCORE_REQUEST = "atp_score_request"
@@ -29,11 +28,10 @@ def atp_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     if request is not None:
         scale = kwargs.get("scaling")
         request(query, key, attention_mask, scale if scale is not None else query.shape[-1] ** -0.5)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return compat.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def register_attention() -> str:
     """Register the function and its (SDPA) mask builder under ``ATTENTION_NAME``; idempotent."""
-    AttentionInterface.register(ATTENTION_NAME, atp_sdpa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    compat.register_attention(ATTENTION_NAME, atp_sdpa_attention)
     return ATTENTION_NAME

@@ -16,9 +16,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import atp
+from atp import compat
 from atp.efficiency import report_from_stats
 
 
@@ -160,14 +160,16 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
     state = {}
 
     def start_decoding():  # untimed: a prefill whose cache the decode loop extends
-        state["cache"] = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+        state["cache"] = compat.output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
+
+    cache_name = compat.cache_argument(model)
 
     def decode():  # decode steps with a fixed token: the same work for every method
         length = inputs["input_ids"].shape[1]
         token = torch.full((1, 1), 5, device=inputs["input_ids"].device)
         for step in range(config.new_tokens):
             position = torch.full((1, 1), length + step, device=token.device)
-            model(input_ids=token, past_key_values=state["cache"], position_ids=position, use_cache=True)
+            model(input_ids=token, position_ids=position, use_cache=True, **{cache_name: state["cache"]})
 
     with torch.no_grad():
         for round_index in range(config.warmup + config.repeats):
@@ -183,7 +185,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
                         times[name][kind].append(elapsed)
                 if round_index == 0:
                     out = model(**inputs, use_cache=True)
-                    results[name]["kv_cache_bytes"] = atp.kv_cache_bytes(out.past_key_values)
+                    results[name]["kv_cache_bytes"] = atp.kv_cache_bytes(compat.output_cache(out))
                     if handle is not None:
                         results[name]["kept"] = handle.stats.kept[0].tolist()
                         results[name]["layers"] = list(handle.stats.layers)
@@ -230,7 +232,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
     counted = {}
     for name in ("unpruned", "keep_all"):  # the same overhead in FLOPs: deterministic
         handle = _attach(model, methods[name])
-        counter = FlopCounterMode(display=False)
+        counter = compat.flop_counter(display=False)
         with counter, torch.no_grad():
             model(**inputs, use_cache=True, logits_to_keep=1)
         counted[name] = counter.get_total_flops()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import atp
+from atp import compat
 from atp.testing import clip_pixel_values, llava_prompt, tiny_llava
 
 
@@ -83,8 +84,8 @@ def run(
         "visual_tokens": int(stats.num_visual[0]),
         "kept": stats.kept[0].tolist(),
         "avg_tokens": stats.avg_tokens,
-        "kv_cache_bytes": atp.kv_cache_bytes(pruned.past_key_values),
-        "kv_cache_bytes_full": atp.kv_cache_bytes(full.past_key_values),
+        "kv_cache_bytes": atp.kv_cache_bytes(compat.output_cache(pruned)),
+        "kv_cache_bytes_full": atp.kv_cache_bytes(compat.output_cache(full)),
         "generated": pruned.sequences[0, prompt_length:].tolist(),
         "generated_full": full.sequences[0, prompt_length:].tolist(),
         "seconds": round(time.perf_counter() - started, 2),

@@ -19,8 +19,8 @@ import warnings
 import weakref
 
 import torch
-from transformers.cache_utils import DynamicCache
 
+from atp import compat
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
@@ -65,6 +65,7 @@ class Runtime:
         self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
         self.latest_pixels = None  # the last images the vision tower saw
         self.decoding = False
+        self.generate_step: int | None = None  # forwards so far of the generate call in progress
         self.step_past = 0
         self.step_padding = None
         self.step_cache: dict = {}
@@ -121,23 +122,21 @@ class Runtime:
             raise RuntimeError(COMPILE_MESSAGE)
         self.pending = None  # whatever an earlier, failed call left
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        if cache is not None and not (
-            isinstance(cache, DynamicCache)
-            and all(type(layer).__name__ in self.adapter.cache_layers for layer in cache.layers)
-        ):
+        cache = compat.find_cache(args, kwargs)
+        if cache is not None and not compat.is_dynamic_cache(cache, self.adapter.cache_layers):
             raise ValueError(
                 f"atp supports transformers' DynamicCache only, got {type(cache).__name__} "
                 "(StaticCache, sliding-window, offloaded and quantized caches are not supported yet); "
                 "use the default cache (cache_implementation=None)"
             )
-        past = cache.get_seq_length() if cache is not None else 0
+        past = compat.cache_length(cache) if cache is not None else 0
         self.step_cache = {}
         if input_ids is None:
             raise ValueError(
                 "atp needs input_ids to find the visual tokens; pass input_ids (and pixel_values) "
                 "instead of inputs_embeds"
             )
+        self._check_continuation(cache, past, input_ids, kwargs.get("attention_mask"))
         if past == 0:  # the layout is read when the language model starts (embeddings are known)
             self.decoding = False
             self.prefill = None
@@ -164,7 +163,7 @@ class Runtime:
         if self.prefill is not None:
             past = self._original_past(cache, past)
             self._check_cache(cache, past, input_ids.shape[0])
-            if past != cache.get_seq_length() and kwargs.get("position_ids") is None:
+            if past != compat.cache_length(cache) and kwargs.get(compat.POSITION_IDS) is None:
                 raise ValueError(
                     "layer 0's cache was pruned by a pre-LLM policy, so decode steps need position_ids "
                     "(and the growing 2D attention_mask), as generate passes them"
@@ -173,6 +172,46 @@ class Runtime:
         self.step_past = past
         self.step_padding = kwargs.get("attention_mask")  # 2D, original columns (layer 0 may be pruned)
         return None
+
+    def _check_continuation(self, cache, past: int, input_ids, attention_mask) -> None:
+        """A forward that continues earlier tokens must bring the cache that holds them: otherwise
+        atp would take it for a new prefill and prune (or count) nothing."""
+        step, self.generate_step = (
+            self.generate_step,
+            (None if self.generate_step is None else self.generate_step + 1),
+        )
+        if past > 0:
+            return
+        where = "among the multimodal model's arguments" if cache is None else "(an empty one arrived)"
+        if step:
+            raise compat.CompatibilityError(
+                f"generate is at decode step {step}, but atp found no KV cache with the prompt {where}"
+            )
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.shape[1] > input_ids.shape[1]
+        ):
+            raise compat.CompatibilityError(
+                f"the attention mask covers {attention_mask.shape[1]} tokens and input_ids only "
+                f"{input_ids.shape[1]}, so this forward continues earlier tokens, but atp found no KV cache "
+                f"with them {where}"
+            )
+
+    def _check_decode_cache(self, layer: int, segment: int, args, kwargs) -> None:
+        """A decode step's layer must see the cache atp pruned, at the width its masks assume."""
+        cache = compat.find_cache(args, kwargs)
+        if cache is None:
+            raise compat.CompatibilityError(f"decoder layer {layer} received no KV cache in a decode step")
+        p = self.prefill
+        kept = p.segments.get(segment)
+        width = (kept.index.shape[1] if isinstance(kept, Layout) else p.length) + self.step_past - p.length
+        held = compat.cache_length(cache, layer)
+        if held != width:
+            raise compat.CompatibilityError(
+                f"decoder layer {layer}'s KV cache holds {held} tokens, but atp's decode mask for it covers "
+                f"{width} (the cache was not pruned the way atp pruned the prefill)"
+            )
 
     def _original_past(self, cache, past: int) -> int:
         """Tokens seen so far in original coordinates. Layer 0's cache holds them all unless a
@@ -188,8 +227,8 @@ class Runtime:
         the language model's (``inputs_embeds``, M-RoPE ``position_ids``)."""
         pending, self.pending = self.pending, None
         if pending is None:
-            cache = kwargs.get("past_key_values")
-            if cache is None or cache.get_seq_length() == 0:  # the language model called on its own
+            cache = compat.find_cache(args, kwargs)
+            if cache is None or compat.cache_length(cache) == 0:  # the language model called on its own
                 self.prefill, self.decoding, self.step_cache = None, False, {}
             return None
         input_ids = pending["input_ids"]
@@ -202,20 +241,13 @@ class Runtime:
             self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
         return None
 
-    def _reentrant_checkpointing(self) -> bool:
-        for layer in self.adapter.decoder_layers():
-            function = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(layer, "gradient_checkpointing", False) and function is not None:
-                return getattr(function, "keywords", {}).get("use_reentrant", True) is not False
-        return False
-
     def _check_cache(self, cache, past: int, batch: int) -> None:
         p = self.prefill
         ok = p.visual_valid.shape[0] == batch and past >= p.length
         ok = ok and (p.cache is None or p.cache() is cache)
         last = p.segments.get(len(self.layers) - 1)
         if ok and isinstance(last, Layout):
-            ok = cache.layers[self.layers[-1]].get_seq_length() == last.index.shape[1] + past - p.length
+            ok = compat.cache_length(cache, self.layers[-1]) == last.index.shape[1] + past - p.length
         if not ok:
             raise ValueError(
                 "this KV cache does not continue the last prefill atp pruned (batch or lengths differ); "
@@ -238,7 +270,7 @@ class Runtime:
         learning = (
             training and torch.is_grad_enabled() and any(p.requires_grad for p in self.policy.parameters())
         )
-        if soft and learning and self._reentrant_checkpointing():
+        if soft and learning and compat.reentrant_checkpointing(self.adapter.decoder_layers()):
             raise ValueError(
                 "soft masks need non-reentrant gradient checkpointing: call "
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
@@ -266,23 +298,26 @@ class Runtime:
         if self.decoding:
             if segment is None:
                 return None
+            self._check_decode_cache(layer, segment, args, kwargs)
             kwargs.update(self._segment_kwargs(segment, kwargs))
             return args, kwargs
-        cache = kwargs.get("past_key_values")
-        if cache is not None and p.cache is None:
-            p.cache = weakref.ref(cache)  # decoding must continue this very cache
-            self.pruned_caches.add(cache)
+        cache = compat.find_cache(args, kwargs)
+        if cache is not None:
+            if compat.cache_length(cache, layer) > 0:
+                raise compat.CompatibilityError(
+                    f"atp took this forward for a prefill, but decoder layer {layer}'s KV cache already holds "
+                    f"{compat.cache_length(cache, layer)} tokens (the model received a cache atp did not see)"
+                )
+            if p.cache is None:
+                p.cache = weakref.ref(cache)  # decoding must continue this very cache
+                self.pruned_caches.add(cache)
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
             if "positions" not in self.step_cache:
-                self.step_cache["positions"] = self.keeper.prefill(kwargs["position_embeddings"], p)
-            kwargs["position_embeddings"] = self.step_cache["positions"]
+                self.step_cache["positions"] = self.keeper.prefill(kwargs[compat.POSITION_EMBEDDINGS], p)
+            kwargs[compat.POSITION_EMBEDDINGS] = self.step_cache["positions"]
         if layer in self.atp_index:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            hidden = self._prune(self.atp_index[layer], hidden)
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
+            hidden = self._prune(self.atp_index[layer], compat.layer_hidden(args, kwargs))
+            args, kwargs = compat.with_layer_hidden(args, kwargs, hidden)
         if segment is not None:
             kwargs.update(self._segment_kwargs(segment, kwargs))
         if layer in self.score_index:
@@ -429,7 +464,7 @@ class Runtime:
             return self.step_cache[k]
         p = self.prefill
         segment = p.segments[k]
-        base = kwargs.get("attention_mask")
+        base = kwargs.get(compat.ATTENTION_MASK)
         if self.decoding and self.layers[0] == 0 and isinstance(p.segments.get(0), Layout):
             base = self._decode_base(kwargs)  # transformers sized its mask for the pruned layer 0
         out = {}
@@ -439,12 +474,12 @@ class Runtime:
                 total = self.step_past + _query_length(kwargs, self.seq_dim)
                 bias = torch.nn.functional.pad(bias, (0, total - p.length))
             query_len = bias.shape[1] if not self.decoding else _query_length(kwargs, self.seq_dim)
-            dtype = kwargs["position_embeddings"][0].dtype
-            out["attention_mask"] = additive_mask(base, bias, query_len, dtype)
+            dtype = kwargs[compat.POSITION_EMBEDDINGS][0].dtype
+            out[compat.ATTENTION_MASK] = additive_mask(base, bias, query_len, dtype)
         elif segment is None:  # drop mode, nothing pruned so far
-            out["attention_mask"] = base
+            out[compat.ATTENTION_MASK] = base
         elif self.decoding and base is None and not segment.has_fillers:
-            out["attention_mask"] = None  # one query, every cached key visible
+            out[compat.ATTENTION_MASK] = None  # one query, every cached key visible
             out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
         elif self.decoding:
             out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
@@ -455,10 +490,10 @@ class Runtime:
             k_valid = torch.cat(
                 [segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1
             )
-            out["attention_mask"] = compact_mask(base, None, k_index, k_valid)
+            out[compat.ATTENTION_MASK] = compact_mask(base, None, k_index, k_valid)
         else:
             index, valid = segment.index, segment.valid
-            out["attention_mask"] = compact_mask(base, index, index, valid, q_valid=valid)
+            out[compat.ATTENTION_MASK] = compact_mask(base, index, index, valid, q_valid=valid)
             out.update(self.keeper.select(kwargs, index, self._shift(k), self.seq_dim))
         self.step_cache[k] = out
         return out
@@ -515,4 +550,4 @@ class Runtime:
 
 
 def _query_length(kwargs, seq_dim: int) -> int:
-    return kwargs["position_embeddings"][0].shape[seq_dim]
+    return kwargs[compat.POSITION_EMBEDDINGS][0].shape[seq_dim]

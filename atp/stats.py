@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atp import compat
 from atp.components.budget_loss import average_tokens
 
 
@@ -82,9 +83,6 @@ def empty_stats(layers: tuple[int, ...], num_layers: int, batch: int, device=Non
 
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of a transformers cache."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(
+        tensor.numel() * tensor.element_size() for pair in compat.cache_tensors(cache) for tensor in pair
+    )

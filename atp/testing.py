@@ -33,6 +33,14 @@ def _build(model_class, config, seed: int):
     return model.eval()
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the name ``model.forward`` takes its KV cache by in the installed
+    transformers (``cache`` from 5.24, ``past_key_values`` before)."""
+    from atp import compat
+
+    return {compat.cache_argument(model): cache}
+
+
 def tiny_llava(
     num_layers: int = 4,
     image_size: int = 32,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import atp
+from atp.compat import output_cache
 from atp.testing import tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -66,7 +67,7 @@ def test_mask_mode_generates_in_eval(model, batch):
     with atp.attach(model, layers=[1, 3], policy="fixed", keep=[8, 4], prune_mode="mask") as handle:
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-            cache = model(**batch).past_key_values
+            cache = output_cache(model(**batch))
         assert out.shape[1] == batch["input_ids"].shape[1] + 4
         assert handle.stats.kept.tolist() == [[8, 4], [8, 4]]
         assert {layer.keys.shape[2] for layer in cache.layers} == {batch["input_ids"].shape[1]}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import atp
-from atp.testing import tiny_llava
+from atp.compat import output_cache
+from atp.testing import cache_kwargs, tiny_llava
 from tests.test_invariants import greedy, logits, random_masks
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -82,6 +83,6 @@ def test_an_image_token_generated_while_decoding_is_just_a_token(model, batch):
             atp.attach(model, layers=[2], policy="manual", keep_masks=masks, prune_mode=mode),
             torch.no_grad(),
         ):
-            cache = model(**batch, use_cache=True).past_key_values
-            out[mode] = model(**step, past_key_values=cache).logits
+            cache = output_cache(model(**batch, use_cache=True))
+            out[mode] = model(**step, **cache_kwargs(model, cache)).logits
     torch.testing.assert_close(out["drop"], out["mask"], rtol=1e-4, atol=1e-4)

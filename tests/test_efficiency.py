@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import atp
+from atp import compat
 from atp.cli import main
+from atp.compat import output_cache
 from atp.efficiency import PRESETS, layer_flops, report, report_from_stats, shape_from_config
 from atp.testing import llava_prompt, tiny_llava
 
@@ -45,10 +46,10 @@ def test_schedules_are_validated():
 
 def pruned_forward(model, ids, pixels, masks, layers):
     with atp.attach(model, layers=layers, policy="manual", keep_masks=masks) as handle:
-        counter = FlopCounterMode(display=False)
+        counter = compat.flop_counter(display=False)
         with counter, torch.no_grad():
             out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
-        return handle.stats, counter.get_flop_counts(), out.past_key_values
+        return handle.stats, counter.get_flop_counts(), output_cache(out)
 
 
 def test_analytic_flops_equal_flop_counter_mode_on_a_pruned_forward():

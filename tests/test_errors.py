@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import atp
-from atp.testing import llava_prompt
+from atp import compat
+from atp.compat import output_cache
+from atp.testing import cache_kwargs, llava_prompt
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 
@@ -110,7 +112,7 @@ def test_static_cache_is_refused(model, batch):
 
     cache = StaticCache(config=model.config, max_cache_len=64)
     with atp.attach(model, layers=[1]), pytest.raises(ValueError, match="DynamicCache only.*StaticCache"):
-        model(**batch, past_key_values=cache)
+        model(**batch, **cache_kwargs(model, cache))
 
 
 def test_inputs_embeds_and_chunked_prefill_are_refused(model, batch):
@@ -125,13 +127,13 @@ def test_inputs_embeds_and_chunked_prefill_are_refused(model, batch):
             model(
                 input_ids=ids[:, 2:],
                 pixel_values=batch["pixel_values"][:1],
-                past_key_values=out.past_key_values,
+                **cache_kwargs(model, output_cache(out)),
             )
 
 
 def test_foreign_cache_is_refused(model, batch):
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values  # built without atp
+        cache = output_cache(model(**batch, use_cache=True))  # built without atp
     with atp.attach(model, layers=[1], policy="fixed", keep=[4]):
         with torch.no_grad():
             model(**batch)  # an atp prefill
@@ -140,7 +142,7 @@ def test_foreign_cache_is_refused(model, batch):
             "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
         }
         with pytest.raises(ValueError, match="does not continue the last prefill"):
-            model(**step, past_key_values=cache)
+            model(**step, **cache_kwargs(model, cache))
 
 
 def test_prompts_without_images_pass_through(model):
@@ -181,16 +183,16 @@ def test_compiling_after_attach_is_refused_at_the_forward(model, batch):
 
 def test_a_cache_from_elsewhere_is_refused_in_mask_mode_too(model, batch):
     with torch.no_grad():
-        foreign = model(**batch, use_cache=True).past_key_values  # built without atp
+        foreign = output_cache(model(**batch, use_cache=True))  # built without atp
     step = {
         "input_ids": torch.tensor([[5], [6]]),
         "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
     }
     with atp.attach(model, layers=[1], policy="fixed", keep=[4], prune_mode="mask"), torch.no_grad():
-        own = model(**batch, use_cache=True).past_key_values
-        model(**step, past_key_values=own)  # the prefill's own cache continues
+        own = output_cache(model(**batch, use_cache=True))
+        model(**step, **cache_kwargs(model, own))  # the prefill's own cache continues
         with pytest.raises(ValueError, match="does not continue the last prefill"):
-            model(**step, past_key_values=foreign)
+            model(**step, **cache_kwargs(model, foreign))
 
 
 def test_pool_needs_position_ids_when_decoding_by_hand(model, batch):
@@ -199,12 +201,12 @@ def test_pool_needs_position_ids_when_decoding_by_hand(model, batch):
         "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
     }
     with atp.attach(model, policy="pool"), torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = output_cache(model(**batch, use_cache=True))
         with pytest.raises(ValueError, match="decode steps need position_ids"):
-            model(**step, past_key_values=cache)
+            model(**step, **cache_kwargs(model, cache))
         length = batch["input_ids"].shape[1]
         positions = (batch["attention_mask"].sum(1, keepdim=True) - 1 + 1).clamp_min(0) * 0 + length
-        model(**step, past_key_values=cache, position_ids=positions)  # fine with positions
+        model(**step, **cache_kwargs(model, cache), position_ids=positions)  # fine with positions
 
 
 def test_the_runtime_keeps_no_cache_or_pixels_after_a_prefill(model, batch):
@@ -213,7 +215,7 @@ def test_the_runtime_keeps_no_cache_or_pixels_after_a_prefill(model, batch):
 
     with atp.attach(model, layers=[1], policy="fixed", keep=[4]) as handle, torch.no_grad():
         out = model.generate(**batch, max_new_tokens=3, return_dict_in_generate=True)
-        cache = weakref.ref(out.past_key_values)
+        cache = weakref.ref(output_cache(out))
         assert handle.runtime.prefill.context["inputs"] == {}
         del out
         gc.collect()
@@ -227,17 +229,17 @@ def test_state_is_not_reused_across_unrelated_calls(model, batch):
         "attention_mask": torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
     }
     with atp.attach(model, layers=[2], policy="manual", keep_masks=masks), torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = output_cache(model(**batch, use_cache=True))
         model(input_ids=torch.tensor([[1, 5, 6]]))  # an image-free forward replaces the state
         with pytest.raises(ValueError, match="pruned by an earlier prefill"):
-            model(**step, past_key_values=cache)
+            model(**step, **cache_kwargs(model, cache))
         model(**batch)
         text = model.model.language_model(input_ids=torch.tensor([[1, 5, 6, 7]]))  # the LM on its own
         assert text.last_hidden_state.shape[1] == 4
         with pytest.raises(ValueError, match="Input image size"):  # fails between the hooks ...
             model(**{**batch, "pixel_values": torch.randn(2, 3, 16, 16)})
-        cache = model(**batch, use_cache=True).past_key_values  # ... leaves nothing behind
-        model(**step, past_key_values=cache)
+        cache = output_cache(model(**batch, use_cache=True))  # ... leaves nothing behind
+        model(**step, **cache_kwargs(model, cache))
 
 
 def test_training_needs_soft_masks_and_non_reentrant_checkpointing(model, batch):
@@ -245,7 +247,7 @@ def test_training_needs_soft_masks_and_non_reentrant_checkpointing(model, batch)
     model.train()
     with atp.attach(model, layers=[1], prune_mode="drop"), pytest.warns(UserWarning, match="get no gradient"):
         model(**batch, labels=labels)
-    model.activation_checkpointing_enable({"use_reentrant": True})
+    compat.enable_checkpointing(model, use_reentrant=True)
     with atp.attach(model, layers=[1]), pytest.raises(ValueError, match="use_reentrant': False"):
         model(**batch, labels=labels)
-    model.activation_checkpointing_disable()
+    compat.disable_checkpointing(model)

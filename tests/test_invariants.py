@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import atp
+from atp.compat import output_cache
 from tests.families import FAMILIES, Family, visual_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -129,7 +130,7 @@ def test_drop_output_is_scattered_back_and_the_cache_shrinks(model, batch):
     assert out.logits.shape[:2] == batch["input_ids"].shape
     counts = visual_mask(model, batch).sum(1)
     pruned = counts - (masks[0][:, : counts.max()] & (torch.arange(counts.max()) < counts[:, None])).sum(1)
-    keys = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    keys = [layer.keys.shape[2] for layer in output_cache(out).layers]
     assert keys[:2] == [length] * 2
     assert keys[2:] == [length - int(pruned.min())] * 2  # the longest sample sets the width
 
@@ -261,11 +262,11 @@ def test_stats_agree_with_masks_and_the_kv_cache(model, batch):
     assert stats.avg_tokens == pytest.approx(sum(expected) / 2)
     length = batch["input_ids"].shape[1]
     widths = [length] + [length - int((counts - stats.kept[:, k]).min()) for k in (0, 0, 1)]
-    layer = out.past_key_values.layers[0]
+    layer = output_cache(out).layers[0]
     per_token = (
         2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size() * 2
     )  # K and V, batch 2
-    assert atp.kv_cache_bytes(out.past_key_values) == sum(widths) * per_token
+    assert atp.kv_cache_bytes(output_cache(out)) == sum(widths) * per_token
 
 
 @settings(max_examples=15)

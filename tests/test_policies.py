@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import atp
+from atp.compat import output_cache
 from atp.testing import tiny_llava
 from tests.families import BY_NAME_FAMILIES as FAMILY
 from tests.families import visual_mask
@@ -295,7 +296,7 @@ def test_pooling_before_the_llm_averages_blocks_and_keeps_the_invariants(family)
             out = model(**batch, use_cache=True)
             generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
         hook.remove()
-        results[mode] = (out.logits, generated, handle.stats, out.past_key_values)
+        results[mode] = (out.logits, generated, handle.stats, output_cache(out))
         handle.remove()
     stats = results["drop"][2]
     assert stats.layers == (0,)

@@ -9,6 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 import atp
+from atp import compat
 from atp.testing import TinyImageProcessor, TinyTokenizer, tiny_llava
 from atp.training import AtpTrainer, ConversationDataset, LlavaCollator, encode_conversation
 from atp.training.data import IGNORE, SYSTEM
@@ -167,7 +168,7 @@ def test_gradient_checkpointing_gives_the_same_atp_gradients(batch):
         model = tiny_llava(num_layers=4)
         handle = atp.attach(model, layers=[1, 3], lambda_atp=0.1, init_theta_r=0.3, init_theta_s=0.2)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            compat.enable_checkpointing(model, use_reentrant=False)
         model.train()
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch, labels=labels).loss.backward()

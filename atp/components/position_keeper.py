@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from atp import compat
 from atp.layout import gather_seq
 
 
@@ -31,10 +32,10 @@ class KeepPositions:
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
         """Replacements for the kwargs of a layer in the pruned sequence (slots ``index`` (B, S))."""
-        cos, sin = kwargs["position_embeddings"]
-        out = {"position_embeddings": (gather_seq(cos, index, seq_dim), gather_seq(sin, index, seq_dim))}
-        if kwargs.get("position_ids") is not None:
-            out["position_ids"] = gather_seq(kwargs["position_ids"], index, seq_dim)
+        cos, sin = kwargs[compat.POSITION_EMBEDDINGS]
+        out = {compat.POSITION_EMBEDDINGS: (gather_seq(cos, index, seq_dim), gather_seq(sin, index, seq_dim))}
+        if kwargs.get(compat.POSITION_IDS) is not None:
+            out[compat.POSITION_IDS] = gather_seq(kwargs[compat.POSITION_IDS], index, seq_dim)
         return out
 
     def decode(self, kwargs: dict, shift: torch.Tensor, past: int) -> dict:
@@ -43,7 +44,7 @@ class KeepPositions:
 
 
 def _position_ids(kwargs: dict, batch: int, length: int, past: int, device) -> torch.Tensor:
-    ids = kwargs.get("position_ids")
+    ids = kwargs.get(compat.POSITION_IDS)
     if ids is None:
         ids = torch.arange(past, past + length, device=device)[None]
     return ids.expand(batch, -1)
@@ -63,21 +64,21 @@ class RenumberPositions(KeepPositions):
         return rotary(like, ids)
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
-        cos = kwargs["position_embeddings"][0]
+        cos = kwargs[compat.POSITION_EMBEDDINGS][0]
         batch, length = index.shape[0], shift.shape[1]
         ids = _position_ids(kwargs, batch, length, 0, index.device)
         renumbered = gather_seq(ids - shift, index)  # (B, S)
-        out = {"position_embeddings": self._rotary(renumbered, cos)}
-        if kwargs.get("position_ids") is not None:
-            out["position_ids"] = renumbered
+        out = {compat.POSITION_EMBEDDINGS: self._rotary(renumbered, cos)}
+        if kwargs.get(compat.POSITION_IDS) is not None:
+            out[compat.POSITION_IDS] = renumbered
         return out
 
     def decode(self, kwargs: dict, shift: torch.Tensor, past: int) -> dict:
-        cos = kwargs["position_embeddings"][0]
+        cos = kwargs[compat.POSITION_EMBEDDINGS][0]
         ids = _position_ids(kwargs, shift.shape[0], cos.shape[1], past, cos.device) - shift[:, None]
-        out = {"position_embeddings": self._rotary(ids, cos)}
-        if kwargs.get("position_ids") is not None:
-            out["position_ids"] = ids
+        out = {compat.POSITION_EMBEDDINGS: self._rotary(ids, cos)}
+        if kwargs.get(compat.POSITION_IDS) is not None:
+            out[compat.POSITION_IDS] = ids
         return out
 
 

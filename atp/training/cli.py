@@ -85,6 +85,7 @@ def run(args: argparse.Namespace):
     from transformers import TrainingArguments
 
     import atp
+    from atp import compat
     from atp.training.data import ConversationDataset, LlavaCollator
     from atp.training.trainer import AtpTrainer
 
@@ -123,8 +124,7 @@ def run(args: argparse.Namespace):
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **compat.checkpointing_arguments(args.gradient_checkpointing),
         save_strategy="steps",
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,

@@ -7,6 +7,7 @@ import os
 import torch
 from transformers import Trainer
 
+from atp import compat
 from atp.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -87,12 +88,7 @@ class AtpTrainer(Trainer):
         get the inverse of both (mirroring ``Trainer.training_step`` and ``compute_loss``).
         """
         scale = 1.0
-        scaled_for_accumulation = self.loss_is_scaled_for_ga
-        if scaled_for_accumulation is None:
-            scaled_for_accumulation = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        if scaled_for_accumulation:
+        if compat.loss_scaled_for_accumulation(self, num_items_in_batch):
             scale /= self.current_gradient_accumulation_steps
         if (
             self.args.average_tokens_across_devices

@@ -1,0 +1,251 @@
+"""The seam to transformers and torch: the only module that knows their internal names and shapes.
+
+Everything atp needs from transformers beyond its public model classes goes through here: the
+KV cache (found by type among a forward's arguments, whatever the release calls it), its
+lengths and layers, the cache field of outputs, the attention and mask registries, the
+decoder layers' keyword arguments, rotary layouts, the Trainer internals the trainer mirrors,
+and the FLOP counter's view of SDPA. Backbone adapters are the only other place that knows a
+family's modules.
+
+A new transformers release is added by changing this module (if it renamed something),
+raising ``TRANSFORMERS_RANGE``'s upper bound and pyproject's pin to the next untested minor,
+and running the suite at both ends of the range (``docs/compatibility.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from importlib import metadata
+
+import torch
+from packaging.version import Version
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+# the releases CI tests: lowest supported, first untested (keep pyproject.toml in step)
+TRANSFORMERS_RANGE = ("5.18.0", "5.25")
+TORCH_RANGE = ("2.13.0", "2.15")
+
+# the keyword arguments a decoder layer receives from the language model's loop
+HIDDEN_STATES = "hidden_states"
+ATTENTION_MASK = "attention_mask"
+POSITION_EMBEDDINGS = "position_embeddings"  # (cos, sin) of the rotary embedding
+POSITION_IDS = "position_ids"
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the cache's names in generate and top-level forwards
+
+__all__ = [
+    "Cache",
+    "CompatibilityError",
+    "find_cache",
+    "cache_length",
+    "output_cache",
+    "sdpa_attention_forward",
+]
+
+
+# versions ------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    """Installed versions of python, torch, transformers and atp."""
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "atp"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _in(version: str, bounds: tuple[str, str]) -> bool:
+    try:
+        parsed = Version(Version(version).base_version)
+    except Exception:  # "not installed" or a malformed version
+        return False
+    return Version(bounds[0]) <= parsed < Version(bounds[1])
+
+
+def tested() -> dict[str, bool]:
+    """Whether the installed torch and transformers are in the range CI tests."""
+    found = versions()
+    return {
+        "torch": _in(found["torch"], TORCH_RANGE),
+        "transformers": _in(found["transformers"], TRANSFORMERS_RANGE),
+    }
+
+
+@functools.cache
+def version_note() -> str:
+    """``transformers 5.24.0 (tested: >=5.18.0,<5.25)``, for error messages."""
+    found = versions()
+    low, high = TRANSFORMERS_RANGE
+    return f"transformers {found['transformers']}, torch {found['torch']} (atp is tested with transformers >={low},<{high})"
+
+
+class CompatibilityError(RuntimeError):
+    """atp could not find what it needs in a transformers forward: a result would be wrong."""
+
+    def __init__(self, message: str):
+        super().__init__(
+            f"{message}. Installed: {version_note()}. If this release is outside that range, install "
+            "one inside it; otherwise please report it with the output of `atp doctor`"
+        )
+
+
+# the KV cache ----------------------------------------------------------------------------
+def find_cache(args: tuple, kwargs: dict) -> Cache | None:
+    """The transformers ``Cache`` among a forward's arguments, found by type, not by name
+    (``past_key_values`` up to 5.23, ``cache`` from 5.24). None when there is none."""
+    found = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
+    if len({id(value) for value in found}) > 1:
+        raise CompatibilityError(
+            f"a forward received {len(found)} different KV caches; atp cannot tell which one is used"
+        )
+    return found[0] if found else None
+
+
+def cache_length(cache: Cache, layer: int | None = None) -> int:
+    """Tokens held by ``cache`` in ``layer`` (default: layer 0, which atp never prunes)."""
+    if layer is None:
+        return int(cache.get_seq_length())
+    layers = cache.layers
+    return int(layers[layer].get_seq_length()) if layer < len(layers) else 0
+
+
+def cache_layer_types(cache: Cache) -> list[str]:
+    """Class names of the cache's per-layer stores (``DynamicLayer``, ``StaticLayer``, ...)."""
+    return [type(layer).__name__ for layer in cache.layers]
+
+
+def is_dynamic_cache(cache: object, layer_types: tuple[str, ...]) -> bool:
+    """A ``DynamicCache`` whose layers are all of ``layer_types``."""
+    return isinstance(cache, DynamicCache) and all(name in layer_types for name in cache_layer_types(cache))
+
+
+def cache_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer that holds any; (B, H, S, D) each."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+            out.append((keys, values))
+    return out
+
+
+def output_cache(outputs) -> Cache | None:
+    """The cache a model output carries (``cache`` from 5.24, ``past_key_values`` before), read
+    without triggering the deprecation warning of the old attribute."""
+    fields = outputs.keys() if hasattr(outputs, "keys") else ()
+    for name in ("cache", "past_key_values"):
+        if name in fields:
+            return outputs[name]
+    found = [value for value in (outputs.values() if hasattr(outputs, "values") else outputs)]
+    found = [value for value in found if isinstance(value, Cache)]
+    return found[0] if found else None
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword ``model.forward`` takes its cache by in the installed release."""
+    parameters = inspect.signature(inspect.unwrap(type(model).forward)).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise CompatibilityError(f"{type(model).__name__}.forward takes no cache argument atp knows")
+
+
+# attention ------------------------------------------------------------------------------
+def register_attention(name: str, function) -> None:
+    """Register an attention function and the SDPA mask builder under ``name`` (without the mask
+    builder, padding masks are silently not built)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def attention_implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+# decoder layer inputs -------------------------------------------------------------------
+def layer_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states (B, L, D) a decoder layer receives."""
+    return args[0] if args else kwargs[HIDDEN_STATES]
+
+
+def with_layer_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    kwargs[HIDDEN_STATES] = hidden
+    return args, kwargs
+
+
+def rotary_seq_dim(cos: torch.Tensor, position_seq_dim: int) -> int:
+    """Sequence axis of a rotary cos / sin: (B, L, D) in every supported release (Qwen2-VL's
+    M-RoPE was (3, B, L, D) up to 5.15; those releases are below the supported range)."""
+    if cos.dim() != 3:
+        raise CompatibilityError(
+            f"the rotary embedding has shape {tuple(cos.shape)}, atp expects (batch, length, head_dim)"
+        )
+    return position_seq_dim
+
+
+# gradient checkpointing and the Trainer ------------------------------------------------
+def reentrant_checkpointing(layers) -> bool:
+    """Whether any decoder layer runs under reentrant gradient checkpointing."""
+    for layer in layers:
+        function = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and function is not None:
+            return getattr(function, "keywords", {}).get("use_reentrant", True) is not False
+    return False
+
+
+def enable_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Turn on gradient (activation) checkpointing, under the installed release's name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+
+
+def disable_checkpointing(model) -> None:
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """``TrainingArguments`` keywords for non-reentrant checkpointing in the installed release
+    (``activation_checkpointing`` from 5.23, ``gradient_checkpointing`` before)."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+def loss_scaled_for_accumulation(trainer, num_items_in_batch) -> bool:
+    """Whether ``Trainer.training_step`` leaves the loss undivided by the accumulation steps
+    (it was normalised over the accumulated batch): the rule of every supported release."""
+    flag = getattr(trainer, "loss_is_scaled_for_ga", None)  # from 5.20
+    if flag is not None:
+        return bool(flag)
+    return bool(
+        (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func
+    )
+
+
+# FLOP counting ---------------------------------------------------------------------------
+def flop_counter(**kwargs):
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention
+    kernel SDPA dispatches to on CPU (torch registers no formula for it and counts it as 0); it
+    gets the formula of the other SDPA kernels."""
+    from torch.utils import flop_counter as fc
+
+    mapping = dict(kwargs.pop("custom_mapping", None) or {})
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None and cpu_flash not in fc.flop_registry:
+
+        def cpu_flash_flop(query, key, value, *args, out_shape=None, **rest) -> int:
+            return fc.sdpa_flop_count(query, key, value)  # shapes in; 2 FLOPs per multiply-accumulate
+
+        mapping[cpu_flash] = cpu_flash_flop
+    return fc.FlopCounterMode(custom_mapping=mapping, **kwargs)
