@@ -201,6 +201,15 @@ def reentrant_checkpointing(layers) -> bool:
     return False
 
 
+def checkpointing_replays_hooks(layers) -> bool:
+    """Whether gradient checkpointing is on and the recompute runs the layers' forward hooks again:
+    up to 5.22 transformers checkpoints ``__call__`` (hooks inside), from 5.23 ``forward``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    active = any(getattr(layer, "gradient_checkpointing", False) and layer.training for layer in layers)
+    return active and "__call__" in vars(GradientCheckpointingLayer)
+
+
 def enable_checkpointing(model, use_reentrant: bool = False) -> None:
     """Turn on gradient (activation) checkpointing, under the installed release's name."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

@@ -25,6 +25,20 @@ class Layout:
         self.has_fillers = not bool(self.valid.all())  # read once, not per decode step
 
 
+_STATE = (
+    "keep",
+    "weight",
+    "layout",
+    "view",
+    "scores",
+    "segments",
+    "full_hidden",
+    "records",
+    "decided",
+    "shifts",
+)
+
+
 @dataclass
 class Prefill:
     """State of one prefill, kept for the decode steps that follow it."""
@@ -50,6 +64,21 @@ class Prefill:
     decided: set = field(default_factory=set)  # ATP indices already decided
     shifts: dict = field(default_factory=dict)  # ATP index -> (B, L) pruned tokens before each position
     cache: object = None  # weak reference to the prefill's KV cache
+    finished: bool = False  # the last layer's output was handled
+    replays: bool = False  # gradient checkpointing re-runs the layer hooks in the recompute
+    snapshots: dict = field(default_factory=dict)  # layer -> state when its hook first ran (replays)
+
+    def snapshot(self) -> dict:
+        """The state a layer hook reads and changes (shallow: tensors are shared, not copied)."""
+        state = {name: getattr(self, name) for name in _STATE}
+        return {
+            name: value.copy() if isinstance(value, (dict, list, set)) else value
+            for name, value in state.items()
+        }
+
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     @property
     def num_visual(self) -> torch.Tensor:

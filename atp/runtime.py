@@ -65,6 +65,7 @@ class Runtime:
         self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
         self.latest_pixels = None  # the last images the vision tower saw
         self.decoding = False
+        self.replaying = False  # re-running a hook for a gradient-checkpointing recompute
         self.generate_step: int | None = None  # forwards so far of the generate call in progress
         self.step_past = 0
         self.step_padding = None
@@ -270,7 +271,8 @@ class Runtime:
         learning = (
             training and torch.is_grad_enabled() and any(p.requires_grad for p in self.policy.parameters())
         )
-        if soft and learning and compat.reentrant_checkpointing(self.adapter.decoder_layers()):
+        layers = self.adapter.decoder_layers()
+        if soft and learning and compat.reentrant_checkpointing(layers):
             raise ValueError(
                 "soft masks need non-reentrant gradient checkpointing: call "
                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})"
@@ -287,7 +289,9 @@ class Runtime:
             getattr(self.policy, "lambda_sample", 3.0),
             getattr(self.policy, "spatial_strides", None),
         )
-        return Prefill.start(layout, inputs, mode, soft, *spatial_options)
+        prefill = Prefill.start(layout, inputs, mode, soft, *spatial_options)
+        prefill.replays = torch.is_grad_enabled() and compat.checkpointing_replays_hooks(layers)
+        return prefill
 
     # decoder layers -------------------------------------------------------------------
     def _on_layer_input(self, layer: int, module, args, kwargs):
@@ -301,6 +305,18 @@ class Runtime:
             self._check_decode_cache(layer, segment, args, kwargs)
             kwargs.update(self._segment_kwargs(segment, kwargs))
             return args, kwargs
+        if layer in p.snapshots:  # a gradient-checkpointing recompute: the same ops on the same state
+            current, now = p.snapshot(), (self.step_cache.copy(), self.last_stats)
+            state, self.step_cache = p.snapshots[layer]
+            p.restore(state)
+            self.step_cache, self.replaying = self.step_cache.copy(), True
+            try:
+                return self._prefill_layer_input(layer, p, segment, args, kwargs)
+            finally:
+                p.restore(current)
+                (self.step_cache, self.last_stats), self.replaying = now, False
+        if p.replays:
+            p.snapshots[layer] = (p.snapshot(), self.step_cache.copy())
         cache = compat.find_cache(args, kwargs)
         if cache is not None:
             if compat.cache_length(cache, layer) > 0:
@@ -311,6 +327,9 @@ class Runtime:
             if p.cache is None:
                 p.cache = weakref.ref(cache)  # decoding must continue this very cache
                 self.pruned_caches.add(cache)
+        return self._prefill_layer_input(layer, p, segment, args, kwargs)
+
+    def _prefill_layer_input(self, layer: int, p: Prefill, segment, args, kwargs):
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
             if "positions" not in self.step_cache:
                 self.step_cache["positions"] = self.keeper.prefill(kwargs[compat.POSITION_EMBEDDINGS], p)
@@ -328,14 +347,20 @@ class Runtime:
         p = self.prefill
         if p is None or self.decoding:
             return None
-        self.last_stats = self._stats()
-        p.context["inputs"] = {}  # pixels are not needed after the prefill
+        recompute = p.finished  # a gradient-checkpointing recompute: the same ops, results dropped
+        if recompute and not p.replays:
+            return None
+        p.finished = True
+        stats = self._stats()
+        if not recompute:
+            self.last_stats = stats
+            p.context["inputs"] = {}  # pixels are not needed after the prefill
         if p.layout is None:
-            p.full_hidden = None
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         full = scatter_seq(p.full_hidden, p.layout.index, p.layout.valid, hidden)
-        p.full_hidden = None
+        if not p.replays:
+            p.full_hidden = None
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     def _on_model_output(self, module, args, kwargs, output):
@@ -407,7 +432,7 @@ class Runtime:
         weight = p.weight * mask if p.soft else keep.float()
         thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
         p.records.append((keep, weight, thresholds))
-        for observe in self.observers:
+        for observe in self.observers if not self.replaying else ():
             observe(
                 event={
                     "model": self.adapter.model,
