@@ -297,6 +297,13 @@ class Runtime:
     def _on_layer_input(self, layer: int, module, args, kwargs):
         p = self.prefill
         if p is None:
+            if len(self.pruned_caches):
+                cache = compat.find_cache(args, kwargs)
+                if cache in self.pruned_caches and compat.cache_length(cache, layer) > 0:
+                    raise compat.CompatibilityError(
+                        f"decoder layer {layer} continues a KV cache atp pruned, but atp took this forward "
+                        "for a new prompt without images (the multimodal model received no cache it could see)"
+                    )
             return None
         segment = self.segment_of.get(layer)
         if self.decoding:

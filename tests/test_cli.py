@@ -17,8 +17,14 @@ def test_demo_prunes_the_tiny_llava_and_reports_consistent_numbers(capsys):
     assert 576 > kept[0] >= kept[1] >= kept[2] > 0
     expected = (4 * 576 + 10 * kept[0] + 10 * kept[1] + 8 * kept[2]) / 32
     assert result["avg_tokens"] == pytest.approx(expected)
-    assert result["kv_cache_bytes"] < result["kv_cache_bytes_full"]
     assert len(result["generated"]) == 8
+    # the KV line agrees with the counts: the removed cache is the removed visual tokens, layer by layer
+    removed_tokens = 32 * 576 - round(expected * 32)  # token-layers dropped from the cache
+    removed_bytes = result["kv_cache_bytes_full"] - result["kv_cache_bytes"]
+    per_token = removed_bytes // removed_tokens  # bytes of one token in one layer's cache
+    assert removed_bytes == removed_tokens * per_token > 0
+    cached = result["kv_cache_bytes_full"] / (32 * per_token)  # prompt + generated - 1 tokens
+    assert cached == 576 + 11 + len(result["generated"]) - 1
 
 
 def test_demo_table_and_bad_arguments(capsys):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import atp
 from atp import compat
@@ -44,26 +46,35 @@ def test_schedules_are_validated():
         report(PRESETS["llava-1.5-7b"], [4], [100], convention="macs")
 
 
-def pruned_forward(model, ids, pixels, masks, layers):
+def pruned_forward(model, ids, pixels, masks, layers, backend=None):
+    kernel = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
     with atp.attach(model, layers=layers, policy="manual", keep_masks=masks) as handle:
         counter = compat.flop_counter(display=False)
-        with counter, torch.no_grad():
+        with counter, kernel, torch.no_grad():
             out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         return handle.stats, counter.get_flop_counts(), output_cache(out)
 
 
-def test_analytic_flops_equal_flop_counter_mode_on_a_pruned_forward():
+@pytest.mark.parametrize("backend", [None, SDPBackend.MATH, SDPBackend.FLASH_ATTENTION])
+def test_analytic_flops_equal_flop_counter_mode_on_a_pruned_forward(backend):
+    """Whichever SDPA kernel runs (torch's own counter misses the CPU flash one), the counted
+    decoder FLOPs equal the analytic formula exactly; the formula's attention term matters."""
     model = tiny_llava(num_layers=4)
     ids = torch.tensor([llava_prompt(model, [1, 5, 6], [7, 8, 9, 10, 11])])
     pixels = torch.randn(1, 3, 32, 32)
     masks = [torch.arange(16)[None] % 3 != 0, torch.arange(16)[None] % 3 == 1]  # 10 then 5 kept
-    stats, counts, _ = pruned_forward(model, ids, pixels, masks, [1, 3])
+    stats, counts, _ = pruned_forward(model, ids, pixels, masks, [1, 3], backend)
     layer_names = [name for name in counts if re.search(r"language_model\.layers\.\d+$", name)]
     measured = [sum(counts[name].values()) for name in sorted(layer_names)]
     expected = report_from_stats(stats, model, text_tokens=ids.shape[1] - 16, convention="2flops-per-mac")
     assert stats.kept.tolist() == [[10, 5]]
     assert measured == [int(f) for f in expected.flops_per_layer]  # exact: same convention
     assert sum(measured) == int(expected.flops)
+    # negative control: the formula without its attention term (4 L^2 d at 2 FLOPs per MAC; what
+    # torch's own counter reports for the CPU flash kernel) does not match
+    lengths = [ids.shape[1] - pruned for pruned in (0, 6, 6, 11)]
+    attention = [4 * length * length * shape_from_config(model.config).hidden for length in lengths]
+    assert [int(f) - a for f, a in zip(expected.flops_per_layer, attention)] != measured
 
 
 def test_analytic_kv_bytes_equal_the_dynamic_cache_after_a_pruned_prefill():
