@@ -1,4 +1,4 @@
-"""The ``atp`` command line: demo, train, flops, bench, plugins, models.
+"""The ``atp`` command line: demo, train, flops, bench, plugins, models, doctor.
 
 Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, not a traceback.
 """
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
     models = sub.add_parser("models", help="list the supported model families")
     models.add_argument("--json", action="store_true")
+    doctor = sub.add_parser(
+        "doctor", help="versions, tested range, plugins and a self-check on a tiny model (for bug reports)"
+    )
+    doctor.add_argument("--json", action="store_true")
     return parser
 
 
@@ -165,6 +169,12 @@ def _models_main(args) -> int:
     return 0
 
 
+def _doctor_main(args) -> int:
+    from atp import doctor
+
+    return doctor.main(args)
+
+
 COMMANDS = {
     "demo": _demo_main,
     "train": _train_main,
@@ -172,6 +182,7 @@ COMMANDS = {
     "bench": _bench_main,
     "plugins": _plugins_main,
     "models": _models_main,
+    "doctor": _doctor_main,
 }
 
 

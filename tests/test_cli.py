@@ -105,3 +105,32 @@ def test_train_reports_missing_images_before_loading_anything(tmp_path, capsys):
         == 2
     )
     assert "1 images not found" in capsys.readouterr().err
+
+
+def test_doctor_reports_versions_range_plugins_and_a_passing_self_check(capsys):
+    from atp import compat
+
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["transformers"] == compat.versions()["transformers"]
+    assert report["tested"] == {"torch": True, "transformers": True}
+    assert "atp-openclip 0.1.0" in report["plugins"]
+    assert [c["check"] for c in report["checks"]] == [
+        "keep_all == unattached",
+        "drop == mask",
+        "KV cache shrinks while decoding",
+    ]
+    assert report["ok"] and all(c["ok"] for c in report["checks"])
+    assert main(["doctor"]) == 0
+    table = capsys.readouterr().out
+    assert "transformers" in table and "(tested: >=" in table and "self-check passed" in table
+
+
+def test_doctor_fails_when_atp_cannot_see_the_cache(capsys, monkeypatch):
+    from atp import compat
+
+    monkeypatch.setattr(compat, "find_cache", lambda args, kwargs: None)  # as after a rename
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  KV cache shrinks while decoding: CompatibilityError" in out
+    assert "self-check FAILED" in out
