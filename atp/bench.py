@@ -71,7 +71,8 @@ def build_model(config: BenchConfig, device: str):
     )
     torch.manual_seed(config.seed)
     with torch.device(device):  # built in place: a 7B model is not first materialised on the host
-        model = LlavaForConditionalGeneration._from_config(llava, dtype=getattr(torch, config.dtype)).eval()
+        model = compat.model_from_config(LlavaForConditionalGeneration, llava, getattr(torch, config.dtype))
+    model.eval()
     model.generation_config.pad_token_id = 0
     return model
 

@@ -191,6 +191,20 @@ def rotary_seq_dim(cos: torch.Tensor, position_seq_dim: int) -> int:
     return position_seq_dim
 
 
+def rotary_bands(rotary: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and attention scaling of a language model's rotary embedding."""
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor):
+        raise CompatibilityError(f"the rotary embedding {type(rotary).__name__} has no inv_freq buffer")
+    return inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def model_from_config(model_class, config, dtype: torch.dtype):
+    """A randomly initialised model of ``model_class`` in ``dtype``, built where torch's default
+    device points (``with torch.device(...)``)."""
+    return model_class._from_config(config, dtype=dtype)
+
+
 # gradient checkpointing and the Trainer ------------------------------------------------
 def reentrant_checkpointing(layers) -> bool:
     """Whether any decoder layer runs under reentrant gradient checkpointing."""
@@ -229,6 +243,27 @@ def checkpointing_arguments(enabled: bool) -> dict:
     fields = TrainingArguments.__dataclass_fields__
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+TRAINER_OVERRIDES = (
+    "create_optimizer",
+    "compute_loss",
+    "log",
+    "_save",
+    "_load_best_model",
+    "_load_from_checkpoint",
+)
+
+
+def check_trainer(trainer_class) -> None:
+    """The ``Trainer`` methods ``AtpTrainer`` overrides must exist in the installed release: a
+    renamed one would silently skip saving or loading the ATP weights."""
+    missing = [name for name in TRAINER_OVERRIDES if not callable(getattr(trainer_class, name, None))]
+    if missing:
+        raise CompatibilityError(
+            f"transformers' Trainer has no {', '.join(missing)}; AtpTrainer overrides them to save, load "
+            "and log the ATP modules"
+        )
 
 
 def loss_scaled_for_accumulation(trainer, num_items_in_batch) -> bool:

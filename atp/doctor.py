@@ -132,14 +132,18 @@ def main(args) -> int:
             note = "tested" if report["tested"][name] else "NOT TESTED"
             note = f"  ({note}: {report['tested_range'][name]})"
         print(f"{name:<13} {version}{note}")
-    print(f"components    {report['components']} registered; plugins: {', '.join(report['plugins']) or 'none'}")
+    print(
+        f"components    {report['components']} registered; plugins: {', '.join(report['plugins']) or 'none'}"
+    )
     for message in report["plugin_warnings"]:
         print(f"plugin error  {message}")
     for result in report["checks"]:
         print(f"{'ok  ' if result['ok'] else 'FAIL'}  {result['check']}: {result['detail']}")
     print(f"self-check {'passed' if report['ok'] else 'FAILED'} in {report['seconds']} s")
     if not all(report["tested"].values()):
-        print("an installed release is outside the tested range: results may be wrong; see docs/compatibility.md")
+        print(
+            "an installed release is outside the tested range: results may be wrong; see docs/compatibility.md"
+        )
     if not report["ok"]:
         print("\n".join(result["trace"] for result in report["checks"] if not result["ok"]))
     return 0 if report["ok"] else 1

@@ -582,4 +582,5 @@ class Runtime:
 
 
 def _query_length(kwargs, seq_dim: int) -> int:
-    return kwargs[compat.POSITION_EMBEDDINGS][0].shape[seq_dim]
+    cos = kwargs[compat.POSITION_EMBEDDINGS][0]
+    return cos.shape[compat.rotary_seq_dim(cos, seq_dim)]

@@ -50,6 +50,12 @@ def test_the_cache_is_found_by_type_under_any_name():
         compat.find_cache((), {"cache": cache, "past_key_values": DynamicCache()})
 
 
+def test_a_rotary_layout_atp_does_not_know_is_an_error():
+    assert compat.rotary_seq_dim(torch.zeros(2, 7, 16), 1) == 1
+    with pytest.raises(compat.CompatibilityError, match=r"rotary embedding has shape \(3, 2, 7, 16\)"):
+        compat.rotary_seq_dim(torch.zeros(3, 2, 7, 16), 1)  # Qwen2-VL's M-RoPE up to transformers 5.15
+
+
 def test_the_installed_release_is_in_the_declared_range():
     versions = compat.versions()
     assert compat.tested() == {"torch": True, "transformers": True}, versions
@@ -136,3 +142,36 @@ def test_the_flop_counter_counts_attention_whichever_sdpa_kernel_runs():
             torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
         counts[backend] = counter.get_total_flops()
     assert counts[SDPBackend.MATH] == counts[SDPBackend.FLASH_ATTENTION] == 2 * 2 * 4 * 16 * 16 * 8
+
+
+def test_pyproject_compat_and_the_oldest_ci_pins_declare_the_same_range():
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    declared = {}
+    for line in re.findall(
+        r'^\s*"((?:torch|transformers)[^"]*)"', (root / "pyproject.toml").read_text(), re.M
+    ):
+        requirement = Requirement(line)
+        declared[requirement.name] = {spec.operator: Version(spec.version) for spec in requirement.specifier}
+    oldest = dict(
+        line.split("==") for line in (root / ".ci" / "oldest.txt").read_text().split() if "==" in line
+    )
+    for name, (low, high) in {"torch": compat.TORCH_RANGE, "transformers": compat.TRANSFORMERS_RANGE}.items():
+        assert declared[name] == {">=": Version(low), "<": Version(high)}
+        assert oldest[name] == low
+
+
+def test_a_trainer_without_the_methods_atp_trainer_overrides_is_refused():
+    from transformers import Trainer
+
+    compat.check_trainer(Trainer)  # the installed release has them all
+
+    class Renamed(Trainer):
+        _save = None  # as if a release renamed it: AtpTrainer would never save the ATP weights
+
+    with pytest.raises(compat.CompatibilityError, match="Trainer has no _save"):
+        compat.check_trainer(Renamed)

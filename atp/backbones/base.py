@@ -66,6 +66,10 @@ class BackboneAdapter:
         """The image encoder (its input pixels are kept for scorers that look at the image)."""
         return getattr(self.multimodal_model(), "vision_tower", None)
 
+    def rotary_embedding(self) -> nn.Module:
+        """The language model's rotary embedding module (positions -> cos, sin)."""
+        return self.language_model().rotary_emb
+
     def decoder_layers(self) -> nn.ModuleList:
         return self.language_model().layers
 

@@ -33,6 +33,7 @@ class KeepPositions:
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
         """Replacements for the kwargs of a layer in the pruned sequence (slots ``index`` (B, S))."""
         cos, sin = kwargs[compat.POSITION_EMBEDDINGS]
+        seq_dim = compat.rotary_seq_dim(cos, seq_dim)
         out = {compat.POSITION_EMBEDDINGS: (gather_seq(cos, index, seq_dim), gather_seq(sin, index, seq_dim))}
         if kwargs.get(compat.POSITION_IDS) is not None:
             out[compat.POSITION_IDS] = gather_seq(kwargs[compat.POSITION_IDS], index, seq_dim)
@@ -60,8 +61,7 @@ class RenumberPositions(KeepPositions):
     positions = ("1d-rope",)
 
     def _rotary(self, ids: torch.Tensor, like: torch.Tensor):
-        rotary = self.adapter.language_model().rotary_emb
-        return rotary(like, ids)
+        return self.adapter.rotary_embedding()(like, ids)
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
         cos = kwargs[compat.POSITION_EMBEDDINGS][0]
@@ -102,9 +102,8 @@ class Rope2DPositions(KeepPositions):
         cos, sin = position_embeddings
         batch, length = prefill.visual_id.shape
         cos, sin = cos.expand(batch, -1, -1).clone(), sin.expand(batch, -1, -1).clone()
-        rotary = self.adapter.language_model().rotary_emb
-        bands = rotary.inv_freq.float()[0::2]  # half of the bands per axis, spread over the whole range
-        scaling = getattr(rotary, "attention_scaling", 1.0)
+        inv_freq, scaling = compat.rotary_bands(self.adapter.rotary_embedding())
+        bands = inv_freq.float()[0::2]  # half of the bands per axis, spread over the whole range
         starts = prefill.context["visual_positions"]
         for b, grids in enumerate(prefill.context["grids"]):
             offset = 0

@@ -44,6 +44,7 @@ class AtpTrainer(Trainer):
     """
 
     def __init__(self, *args, atp_learning_rate: float = 1e-4, **kwargs):
+        compat.check_trainer(Trainer)
         super().__init__(*args, **kwargs)
         self.atp_handle = find_handle(self.model)
         self.atp_learning_rate = atp_learning_rate
