@@ -295,7 +295,7 @@ def _guarded_generate(model: nn.Module, generate, runtime: Runtime):
                 raise ValueError(
                     f"{name} must be a transformers Cache object, got {type(kwargs[name]).__name__}"
                 )
-        runtime.generate_step = 0  # decode steps must find the cache (Runtime._check_continuation)
+        runtime.generate_step = 0  # decode steps must find the cache (Runtime._check_new_prompt)
         try:
             return generate(*args, **kwargs)
         finally:

@@ -137,8 +137,11 @@ class Runtime:
                 "atp needs input_ids to find the visual tokens; pass input_ids (and pixel_values) "
                 "instead of inputs_embeds"
             )
-        self._check_continuation(cache, past, input_ids, kwargs.get("attention_mask"))
+        step = self.generate_step  # forwards of the generate call in progress so far (None: not in one)
+        if step is not None:
+            self.generate_step = step + 1
         if past == 0:  # the layout is read when the language model starts (embeddings are known)
+            self._check_new_prompt(cache, step, input_ids, kwargs.get("attention_mask"))
             self.decoding = False
             self.prefill = None
             kept = (
@@ -174,15 +177,9 @@ class Runtime:
         self.step_padding = kwargs.get("attention_mask")  # 2D, original columns (layer 0 may be pruned)
         return None
 
-    def _check_continuation(self, cache, past: int, input_ids, attention_mask) -> None:
-        """A forward that continues earlier tokens must bring the cache that holds them: otherwise
-        atp would take it for a new prefill and prune (or count) nothing."""
-        step, self.generate_step = (
-            self.generate_step,
-            (None if self.generate_step is None else self.generate_step + 1),
-        )
-        if past > 0:
-            return
+    def _check_new_prompt(self, cache, step: int | None, input_ids, attention_mask) -> None:
+        """A forward that looks like a new prompt (no cache, or an empty one) must not continue
+        earlier tokens: atp would take it for a new prefill and prune (or count) nothing."""
         where = "among the multimodal model's arguments" if cache is None else "(an empty one arrived)"
         if step:
             raise compat.CompatibilityError(
@@ -312,16 +309,8 @@ class Runtime:
             self._check_decode_cache(layer, segment, args, kwargs)
             kwargs.update(self._segment_kwargs(segment, kwargs))
             return args, kwargs
-        if layer in p.snapshots:  # a gradient-checkpointing recompute: the same ops on the same state
-            current, now = p.snapshot(), (self.step_cache.copy(), self.last_stats)
-            state, self.step_cache = p.snapshots[layer]
-            p.restore(state)
-            self.step_cache, self.replaying = self.step_cache.copy(), True
-            try:
-                return self._prefill_layer_input(layer, p, segment, args, kwargs)
-            finally:
-                p.restore(current)
-                (self.step_cache, self.last_stats), self.replaying = now, False
+        if layer in p.snapshots:  # a gradient-checkpointing recompute
+            return self._replay(layer, p, segment, args, kwargs)
         if p.replays:
             p.snapshots[layer] = (p.snapshot(), self.step_cache.copy())
         cache = compat.find_cache(args, kwargs)
@@ -335,6 +324,19 @@ class Runtime:
                 p.cache = weakref.ref(cache)  # decoding must continue this very cache
                 self.pruned_caches.add(cache)
         return self._prefill_layer_input(layer, p, segment, args, kwargs)
+
+    def _replay(self, layer: int, p: Prefill, segment, args, kwargs):
+        """Run a layer's prefill hook again on the state it first saw: the recompute performs the
+        same differentiable ops (as checkpointing requires), and the current state is kept."""
+        current = (p.snapshot(), self.step_cache, self.last_stats)
+        state, step_cache = p.snapshots[layer]
+        p.restore(state)
+        self.step_cache, self.replaying = step_cache.copy(), True
+        try:
+            return self._prefill_layer_input(layer, p, segment, args, kwargs)
+        finally:
+            p.restore(current[0])
+            self.step_cache, self.last_stats, self.replaying = current[1], current[2], False
 
     def _prefill_layer_input(self, layer: int, p: Prefill, segment, args, kwargs):
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
