@@ -22,7 +22,7 @@ import torch
 from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401 (atp.attention calls it)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # the releases CI tests: lowest supported, first untested (keep pyproject.toml in step)
@@ -35,15 +35,6 @@ ATTENTION_MASK = "attention_mask"
 POSITION_EMBEDDINGS = "position_embeddings"  # (cos, sin) of the rotary embedding
 POSITION_IDS = "position_ids"
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # the cache's names in generate and top-level forwards
-
-__all__ = [
-    "Cache",
-    "CompatibilityError",
-    "find_cache",
-    "cache_length",
-    "output_cache",
-    "sdpa_attention_forward",
-]
 
 
 # versions ------------------------------------------------------------------------------
@@ -79,7 +70,7 @@ def tested() -> dict[str, bool]:
 
 @functools.cache
 def version_note() -> str:
-    """``transformers 5.24.0 (tested: >=5.18.0,<5.25)``, for error messages."""
+    """``transformers 5.24.0, torch 2.14.1 (atp is tested with transformers >=5.18.0,<5.25)``."""
     found = versions()
     low, high = TRANSFORMERS_RANGE
     return f"transformers {found['transformers']}, torch {found['torch']} (atp is tested with transformers >={low},<{high})"
