@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import copy
+import inspect
 import numbers
 import os
 import warnings
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from atp import checkpoint, compat
-from atp.attention import COMPILE_MESSAGE, register_attention
+from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, register_attention
 from atp.components.budget_loss import Budget
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 from atp.plugins import registry
@@ -151,6 +152,7 @@ def attach(
         )
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise ValueError(COMPILE_MESSAGE)
+    _check_not_attached_elsewhere(model)
     adapter = resolve_adapter(model)
     num_layers = len(adapter.decoder_layers())
     saved = None
@@ -238,11 +240,15 @@ def attach(
         adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper, loss_factory
     )
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
+    ignored = {f"{CONTAINER_NAME}.{key}" for key in container.state_dict()}
+    restore["keys_to_ignore_on_save"] = model.__dict__.get("_keys_to_ignore_on_save", _MISSING)
     model.add_module(CONTAINER_NAME, container)
+    # model.save_pretrained writes the base model only; atp's weights go where handle.save_pretrained puts them
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | ignored
     model.set_attn_implementation({adapter.text_config_key(): register_attention()})
     runtime.install()
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
-        model.__dict__["generate"] = _guarded_generate(model, model.generate, runtime)
+        model.__dict__["generate"] = GuardedGenerate(model, runtime)
         restore["generate_patched"] = True
     spec = {"policy": policy, "options": options, "positions": positions, "budget_loss": budget_loss}
     handle = AttachHandle(model, runtime, restore, spec)
@@ -257,6 +263,27 @@ def attach(
     return handle
 
 
+_MISSING = "missing"  # restore marker: the attribute was not in the model's __dict__
+
+
+def _check_not_attached_elsewhere(model: nn.Module) -> None:
+    """A module of an attached model (or a model holding one) shares its layers and config:
+    attaching again would stack a second runtime on the same layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, AtpModules):
+            where = f"its submodule {name.rsplit('.', 1)[0]!r}" if "." in name else "it"
+            raise ValueError(
+                f"atp is already attached to {where}; call handle.remove() (or atp.detach) on that model first"
+            )
+    config = getattr(model, "config", None)
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None and compat.attention_implementation(part) == ATTENTION_NAME:
+            raise ValueError(
+                "atp is already attached to a model this module belongs to (its config uses atp's attention "
+                f"{ATTENTION_NAME!r}); attach to that model once, or call handle.remove() on it first"
+            )
+
+
 def detach(model: nn.Module) -> None:
     """Remove atp from ``model`` (same as ``handle.remove()``)."""
     container = model._modules.get(CONTAINER_NAME)
@@ -265,40 +292,82 @@ def detach(model: nn.Module) -> None:
     container.handle.remove()
 
 
-def _guarded_generate(model: nn.Module, generate, runtime: Runtime):
-    """``model.generate`` that refuses the generation modes atp does not support yet."""
+class GuardedGenerate:
+    """``model.generate`` that refuses the generation modes atp does not support yet.
 
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
-        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    An object (not a closure) kept in the model's ``__dict__``: copies and pickles of the model
+    get their own, bound to the copy and its runtime.
+    """
 
-        def setting(name, default=None):
-            return kwargs[name] if name in kwargs else getattr(config, name, default)
+    def __init__(self, model: nn.Module, runtime: Runtime):
+        self.model = model
+        self.runtime = runtime
 
-        if (setting("num_beams", 1) or 1) > 1:
-            raise ValueError(
-                "beam search is not supported with atp yet; use num_beams=1 (greedy or sampling)"
-            )
-        if setting("use_cache", True) is False:
-            raise ValueError(
-                "generate(use_cache=False) would re-prune the prompt at every step; atp needs use_cache=True"
-            )
-        if setting("cache_implementation") not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={setting('cache_implementation')!r} is not supported with atp; "
-                "use the default dynamic cache"
-            )
-        if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
-            raise ValueError("assisted / speculative generation is not supported with atp yet")
-        for name in compat.CACHE_ARGUMENTS:
-            if kwargs.get(name) is not None and not isinstance(kwargs[name], compat.Cache):
-                raise ValueError(
-                    f"{name} must be a transformers Cache object, got {type(kwargs[name]).__name__}"
-                )
+    @property
+    def __wrapped__(self):
+        return type(self.model).generate.__get__(self.model)
+
+    @property
+    def __doc__(self):
+        return type(self.model).generate.__doc__
+
+    def __call__(self, *args, **kwargs):
+        check_generation(self.model, args, kwargs)
+        runtime = self.runtime
         runtime.generate_step = 0  # decode steps must find the cache (Runtime._check_new_prompt)
         try:
-            return generate(*args, **kwargs)
+            return type(self.model).generate(self.model, *args, **kwargs)
         finally:
             runtime.generate_step = None
 
-    return wrapper
+
+def check_generation(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse, before anything runs, the ``generate`` settings that change what the KV cache
+    holds or how the prompt reaches the model in ways atp does not follow. The settings are
+    read as generate reads them: a ``generation_config`` given by keyword or position, else the
+    model's, updated by the keyword arguments."""
+    try:
+        bound = inspect.signature(type(model).generate).bind(model, *args, **kwargs).arguments
+    except TypeError:  # generate itself reports its arguments
+        return
+    given = {name: value for name, value in bound.items() if name not in ("self", "kwargs")}
+    given.update(bound.get("kwargs", {}))
+    config = copy.deepcopy(given.get("generation_config") or getattr(model, "generation_config", None))
+    if config is None:
+        return
+    config.update(**{name: value for name, value in given.items() if hasattr(config, name)})
+    mode = compat.generation_mode(config, given.get("assistant_model"))
+    if mode not in ("greedy_search", "sample"):
+        raise ValueError(
+            f"{mode.replace('_', ' ')} is not supported with atp yet (generate would reorder, copy or re-run "
+            "the KV cache atp pruned); use greedy decoding or sampling (num_beams=1, no assistant model, "
+            "no penalty_alpha, no constraints, no dola_layers)"
+        )
+    if config.use_cache is False:
+        raise ValueError(
+            "generate(use_cache=False) would re-prune the prompt at every step; atp needs use_cache=True"
+        )
+    if config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={config.cache_implementation!r} is not supported with atp; "
+            "use the default dynamic cache"
+        )
+    if getattr(config, "prefill_chunk_size", None) is not None:
+        raise ValueError(
+            f"prefill_chunk_size={config.prefill_chunk_size!r} is not supported with atp: atp scores and "
+            "prunes the visual tokens from the whole multimodal prompt in one forward; use prefill_chunk_size=None"
+        )
+    if getattr(config, "guidance_scale", None) not in (None, 1, 1.0):
+        raise ValueError(
+            "classifier-free guidance (guidance_scale) runs a second, unconditional prompt through the model "
+            "during decoding, which atp does not follow; leave guidance_scale unset"
+        )
+    if given.get("custom_generate") is not None:
+        raise ValueError(
+            "custom_generate is not supported with atp: a custom decoding loop may reuse or reorder the KV "
+            "cache in ways atp cannot check; use the built-in greedy or sampling generation"
+        )
+    for name in compat.CACHE_ARGUMENTS:
+        value = given.get(name)
+        if value is not None and not isinstance(value, compat.Cache):
+            raise ValueError(f"{name} must be a transformers Cache object, got {type(value).__name__}")

@@ -148,6 +148,16 @@ def cache_argument(model: torch.nn.Module) -> str:
 
 
 # attention ------------------------------------------------------------------------------
+def generation_mode(config, assistant_model=None) -> str:
+    """The decoding mode generate picks for a ``GenerationConfig`` ("greedy_search", "sample", ...)."""
+    return str(config.get_generation_mode(assistant_model).value)
+
+
+# forward arguments that carry already encoded images / videos (generate encodes them before the
+# prefill, and chunked prefill hands each chunk the features of its placeholders)
+ENCODED_VISUAL_ARGUMENTS = ("mm_encoder_outputs",)
+
+
 def register_attention(name: str, function) -> None:
     """Register an attention function and the SDPA mask builder under ``name`` (without the mask
     builder, padding masks are silently not built)."""

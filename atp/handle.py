@@ -124,6 +124,11 @@ class AttachHandle:
             del model._modules[CONTAINER_NAME]
         if self._restore.get("generate_patched"):
             del model.__dict__["generate"]
+        ignored = self._restore.get("keys_to_ignore_on_save", "missing")
+        if ignored == "missing":
+            model.__dict__.pop("_keys_to_ignore_on_save", None)
+        else:
+            model._keys_to_ignore_on_save = ignored
         self.removed = True
 
     def __enter__(self) -> AttachHandle:

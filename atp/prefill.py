@@ -53,6 +53,7 @@ class Prefill:
     real: torch.Tensor  # (B, L) non-padding tokens
     context: dict  # the forward's inputs, the grids, visual positions (for scorers that need them)
     spatial: torch.Tensor  # (B, N)
+    protected: torch.Tensor  # (B, N) visual tokens whose output is read: never pruned
     keep: torch.Tensor  # (B, N) cumulative binary keep mask
     weight: torch.Tensor  # (B, N) cumulative soft mask (== keep in binary mode)
     layout: Layout | None = None  # current drop-mode layout; None = full sequence
@@ -111,6 +112,7 @@ class Prefill:
         first = torch.where(visual.any(1), visual.float().argmax(1), length)
         after = torch.arange(length, device=visual.device)[None, :] > first[:, None]
         instruction = ~visual & ~layout.structural & after & not_pad
+        read = read_positions(not_pad, visual, inputs.get("labels"))
         p = cls(
             mode=mode,
             soft=soft,
@@ -127,6 +129,7 @@ class Prefill:
                 "instruction": instruction,
             },
             spatial=spatial_scores(layout.grids, positions.shape[1], lambda_sample, strides, visual.device),
+            protected=read.gather(1, positions) & valid,
             keep=valid.clone(),
             weight=valid.float(),
         )
@@ -154,3 +157,24 @@ class Prefill:
             "instruction_slots": instruction_slots,
             "instruction_valid": instruction_valid,
         }
+
+
+def read_positions(
+    real: torch.Tensor, visual: torch.Tensor, labels: torch.Tensor | None, ignore_index: int = -100
+) -> torch.Tensor:
+    """BoolTensor (B, L): positions whose output is read, so their token must not be pruned.
+
+    Drop mode does not compute a pruned token any further, mask mode does (without its key):
+    their outputs differ, so a token whose output matters stays. That is each sample's last
+    real token (the next token is predicted from it) and, with ``labels``, every position that
+    predicts a supervised text token (transformers' losses predict ``labels[i + 1]`` at ``i``;
+    a label on a visual placeholder predicts nothing an answer needs). At most the last token of
+    each image run qualifies.
+    """
+    batch, length = real.shape
+    last = length - 1 - real.flip(1).float().argmax(dim=1)
+    read = torch.zeros_like(real, dtype=torch.bool)
+    read[torch.arange(batch, device=real.device), last] = True
+    if isinstance(labels, torch.Tensor) and labels.shape == real.shape:
+        read[:, :-1] |= (labels[:, 1:] != ignore_index) & ~visual[:, 1:]
+    return read

@@ -21,7 +21,7 @@ import weakref
 import torch
 
 from atp import compat
-from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST
+from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
@@ -64,6 +64,7 @@ class Runtime:
         self.prefill: Prefill | None = None
         self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
         self.latest_pixels = None  # the last images the vision tower saw
+        self.labels = None  # labels of the outer model's forward in progress
         self.decoding = False
         self.replaying = False  # re-running a hook for a gradient-checkpointing recompute
         self.generate_step: int | None = None  # forwards so far of the generate call in progress
@@ -78,6 +79,32 @@ class Runtime:
         self.warned_hard = False
         self.pruned_caches = weakref.WeakSet()  # caches filled by an ATP prefill (weakly held)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
+
+    # copies and pickles ----------------------------------------------------------------
+    _TRANSIENT = {
+        "prefill": None,
+        "pending": None,
+        "latest_pixels": None,
+        "labels": None,
+        "decoding": False,
+        "replaying": False,
+        "generate_step": None,
+        "step_past": 0,
+        "step_padding": None,
+        "step_cache": dict,
+        "pruned_caches": weakref.WeakSet,
+    }
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save`` of the model) carries the policy and
+        settings, not the state of a forward in progress or the caches of earlier prefills."""
+        return {name: value for name, value in self.__dict__.items() if name not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name, fresh in self._TRANSIENT.items():
+            setattr(self, name, fresh() if callable(fresh) else fresh)
+        register_attention()  # an unpickled model in a new process needs atp's attention function
 
     # install / remove ------------------------------------------------------------------
     def install(self) -> None:
@@ -101,9 +128,17 @@ class Runtime:
             )
         )
         self.hooks.append(self.adapter.model.register_forward_hook(self._on_model_output, with_kwargs=True))
+        self.hooks.append(
+            self.adapter.model.register_forward_pre_hook(
+                self._on_outer_forward, with_kwargs=True, prepend=True
+            )
+        )
         tower = self.adapter.vision_tower()
         if tower is not None:
             self.hooks.append(tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
+
+    def _on_outer_forward(self, module, args, kwargs):
+        self.labels = kwargs.get("labels")
 
     def _on_vision_input(self, module, args, kwargs):
         self.latest_pixels = args[0] if args else kwargs.get("pixel_values")
@@ -122,6 +157,7 @@ class Runtime:
         ):
             raise RuntimeError(COMPILE_MESSAGE)
         self.pending = None  # whatever an earlier, failed call left
+        labels, self.labels = self.labels, None  # from the outer model's forward (the loss reads them)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = compat.find_cache(args, kwargs)
         if cache is not None and not compat.is_dynamic_cache(cache, self.adapter.cache_layers):
@@ -153,8 +189,11 @@ class Runtime:
                 "image_sizes",
             )
             self.pending = {"input_ids": input_ids, **{name: kwargs.get(name) for name in kept}}
+            self.pending["labels"] = kwargs.get("labels", labels)
             return None
-        if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs):
+        if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs) or any(
+            kwargs.get(name) for name in compat.ENCODED_VISUAL_ARGUMENTS
+        ):
             raise ValueError(
                 "visual inputs arrived after the prefill (chunked prefill or images in a continuation); "
                 "atp needs the whole multimodal prompt in one forward"
@@ -341,7 +380,9 @@ class Runtime:
     def _prefill_layer_input(self, layer: int, p: Prefill, segment, args, kwargs):
         if self.keeper.from_layer_zero:  # positions that differ from layer 0 on, computed once
             if "positions" not in self.step_cache:
-                self.step_cache["positions"] = self.keeper.prefill(kwargs[compat.POSITION_EMBEDDINGS], p)
+                self.step_cache["positions"] = self.keeper.prefill(
+                    kwargs[compat.POSITION_EMBEDDINGS], p, kwargs.get(compat.POSITION_IDS)
+                )
             kwargs[compat.POSITION_EMBEDDINGS] = self.step_cache["positions"]
         if layer in self.atp_index:
             hidden = self._prune(self.atp_index[layer], compat.layer_hidden(args, kwargs))
@@ -434,10 +475,11 @@ class Runtime:
                 grids=p.context["grids"],
             )
         )
-        mask = decision.mask.float() * p.visual_valid
+        mask = torch.where(p.protected, 1.0, decision.mask.float() * p.visual_valid)  # read outputs stay
         keep = p.keep & (mask > 0.5)
         if decision.merge is not None:  # kept tokens become the mean of the tokens merged into them
-            hidden = self._merge(p, hidden, decision.merge)
+            own = torch.arange(mask.shape[1], device=mask.device).expand_as(decision.merge)
+            hidden = self._merge(p, hidden, torch.where(p.protected, own, decision.merge))
         weight = p.weight * mask if p.soft else keep.float()
         thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
         p.records.append((keep, weight, thresholds))

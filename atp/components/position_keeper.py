@@ -27,7 +27,8 @@ class KeepPositions:
     def __init__(self, adapter=None):
         self.adapter = adapter
 
-    def prefill(self, position_embeddings, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, position_embeddings, prefill, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of every token from layer 0 on (``position_ids`` (B or 1, L): the layer's)."""
         return position_embeddings
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
@@ -86,7 +87,8 @@ class Rope2DPositions(KeepPositions):
     """The paper's pruning positional embedding (PP, Sec. 3.3.1): the visual tokens of each image
     get 2D rotary positions, the row on one half of the rotary frequency bands and the column on
     the other (offset by the image's first position), built with timm's 2D rotary helper; text
-    keeps 1D positions, and kept tokens keep these positions after pruning.
+    keeps 1D positions, and kept tokens keep these positions after pruning. Each image's grid
+    starts at the position id of its first token, so left padding does not move it.
 
     This changes the model from layer 0 on: a model must be fine-tuned with it (the paper leaves
     it out of the frozen-LM runs). 1D-RoPE families only (Qwen's M-RoPE is 2D already).
@@ -96,7 +98,7 @@ class Rope2DPositions(KeepPositions):
     from_layer_zero = True
     positions = ("1d-rope",)
 
-    def prefill(self, position_embeddings, prefill) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, position_embeddings, prefill, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         from timm.layers.pos_embed_sincos import build_rotary_pos_embed
 
         cos, sin = position_embeddings
@@ -110,6 +112,8 @@ class Rope2DPositions(KeepPositions):
             for height, width in grids:
                 slots = starts[b, offset : offset + height * width]
                 first = int(slots[0]) if len(slots) else 0
+                if position_ids is not None:  # the image's first position, not its slot (left padding)
+                    first = int(position_ids[min(b, position_ids.shape[0] - 1), first])
                 grid_sin, grid_cos = build_rotary_pos_embed(
                     [height, width],
                     bands=bands,
