@@ -154,6 +154,7 @@ def attach(
         raise ValueError(COMPILE_MESSAGE)
     _check_not_attached_elsewhere(model)
     adapter = resolve_adapter(model)
+    adapter.check()
     num_layers = len(adapter.decoder_layers())
     saved = None
     budget_given = {"lambda_atp": lambda_atp, "lambda_target": lambda_target, "target_tokens": target_tokens}

@@ -190,6 +190,9 @@ class Runtime:
             )
             self.pending = {"input_ids": input_ids, **{name: kwargs.get(name) for name in kept}}
             self.pending["labels"] = kwargs.get("labels", labels)
+            self.pending["images_given"] = any(
+                kwargs.get(name) is not None for name in self.adapter.visual_inputs
+            ) or any(kwargs.get(name) for name in compat.ENCODED_VISUAL_ARGUMENTS)
             return None
         if any(kwargs.get(name) is not None for name in self.adapter.visual_inputs) or any(
             kwargs.get(name) for name in compat.ENCODED_VISUAL_ARGUMENTS
@@ -270,6 +273,11 @@ class Runtime:
             return None
         input_ids = pending["input_ids"]
         layout = self.adapter.visual_layout(input_ids, pending, kwargs)
+        if bool(layout.visual.any()) and not pending["images_given"] and self.latest_pixels is None:
+            raise ValueError(
+                f"the prompt has {int(layout.visual.sum())} image placeholder tokens but no images reached the "
+                "model (no pixel_values); pass the images, or leave the placeholders out of a text prompt"
+            )
         if pending.get("pixel_values") is None and self.latest_pixels is not None:
             pending["pixel_values"] = self.latest_pixels  # generate encodes the images before the prefill
         self.latest_pixels = None

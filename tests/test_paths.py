@@ -289,3 +289,29 @@ def test_a_text_turn_continues_a_pruned_cache_as_one_long_prompt():
             )
             out[mode] = second.logits
     torch.testing.assert_close(out["drop"], out["mask"], rtol=1e-4, atol=1e-4)
+
+
+# config variants seen at attach ---------------------------------------------------------------
+def test_config_variants_the_forward_cannot_lay_out_are_refused_at_attach():
+    from atp.testing import tiny_llava_next
+
+    model = tiny_llava(num_layers=4)
+    model.config.image_seq_length = 17  # e.g. vision_feature_select_strategy="full" keeps CLS
+    with pytest.raises(ValueError, match="17 image tokens .* are not a square grid"):
+        atp.attach(model, layers=[1])
+    assert "atp" not in dict(model.named_children())
+    model = tiny_llava_next(num_layers=4)
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="'full' with a CLIP tower"):
+        atp.attach(model, layers=[1])
+
+
+def test_image_placeholders_without_images_are_refused(model):
+    """Unattached, the placeholders are embedded as ordinary tokens; atp would prune them as
+    if they were an image."""
+    ids = torch.tensor([llava_prompt(model, [1, 5], [6, 7])])
+    with (
+        atp.attach(model, layers=[1]),
+        pytest.raises(ValueError, match="16 image placeholder tokens but no images"),
+    ):
+        model(input_ids=ids)

@@ -53,6 +53,10 @@ class BackboneAdapter:
     def matches(cls, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 
+    def check(self) -> None:
+        """Called by ``attach`` before anything is touched: raise ``ValueError`` (saying what to
+        do instead) for a config variant the forward could not lay out."""
+
     # structure -------------------------------------------------------------------------
     def multimodal_model(self) -> nn.Module:
         """The module whose forward receives ``input_ids`` and calls the language model."""

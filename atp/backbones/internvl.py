@@ -20,6 +20,14 @@ class InternVLAdapter(BackboneAdapter):
     model_types = ("internvl",)
     positions = "1d-rope"
 
+    def check(self) -> None:
+        per_tile = int(self.model.config.image_seq_length)
+        if math.isqrt(per_tile) ** 2 != per_tile:
+            raise ValueError(
+                f"this InternVL model's image_seq_length={per_tile} is not a square grid of tokens per tile, "
+                "which the spatial score needs"
+            )
+
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         config = self.model.config
         visual = input_ids == config.image_token_id
@@ -32,7 +40,8 @@ class InternVLAdapter(BackboneAdapter):
             for start, stop in spans:
                 if (stop - start) % per_tile:
                     raise ValueError(
-                        f"an image has {stop - start} tokens, not a multiple of image_seq_length={per_tile}"
+                        f"an image has {stop - start} tokens, not a multiple of image_seq_length={per_tile}: "
+                        "build input_ids with the model's processor, and pass the whole prompt in one forward"
                     )
                 sample_grids += [(side, side)] * ((stop - start) // per_tile)
                 structural[sample, max(start - 1, 0)] = start > 0

@@ -28,19 +28,32 @@ class LlavaAdapter(BackboneAdapter):
     def num_visual_tokens(self) -> int | None:
         return None if self.pixtral() else int(self.model.config.image_seq_length)
 
+    def check(self) -> None:
+        if self.pixtral():
+            return
+        per_image = self.num_visual_tokens()
+        if math.isqrt(per_image) ** 2 != per_image:
+            strategy = getattr(self.model.config, "vision_feature_select_strategy", None)
+            raise ValueError(
+                f"this LLaVA model's {per_image} image tokens (image_seq_length, "
+                f"vision_feature_select_strategy={strategy!r}) are not a square grid of patches, which the "
+                "spatial score and 2D positions need; atp supports the 'default' strategy (patches only, "
+                "no CLS token)"
+            )
+
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         if self.pixtral():
             return pixtral_layout(input_ids, self.model.config.image_token_id)
         visual = input_ids == self.model.config.image_token_id
         per_image = self.num_visual_tokens()
         side = math.isqrt(per_image)
-        if side * side != per_image:
-            raise ValueError(f"LLaVA image_seq_length {per_image} is not a square grid")
         grids = []
         for count in visual.sum(dim=1).tolist():
             if count % per_image:
                 raise ValueError(
-                    f"a sample has {count} image tokens, not a multiple of image_seq_length={per_image}"
+                    f"a sample has {count} image tokens, not a multiple of image_seq_length={per_image}: "
+                    f"each <image> must be expanded to {per_image} tokens; build input_ids with the model's "
+                    "processor (AutoProcessor), and pass the whole prompt in one forward"
                 )
             grids.append([(side, side)] * (count // per_image))
         return VisualLayout(visual, torch.zeros_like(visual), grids)

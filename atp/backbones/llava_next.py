@@ -72,6 +72,16 @@ class LlavaNextAdapter(BackboneAdapter):
     positions = "1d-rope"
     visual_inputs = ("pixel_values",)
 
+    def check(self) -> None:
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        tower = getattr(self.model.config.vision_config, "model_type", "")
+        if strategy == "full" and tower == "clip_vision_model":  # SigLIP towers have no CLS token
+            raise ValueError(
+                f"vision_feature_select_strategy='full' with a CLIP tower: this {self.family} model's image "
+                "features keep the CLS token, so its tiles are not grids of patches; atp supports the "
+                "'default' strategy with CLIP ('full' with SigLIP towers, which have no CLS token)"
+            )
+
     def base_side(self) -> int:
         vision = self.model.config.vision_config
         return vision.image_size // vision.patch_size
