@@ -199,7 +199,8 @@ class Runtime:
         ):
             raise ValueError(
                 "visual inputs arrived after the prefill (chunked prefill or images in a continuation); "
-                "atp needs the whole multimodal prompt in one forward"
+                "atp needs the whole multimodal prompt in one forward: put every image in the first forward "
+                "(a new prompt), and continue a cache with text only (no pixel_values)"
             )
         if self.prefill is None and cache in self.pruned_caches:
             raise ValueError(
