@@ -330,6 +330,22 @@ def test_numpy_and_tensor_numbers_are_accepted_and_stored_as_plain_python():
     assert build("spatial", strides=[np.int64(2), 4]).strides == [2, 4]
 
 
+def test_options_given_as_numpy_scalars_save_as_json_and_reload(model, batch, tmp_path):
+    import json
+
+    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[np.int64(8), np.float32(0.5)]) as handle:
+        json.dumps(handle.config())  # plain numbers only
+        handle.save_pretrained(tmp_path)
+        with torch.no_grad():
+            model(**batch)
+        kept = handle.stats.kept.tolist()
+    assert json.loads((tmp_path / "atp_config.json").read_text())["options"] == {"keep": [8, 0.5]}
+    with atp.attach(model, from_pretrained=tmp_path) as handle:
+        with torch.no_grad():
+            model(**batch)
+        assert handle.policy.keep == [8, 0.5] and handle.stats.kept.tolist() == kept == [[8, 4], [8, 4]]
+
+
 def counts_and_fractions():
     count = st.integers(0, 40)
     return st.lists(st.one_of(count, st.floats(0.01, 1.0)), min_size=1, max_size=5)
