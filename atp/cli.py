@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -40,7 +41,8 @@ def _flops_parser(sub) -> None:
         type=float,
         nargs="+",
         required=True,
-        help="visual tokens kept after each ATP layer; a value in (0, 1) is a fraction of those alive before it",
+        help="visual tokens kept after each ATP layer, never more than after the layer before; a value in "
+        "(0, 1) is a fraction of those alive before it",
     )
     flops.add_argument("--visual-tokens", type=float, default=None, help="visual tokens before pruning")
     flops.add_argument(
@@ -64,26 +66,23 @@ def _flops_main(args) -> int:
         shape = efficiency.shape_from_config(AutoConfig.from_pretrained(args.config), name=args.config)
         if shape.visual_tokens == 0 and args.visual_tokens is None:
             raise ValueError("this model's visual token count depends on the input; give --visual-tokens")
-    if (
-        args.kv_bytes < 1
-        or args.text_tokens < 0
-        or (args.visual_tokens is not None and args.visual_tokens <= 0)
-    ):
-        raise ValueError("--kv-bytes must be >= 1, --text-tokens >= 0 and --visual-tokens > 0")
-    kept, alive = [], args.visual_tokens if args.visual_tokens is not None else shape.visual_tokens
-    for value in args.kept:  # fractions of the tokens alive, as the fixed policy reads them
-        alive = round(alive * value) if 0 < value < 1 else value
-        kept.append(alive)
+    if args.kv_bytes < 1:
+        raise ValueError(f"--kv-bytes must be >= 1, got {args.kv_bytes}")
+    if not 0 <= args.text_tokens < math.inf:
+        raise ValueError(f"--text-tokens must be a finite count >= 0, got {args.text_tokens:g}")
+    if args.visual_tokens is not None and not 0 < args.visual_tokens < math.inf:
+        raise ValueError(f"--visual-tokens must be a finite count > 0, got {args.visual_tokens:g}")
     result = efficiency.report(
         shape,
         args.layers,
-        kept,
+        args.kept,
         args.visual_tokens,
         args.text_tokens,
         args.convention,
         args.include_vision,
         args.include_lm_head,
         args.kv_bytes,
+        fractions=True,  # a value in (0, 1) is a fraction of the tokens alive, as the fixed policy reads it
     )
     print(result.to_json() if args.json else result.table())
     return 0

@@ -83,6 +83,42 @@ def test_flops_reads_fractions_as_the_fixed_policy_does(capsys):
     assert json.loads(capsys.readouterr().out)["kept"] == [288.0, 72.0]
 
 
+@pytest.mark.parametrize(
+    ("kept", "message"),
+    [
+        (
+            "88 126 300",
+            "kept[1] = 126 (after ATP layer 14) is more than the 88 tokens kept at ATP layer 4: "
+            "kept counts can only shrink or stay from one ATP layer to the next; give at most 88",
+        ),
+        (
+            "nan 88 20",
+            "kept[0] = nan (after ATP layer 4) is not a finite number; give a token count between 0",
+        ),
+        ("126 inf 20", "kept[1] = inf (after ATP layer 14) is not a finite number"),
+        (
+            "-5 0 0",
+            "kept[0] = -5 (after ATP layer 4) must be a token count between 0 and the 576 visual tokens",
+        ),
+        ("100 0.5 60", "kept[2] = 60 (after ATP layer 24) is more than the 50 tokens kept at ATP layer 14"),
+        ("126 88", "3 ATP layers but 2 kept counts; give one kept count per ATP layer"),
+    ],
+)
+def test_flops_refuses_impossible_schedules(capsys, kept, message):
+    argv = ["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "24", "--kept", *kept.split()]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("atp flops: error: ") and message in captured.err and not captured.out
+
+
+def test_flops_refuses_non_finite_token_counts(capsys):
+    base = ["flops", "--preset", "llava-1.5-7b", "--layers", "4", "--kept", "100"]
+    assert main([*base, "--visual-tokens", "nan"]) == 2
+    assert "--visual-tokens must be a finite count > 0, got nan" in capsys.readouterr().err
+    assert main([*base, "--text-tokens", "inf"]) == 2
+    assert "--text-tokens must be a finite count >= 0, got inf" in capsys.readouterr().err
+
+
 def test_train_reports_missing_images_before_loading_anything(tmp_path, capsys):
     from atp.testing import write_toy_conversations
 
