@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from atp.cli import main
+from atp.cli import main, parse_options
+from atp.testing import tiny_llava
 
 
 def test_demo_prunes_the_tiny_llava_and_reports_consistent_numbers(capsys):
@@ -51,6 +52,70 @@ def test_demo_takes_policy_options(capsys):
     assert json.loads(capsys.readouterr().out)["kept"] == [144]
     assert main(["demo", "--option", "keep"]) == 2
     assert "--option needs KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--policy", "fixed", "--option", "keep=notjson"],
+            "--option keep=notjson: 'notjson' is not valid JSON (Expecting value); VALUE is JSON, "
+            "e.g. --option keep=[144,72,36]",
+        ),
+        (["--policy", "fastv", "--option", "ratio=half"], "'half' is not valid JSON"),
+        (
+            ["--policy", "fixed", "--option", "keep=0.5"],
+            "policy 'fixed': option keep must be a list with one count or fraction per ATP layer "
+            "(layers [4, 14, 24]), got 0.5; e.g. keep=[0.5, 0.5, 0.5]",
+        ),
+        (
+            ["--policy", "fixed", "--option", "keep=[144,72,300]"],
+            "option keep[2] = 300 is more than keep[1] = 72",
+        ),
+        (
+            ["--option", "colour=red"],
+            "policy 'atp' does not take option(s) colour; its options are: temperature",
+        ),
+        (["--option", "bins=1", "--option", "bins=2"], "--option bins is given twice; give each option once"),
+        (
+            ["--option", "threshold_head=tiled"],
+            "option threshold_head must be a registered threshold_head name, one of: binned, paper",
+        ),
+    ],
+)
+def test_demo_refuses_bad_options_before_running_anything(capsys, monkeypatch, argv, message):
+    import atp.demo
+
+    def model_that_must_not_run(**kwargs):
+        model = tiny_llava(num_layers=32, image_size=32)
+        model.generate = lambda *a, **k: pytest.fail("the demo generated before refusing its options")
+        return model
+
+    monkeypatch.setattr(atp.demo, "tiny_llava", model_that_must_not_run)
+    assert main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("atp demo: error: ") and message in captured.err
+
+
+def test_option_values_are_json_and_plain_text_only_for_string_options():
+    assert parse_options(["keep=[144, 72]", "ratio=0.5", "use_spatial=false", 'scorer="redundancy"']) == {
+        "keep": [144, 72],
+        "ratio": 0.5,
+        "use_spatial": False,
+        "scorer": "redundancy",
+    }
+    assert parse_options(["threshold_head=binned", "scorer=redundancy", "bins=8"], "atp") == {
+        "threshold_head": "binned",
+        "scorer": "redundancy",
+        "bins": 8,
+    }
+    for pairs, policy in [
+        (["keep=notjson"], "fixed"),
+        (["bins=eight"], "atp"),
+        (["threshold_head=binned"], None),
+    ]:
+        with pytest.raises(ValueError, match=r"is not valid JSON .*e.g. --option keep=\[144,72,36\]"):
+            parse_options(pairs, policy)
 
 
 @pytest.mark.parametrize(
