@@ -293,12 +293,11 @@ def report(
 
 def _checked(name: str, value, integer: bool = False, low: float = 0):
     """A plain finite number >= ``low`` (an int when ``integer``), else a message naming ``name``."""
-    number = plain_number(value)
-    kind = "an int" if integer else "a number"
+    number, expected = plain_number(value), f"a finite {'int' if integer else 'number'} >= {low}"
     if number is None or (integer and not isinstance(number, int)):
-        raise TypeError(f"{name} must be {kind} >= {low:g}, got {described(value)}")
+        raise TypeError(f"{name} must be {expected}, got {described(value)}")
     if not (math.isfinite(number) and number >= low):
-        raise ValueError(f"{name} must be a finite {kind[2:].strip()} >= {low:g}, got {value!r}")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return number if integer else float(number)
 
 

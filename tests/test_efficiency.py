@@ -202,7 +202,8 @@ def test_out_of_range_schedules_and_missing_token_counts_are_refused(capsys):
         (
             [88, 126, 300],
             ValueError,
-            r"kept\[1\] = 126 \(after ATP layer 14\) is more than the 88 tokens kept at ATP layer 4: kept counts "
+            r"kept\[1\] = 126 \(after ATP layer 14\) is more than the 88 tokens kept at ATP layer 4: "
+            r"kept counts "
             r"can only shrink or stay from one ATP layer to the next; give at most 88",
         ),
         (
@@ -233,8 +234,8 @@ def test_report_inputs_are_checked_and_numpy_numbers_give_plain_json():
     for options, message in [
         ({"text_tokens": float("nan")}, "text_tokens must be a finite number >= 0, got nan"),
         ({"visual_tokens": -1}, "visual_tokens must be a finite number >= 0, got -1"),
-        ({"kv_bytes_per_element": 2.0}, "kv_bytes_per_element must be an int >= 1, got 2.0"),
-        ({"images": True}, r"images must be an int >= 1, got True \(type bool\)"),
+        ({"kv_bytes_per_element": 2.0}, "kv_bytes_per_element must be a finite int >= 1, got 2.0"),
+        ({"images": True}, r"images must be a finite int >= 1, got True \(type bool\)"),
     ]:
         with pytest.raises((TypeError, ValueError), match=message):
             report(PRESETS["llava-1.5-7b"], [4], [100], **options)

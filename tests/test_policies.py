@@ -250,7 +250,8 @@ def test_every_option_of_every_built_in_policy_refuses_a_wrong_type_by_name(name
             "fastv",
             {"ratio": "0.5"},
             TypeError,
-            r"option ratio must be a number in \[0, 1\), got '0.5' \(type str\); give the number itself \(ratio=0.5\)",
+            r"option ratio must be a number in \[0, 1\), got '0.5' \(type str\); "
+            r"give the number itself \(ratio=0.5\)",
         ),
         ("fastv", {"ratio": float("inf")}, ValueError, r"ratio must be a finite number in \[0, 1\), got inf"),
         (

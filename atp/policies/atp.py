@@ -14,16 +14,16 @@ class AtpPolicy(Policy):
 
     Options
     -------
-    temperature : T of the soft masks (default 50).
-    hidden_size : width of each threshold head (default 256).
-    init_theta_r, init_theta_s : thresholds of untrained heads (default 1e-3 and 0.999:
-        close to keep-everything). Larger values make untrained heads prune.
-    lambda_sample : spatial score coefficient (default 3, the paper's).
-    spatial_strides : grid strides, default (2, 4, 8, ...) up to half the grid side.
+    temperature : T of the soft masks, > 0 (default 50).
+    hidden_size : width of each threshold head, >= 1 (default 256).
+    init_theta_r, init_theta_s : thresholds of untrained heads, in (0, 1) (default 1e-3 and
+        0.999: close to keep-everything). Larger values make untrained heads prune.
+    lambda_sample : spatial score coefficient, > 0 (default 3, the paper's).
+    spatial_strides : grid strides (ints >= 1), default (2, 4, 8, ...) up to half the grid side.
     threshold_head : "paper" (fixed input length, the model's visual tokens per sample),
         "binned" (size-agnostic: quantiles of the scores) or "auto" (paper when the family
         fixes the visual token count, binned otherwise); any registered head name.
-    bins : quantiles per score for the binned head (default 64).
+    bins : quantiles per score for the binned head, >= 2 (default 64).
     scorer, mask_combiner : registered component names (default "redundancy", "max_sigmoid").
     scorer_options : keyword arguments for the scorer.
     use_self, use_cross : ablations of the redundancy score (Table 5): S_red from S_self only,
@@ -61,10 +61,8 @@ class AtpPolicy(Policy):
                 "policy 'atp': options use_self and use_cross are both False, but S_red needs at least "
                 "one of them; switch one on (or prune by the spatial score only with use_redundant=False)"
             )
-        use_redundant, use_spatial = (
-            check.flag("use_redundant", use_redundant),
-            check.flag("use_spatial", use_spatial),
-        )
+        use_redundant = check.flag("use_redundant", use_redundant)
+        use_spatial = check.flag("use_spatial", use_spatial)
         if not (use_redundant or use_spatial):
             raise ValueError(
                 "policy 'atp': options use_redundant and use_spatial are both False, but the mask needs at "

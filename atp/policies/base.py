@@ -194,9 +194,10 @@ class OptionCheck:
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         unknown = [] if takes_any else sorted(set(value) - set(params))
         if unknown:
+            takes = ", ".join(params) or "nothing"
             raise ValueError(
                 f"policy {self.policy!r}: option {name} has {', '.join(unknown)}, which "
-                f"{getattr(factory, '__name__', factory)} does not take; it takes: {', '.join(params) or 'nothing'}"
+                f"{getattr(factory, '__name__', factory)} does not take; it takes: {takes}"
             )
         return dict(value)
 

@@ -15,7 +15,7 @@ class FastVPolicy(Policy):
 
     Options
     -------
-    ratio : R, the fraction of visual tokens dropped (FastV's default 0.5 at K = 2).
+    ratio : R, the fraction of visual tokens dropped, in [0, 1) (FastV's default 0.5 at K = 2).
     """
 
     name = "fastv"

@@ -15,7 +15,8 @@ class PDropPolicy(Policy):
 
     Options
     -------
-    ratio : the fraction kept at each stage (PDrop's lambda, default 0.5; e.g. layers=[8, 16, 24]).
+    ratio : the fraction kept at each stage, in (0, 1] (PDrop's lambda, default 0.5;
+        e.g. layers=[8, 16, 24]).
     """
 
     name = "pdrop"

@@ -32,7 +32,7 @@ class PoolPolicy(Policy):
 
     Options
     -------
-    stride : block side (default 2: 576 -> 144 tokens for LLaVA-1.5).
+    stride : block side, an int >= 2 (default 2: 576 -> 144 tokens for LLaVA-1.5).
     """
 
     name = "pool"

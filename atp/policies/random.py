@@ -13,8 +13,9 @@ class RandomPolicy(Policy):
 
     Options
     -------
-    keep : one entry per ATP layer, an int count or a float fraction of the tokens alive.
-    seed : seeds the generator once at attach, so a run is reproducible.
+    keep : one entry per ATP layer, an int count or a float fraction of the tokens alive
+        (the ``fixed`` policy's rules: counts can only shrink or stay).
+    seed : an int >= 0; seeds the generator once at attach, so a run is reproducible.
     """
 
     name = "random"

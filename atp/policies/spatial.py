@@ -32,10 +32,11 @@ class SpatialPolicy(Policy):
         before = 1  # the last stride that pruned (1 keeps every live token)
         for index, stride in enumerate(self.strides):
             if stride > 1 and stride % before:
+                instead = before * max(1, round(stride / before))
                 raise ValueError(
                     f"policy 'spatial': option strides[{index}] = {stride} is not a multiple of {before}, an "
-                    f"earlier stride: the stride-{stride} grid is not inside the tokens the stride-{before} grid "
-                    f"kept, since a token pruned earlier stays pruned (e.g. strides[{index}] = {before * max(1, round(stride / before))})"
+                    f"earlier stride: the stride-{stride} grid is not inside the tokens the stride-{before} "
+                    f"grid kept, since a token pruned earlier stays pruned (e.g. strides[{index}] = {instead})"
                 )
             before = max(before, stride)
         self.spatial_strides = tuple(sorted({s for s in self.strides if s > 1})) or None
