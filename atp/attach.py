@@ -16,7 +16,7 @@ from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, register_attention
 from atp.components.budget_loss import Budget
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 from atp.plugins import registry
-from atp.policies.base import PolicyContext
+from atp.policies.base import PolicyContext, plain_options
 from atp.runtime import Runtime
 
 PRUNE_MODES = ("auto", "drop", "mask")
@@ -251,7 +251,12 @@ def attach(
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = GuardedGenerate(model, runtime)
         restore["generate_patched"] = True
-    spec = {"policy": policy, "options": options, "positions": positions, "budget_loss": budget_loss}
+    spec = {
+        "policy": policy,
+        "options": plain_options(options),
+        "positions": positions,
+        "budget_loss": budget_loss,
+    }
     handle = AttachHandle(model, runtime, restore, spec)
     container.handle = handle
     if policy_module.untrained:

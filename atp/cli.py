@@ -6,7 +6,9 @@ Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, no
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
 
 
@@ -20,13 +22,56 @@ def _demo_parser(sub) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
-    demo.add_argument(
+    add_option_argument(demo)
+
+
+def add_option_argument(parser) -> None:
+    """``--option KEY=VALUE`` (repeatable), read by :func:`parse_options`."""
+    parser.add_argument(
         "--option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a policy option, VALUE as JSON (e.g. --policy fixed --option keep=[144,72,36]); repeatable",
+        help="a policy option; VALUE is JSON (e.g. --policy fixed --option keep=[144,72,36], "
+        "--option ratio=0.5, --option use_spatial=false), or plain text for an option whose default "
+        "is a string (--option threshold_head=binned); repeatable",
     )
+
+
+def parse_options(pairs: list[str], policy: str | None = None) -> dict:
+    """``--option KEY=VALUE`` pairs -> policy options: ``["keep=[144,72]"]`` -> {"keep": [144, 72]}.
+
+    The one rule, for every command: VALUE is read as JSON. An option of ``policy`` whose default
+    is a string (threshold_head, scorer, ...) also takes plain text (``threshold_head=binned``);
+    for any other option, VALUE that is not JSON is an error with an example, never a guess.
+    Names the policy does not take are left to ``atp.attach``, which lists the ones it does.
+    """
+    known, text = set(), set()
+    if policy is not None:
+        from atp.plugins import registry
+
+        parameters = inspect.signature(registry().get("policy", policy).factory.__init__).parameters
+        known = set(parameters) - {"self", "context"}
+        text = {name for name in known if isinstance(parameters[name].default, str)}
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option needs KEY=VALUE, got {pair!r}; e.g. --option keep=[144,72,36]")
+        if key in options:
+            raise ValueError(f"--option {key} is given twice; give each option once")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError as error:
+            if key in text or (policy is not None and key not in known):
+                options[key] = value
+                continue
+            raise ValueError(
+                f"--option {pair}: {value!r} is not valid JSON ({error.msg}); VALUE is JSON, e.g. "
+                "--option keep=[144,72,36], --option ratio=0.5 or --option use_spatial=false "
+                "(quote the whole pair for the shell when it has spaces or brackets)"
+            ) from None
+    return options
 
 
 def _flops_parser(sub) -> None:
@@ -40,7 +85,8 @@ def _flops_parser(sub) -> None:
         type=float,
         nargs="+",
         required=True,
-        help="visual tokens kept after each ATP layer; a value in (0, 1) is a fraction of those alive before it",
+        help="visual tokens kept after each ATP layer, never more than after the layer before; a value in "
+        "(0, 1) is a fraction of those alive before it",
     )
     flops.add_argument("--visual-tokens", type=float, default=None, help="visual tokens before pruning")
     flops.add_argument(
@@ -64,26 +110,23 @@ def _flops_main(args) -> int:
         shape = efficiency.shape_from_config(AutoConfig.from_pretrained(args.config), name=args.config)
         if shape.visual_tokens == 0 and args.visual_tokens is None:
             raise ValueError("this model's visual token count depends on the input; give --visual-tokens")
-    if (
-        args.kv_bytes < 1
-        or args.text_tokens < 0
-        or (args.visual_tokens is not None and args.visual_tokens <= 0)
-    ):
-        raise ValueError("--kv-bytes must be >= 1, --text-tokens >= 0 and --visual-tokens > 0")
-    kept, alive = [], args.visual_tokens if args.visual_tokens is not None else shape.visual_tokens
-    for value in args.kept:  # fractions of the tokens alive, as the fixed policy reads them
-        alive = round(alive * value) if 0 < value < 1 else value
-        kept.append(alive)
+    if args.kv_bytes < 1:
+        raise ValueError(f"--kv-bytes must be >= 1, got {args.kv_bytes}")
+    if not 0 <= args.text_tokens < math.inf:
+        raise ValueError(f"--text-tokens must be a finite count >= 0, got {args.text_tokens:g}")
+    if args.visual_tokens is not None and not 0 < args.visual_tokens < math.inf:
+        raise ValueError(f"--visual-tokens must be a finite count > 0, got {args.visual_tokens:g}")
     result = efficiency.report(
         shape,
         args.layers,
-        kept,
+        args.kept,
         args.visual_tokens,
         args.text_tokens,
         args.convention,
         args.include_vision,
         args.include_lm_head,
         args.kv_bytes,
+        fractions=True,  # a value in (0, 1) is a fraction of the tokens alive, as the fixed policy reads it
     )
     print(result.to_json() if args.json else result.table())
     return 0

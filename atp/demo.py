@@ -67,13 +67,13 @@ def run(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
             )
 
-    full = generate()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # first, so that bad options fail before anything runs
         warnings.simplefilter("ignore", UserWarning)  # the heads are untrained by design here
         handle = atp.attach(model, layers=layers, policy=policy, **options)
     pruned = generate()
     stats = handle.stats
     handle.remove()
+    full = generate()
     prompt_length = inputs["input_ids"].shape[1]
     return {
         "model": "tiny random LLaVA-1.5 shape: CLIP 336/14 (576 visual tokens), 32-layer Llama, hidden 64",
@@ -118,22 +118,10 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_options(pairs: list[str]) -> dict:
-    """``["keep=[144,72]", "ratio=0.5"]`` -> {"keep": [144, 72], "ratio": 0.5} (JSON values, else strings)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option needs KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def main(args) -> int:
-    options = parse_options(getattr(args, "option", []))
+    from atp.cli import parse_options
+
+    options = parse_options(getattr(args, "option", []), args.policy)
     result = run(
         args.layers,
         args.policy,

@@ -15,8 +15,11 @@ Two FLOPs conventions (DESIGN.md section 8), always stated next to the numbers:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+from atp.policies.base import described, plain_number
 
 CONVENTIONS = ("paper", "2flops-per-mac")
 
@@ -103,19 +106,61 @@ def vision_flops(vision: VisionShape) -> float:
     return vision.layers * (8 * n * d * d + 4 * n * n * d + 4 * n * d * m)
 
 
+def check_kept(
+    layers: Sequence[int], kept: Sequence[float], visual: float, fractions: bool = False
+) -> list[float]:
+    """``kept`` as plain floats, checked: each a finite count between 0 and the tokens alive
+    before its ATP layer (the visual tokens, then the previous count), so counts can only
+    shrink or stay from one ATP layer to the next.
+
+    ``fractions=True`` reads a value in (0, 1) as a fraction of the tokens alive before its
+    layer, rounded as the fixed policy rounds (``atp flops --kept``).
+    """
+    if len(layers) != len(kept):
+        raise ValueError(
+            f"{len(layers)} ATP layers but {len(kept)} kept counts; give one kept count per ATP layer"
+        )
+    out, alive, source = [], float(visual), f"the {visual:g} visual tokens"
+    for index, (layer, value) in enumerate(zip(layers, kept)):
+        given = count = plain_number(value)
+        if count is None:
+            raise TypeError(f"kept[{index}] must be a number (a token count), got {described(value)}")
+        if fractions and 0 < count < 1:
+            count = round(alive * count)
+        where = f"kept[{index}] = {given:g} (after ATP layer {layer})"
+        if not math.isfinite(count):
+            raise ValueError(f"{where} is not a finite number; give a token count between 0 and {source}")
+        if index > 0 and count > alive:
+            raise ValueError(
+                f"{where} is more than {source}: kept counts can only shrink or stay from one ATP layer "
+                f"to the next; give at most {alive:g}"
+                + (" (a fraction in (0, 1) keeps a share of the tokens alive)" if fractions else "")
+            )
+        if not 0 <= count <= alive:
+            raise ValueError(f"{where} must be a token count between 0 and {source}")
+        out.append(float(count))
+        alive, source = float(count), f"the {count:g} tokens kept at ATP layer {layer}"
+    return out
+
+
+def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """``layers`` as plain ints, checked: increasing decoder layer indices in 0..num_layers-1."""
+    indices = [plain_number(layer) for layer in layers]
+    if any(not isinstance(layer, int) for layer in indices):
+        raise TypeError(f"layers must be ints (decoder layer indices), got {list(layers)}")
+    if indices != sorted(set(indices)) or not all(0 <= layer < num_layers for layer in indices):
+        raise ValueError(f"layers must be increasing indices in 0..{num_layers - 1}, got {indices}")
+    return indices
+
+
 def tokens_per_layer(
     num_layers: int, layers: Sequence[int], kept: Sequence[float], visual: float
 ) -> list[float]:
-    """Visual tokens at the input of every decoder layer."""
-    if len(layers) != len(kept):
-        raise ValueError(f"{len(layers)} ATP layers but {len(kept)} kept counts")
-    if list(layers) != sorted(set(layers)) or not all(0 <= layer < num_layers for layer in layers):
-        raise ValueError(f"layers must be increasing indices in 0..{num_layers - 1}, got {list(layers)}")
-    if any(count < 0 or count > visual for count in kept):
-        raise ValueError(f"kept counts must be between 0 and the {visual:g} visual tokens, got {list(kept)}")
-    out, current, schedule = [], float(visual), dict(zip(layers, kept))
+    """Visual tokens at the input of every decoder layer (``kept`` checked by :func:`check_kept`)."""
+    layers = check_layers(layers, num_layers)
+    out, current, schedule = [], float(visual), dict(zip(layers, check_kept(layers, kept, visual)))
     for i in range(num_layers):
-        current = float(schedule.get(i, current))
+        current = schedule.get(i, current)
         out.append(current)
     return out
 
@@ -191,8 +236,10 @@ def report(
     include_lm_head: bool = False,
     kv_bytes_per_element: int = 2,
     images: int = 1,
+    fractions: bool = False,
 ) -> EfficiencyReport:
-    """The report of one schedule: ``kept[k]`` visual tokens alive after ATP layer ``layers[k]``.
+    """The report of one schedule: ``kept[k]`` visual tokens alive after ATP layer ``layers[k]``
+    (``fractions=True``: a value in (0, 1) is a fraction of the tokens alive before the layer).
 
     ``include_vision`` adds the image encoder (2 FLOPs per MAC, ``images`` of them);
     ``include_lm_head`` adds ``2 d V`` per prompt token (a full forward's logits). KV bytes use
@@ -200,12 +247,18 @@ def report(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    visual = float(shape.visual_tokens * images if visual_tokens is None else visual_tokens)
+    images = _checked("images", images, integer=True, low=1)
+    visual = shape.visual_tokens * images if visual_tokens is None else visual_tokens
+    visual = _checked("visual_tokens", visual)
+    text_tokens = _checked("text_tokens", text_tokens)
+    kv_bytes_per_element = _checked("kv_bytes_per_element", kv_bytes_per_element, integer=True, low=1)
     if visual + text_tokens <= 0:
         raise ValueError(
             f"{shape.name} has no visual token count in its config; give visual_tokens (--visual-tokens)"
         )
-    per_layer_visual = tokens_per_layer(shape.num_layers, list(layers), list(kept), visual)
+    layers = check_layers(layers, shape.num_layers)
+    kept = check_kept(layers, list(kept), visual, fractions)
+    per_layer_visual = tokens_per_layer(shape.num_layers, layers, kept, visual)
     per_layer = [layer_flops(text_tokens + v, shape, convention) for v in per_layer_visual]
     full = layer_flops(text_tokens + visual, shape, convention) * shape.num_layers
     flops, includes = sum(per_layer), []
@@ -222,8 +275,8 @@ def report(
     return EfficiencyReport(
         model=shape.name,
         flops_convention=convention,
-        layers=list(layers),
-        kept=[float(k) for k in kept],
+        layers=layers,
+        kept=kept,
         visual_tokens=visual,
         text_tokens=float(text_tokens),
         avg_tokens=sum(per_layer_visual) / shape.num_layers,
@@ -236,6 +289,16 @@ def report(
         kv_cache_bytes_full=(text_tokens + visual) * kv_width * shape.num_layers,
         includes=includes,
     )
+
+
+def _checked(name: str, value, integer: bool = False, low: float = 0):
+    """A plain finite number >= ``low`` (an int when ``integer``), else a message naming ``name``."""
+    number, expected = plain_number(value), f"a finite {'int' if integer else 'number'} >= {low}"
+    if number is None or (integer and not isinstance(number, int)):
+        raise TypeError(f"{name} must be {expected}, got {described(value)}")
+    if not (math.isfinite(number) and number >= low):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number if integer else float(number)
 
 
 def report_from_stats(stats, model, text_tokens: float, sample: int = 0, **options) -> EfficiencyReport:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from atp.cli import main
+from atp.cli import main, parse_options
+from atp.testing import tiny_llava
 
 
 def test_demo_prunes_the_tiny_llava_and_reports_consistent_numbers(capsys):
@@ -56,6 +57,70 @@ def test_demo_takes_policy_options(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (
+            ["--policy", "fixed", "--option", "keep=notjson"],
+            "--option keep=notjson: 'notjson' is not valid JSON (Expecting value); VALUE is JSON, "
+            "e.g. --option keep=[144,72,36]",
+        ),
+        (["--policy", "fastv", "--option", "ratio=half"], "'half' is not valid JSON"),
+        (
+            ["--policy", "fixed", "--option", "keep=0.5"],
+            "policy 'fixed': option keep must be a list with one count or fraction per ATP layer "
+            "(layers [4, 14, 24]), got 0.5; e.g. keep=[0.5, 0.5, 0.5]",
+        ),
+        (
+            ["--policy", "fixed", "--option", "keep=[144,72,300]"],
+            "option keep[2] = 300 is more than keep[1] = 72",
+        ),
+        (
+            ["--option", "colour=red"],
+            "policy 'atp' does not take option(s) colour; its options are: temperature",
+        ),
+        (["--option", "bins=1", "--option", "bins=2"], "--option bins is given twice; give each option once"),
+        (
+            ["--option", "threshold_head=tiled"],
+            "option threshold_head must be a registered threshold_head name, one of: binned, paper",
+        ),
+    ],
+)
+def test_demo_refuses_bad_options_before_running_anything(capsys, monkeypatch, argv, message):
+    import atp.demo
+
+    def model_that_must_not_run(**kwargs):
+        model = tiny_llava(num_layers=32, image_size=32)
+        model.generate = lambda *a, **k: pytest.fail("the demo generated before refusing its options")
+        return model
+
+    monkeypatch.setattr(atp.demo, "tiny_llava", model_that_must_not_run)
+    assert main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("atp demo: error: ") and message in captured.err
+
+
+def test_option_values_are_json_and_plain_text_only_for_string_options():
+    assert parse_options(["keep=[144, 72]", "ratio=0.5", "use_spatial=false", 'scorer="redundancy"']) == {
+        "keep": [144, 72],
+        "ratio": 0.5,
+        "use_spatial": False,
+        "scorer": "redundancy",
+    }
+    assert parse_options(["threshold_head=binned", "scorer=redundancy", "bins=8"], "atp") == {
+        "threshold_head": "binned",
+        "scorer": "redundancy",
+        "bins": 8,
+    }
+    for pairs, policy in [
+        (["keep=notjson"], "fixed"),
+        (["bins=eight"], "atp"),
+        (["threshold_head=binned"], None),
+    ]:
+        with pytest.raises(ValueError, match=r"is not valid JSON .*e.g. --option keep=\[144,72,36\]"):
+            parse_options(pairs, policy)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["demo", "--image", "/nonexistent/picture.png"], "atp demo: error"),
         (["bench", "--repeats", "0"], "--repeats must be at least 1"),
         (["bench", "--device", "cuda"], "no CUDA device is available"),
@@ -81,6 +146,42 @@ def test_flops_reads_fractions_as_the_fixed_policy_does(capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["kept"] == [288.0, 72.0]
+
+
+@pytest.mark.parametrize(
+    ("kept", "message"),
+    [
+        (
+            "88 126 300",
+            "kept[1] = 126 (after ATP layer 14) is more than the 88 tokens kept at ATP layer 4: "
+            "kept counts can only shrink or stay from one ATP layer to the next; give at most 88",
+        ),
+        (
+            "nan 88 20",
+            "kept[0] = nan (after ATP layer 4) is not a finite number; give a token count between 0",
+        ),
+        ("126 inf 20", "kept[1] = inf (after ATP layer 14) is not a finite number"),
+        (
+            "-5 0 0",
+            "kept[0] = -5 (after ATP layer 4) must be a token count between 0 and the 576 visual tokens",
+        ),
+        ("100 0.5 60", "kept[2] = 60 (after ATP layer 24) is more than the 50 tokens kept at ATP layer 14"),
+        ("126 88", "3 ATP layers but 2 kept counts; give one kept count per ATP layer"),
+    ],
+)
+def test_flops_refuses_impossible_schedules(capsys, kept, message):
+    argv = ["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "24", "--kept", *kept.split()]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("atp flops: error: ") and message in captured.err and not captured.out
+
+
+def test_flops_refuses_non_finite_token_counts(capsys):
+    base = ["flops", "--preset", "llava-1.5-7b", "--layers", "4", "--kept", "100"]
+    assert main([*base, "--visual-tokens", "nan"]) == 2
+    assert "--visual-tokens must be a finite count > 0, got nan" in capsys.readouterr().err
+    assert main([*base, "--text-tokens", "inf"]) == 2
+    assert "--text-tokens must be a finite count >= 0, got inf" in capsys.readouterr().err
 
 
 def test_train_reports_missing_images_before_loading_anything(tmp_path, capsys):

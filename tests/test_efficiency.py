@@ -6,15 +6,18 @@ import contextlib
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import atp
 from atp import compat
 from atp.cli import main
 from atp.compat import output_cache
-from atp.efficiency import PRESETS, layer_flops, report, report_from_stats, shape_from_config
+from atp.efficiency import PRESETS, check_kept, layer_flops, report, report_from_stats, shape_from_config
 from atp.testing import llava_prompt, tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -179,7 +182,10 @@ def test_out_of_range_schedules_and_missing_token_counts_are_refused(capsys):
         report(PRESETS["llava-1.5-7b"], [4, 40], [10, 5])
     with pytest.raises(ValueError, match="layers must be increasing"):
         report(PRESETS["llava-1.5-7b"], [14, 4], [10, 5])
-    with pytest.raises(ValueError, match="kept counts must be between 0 and the 576"):
+    with pytest.raises(
+        ValueError,
+        match=r"kept\[0\] = 600 \(after ATP layer 4\) must be a token count between 0 and the 576 visual",
+    ):
         report(PRESETS["llava-1.5-7b"], [4], [600])
     shape = shape_from_config(tiny_llava(num_layers=4).config.text_config)  # a text config: no visual count
     with pytest.raises(ValueError, match="give visual_tokens"):
@@ -188,3 +194,71 @@ def test_out_of_range_schedules_and_missing_token_counts_are_refused(capsys):
         main(["flops", "--preset", "llava-1.5-7b", "--layers", "4", "14", "40", "--kept", "1", "2", "3"]) == 2
     )
     assert "layers must be increasing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kept", "error", "message"),
+    [
+        (
+            [88, 126, 300],
+            ValueError,
+            r"kept\[1\] = 126 \(after ATP layer 14\) is more than the 88 tokens kept at ATP layer 4: "
+            r"kept counts "
+            r"can only shrink or stay from one ATP layer to the next; give at most 88",
+        ),
+        (
+            [126, 88, float("nan")],
+            ValueError,
+            r"kept\[2\] = nan .* is not a finite number; give a token count between 0 and the 88",
+        ),
+        (
+            [float("inf"), 88, 20],
+            ValueError,
+            r"kept\[0\] = inf .* not a finite number; give a token count between 0 and the 576 visual tokens",
+        ),
+        (
+            [126, -1, 0],
+            ValueError,
+            r"kept\[1\] = -1 .* must be a token count between 0 and the 126 tokens kept",
+        ),
+        ([126, "88", 20], TypeError, r"kept\[1\] must be a number \(a token count\), got '88' \(type str\)"),
+        ([126, 88], ValueError, "3 ATP layers but 2 kept counts; give one kept count per ATP layer"),
+    ],
+)
+def test_impossible_schedules_are_refused_with_what_is_allowed(kept, error, message):
+    with pytest.raises(error, match=message):
+        report(PRESETS["llava-1.5-7b"], [4, 14, 24], kept)
+
+
+def test_report_inputs_are_checked_and_numpy_numbers_give_plain_json():
+    for options, message in [
+        ({"text_tokens": float("nan")}, "text_tokens must be a finite number >= 0, got nan"),
+        ({"visual_tokens": -1}, "visual_tokens must be a finite number >= 0, got -1"),
+        ({"kv_bytes_per_element": 2.0}, "kv_bytes_per_element must be a finite int >= 1, got 2.0"),
+        ({"images": True}, r"images must be a finite int >= 1, got True \(type bool\)"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=message):
+            report(PRESETS["llava-1.5-7b"], [4], [100], **options)
+    with pytest.raises(TypeError, match="layers must be ints"):
+        report(PRESETS["llava-1.5-7b"], [4.0], [100])
+    result = report(PRESETS["llava-1.5-7b"], [np.int64(4)], [np.float32(100)], text_tokens=torch.tensor(8))
+    assert json.loads(result.to_json())["layers"] == [4] and result.kept == [100.0]
+
+
+@given(st.lists(st.floats(0, 576, allow_nan=False), min_size=1, max_size=4))
+def test_a_kept_schedule_is_accepted_exactly_when_it_never_grows(kept):
+    layers = [4, 14, 24, 30][: len(kept)]
+    if all(later <= earlier for earlier, later in zip(kept, kept[1:])):
+        result = report(PRESETS["llava-1.5-7b"], layers, kept, text_tokens=0)
+        assert result.kept == kept and result.avg_tokens <= 576
+    else:
+        with pytest.raises(
+            ValueError, match="kept counts can only shrink or stay from one ATP layer to the next"
+        ):
+            report(PRESETS["llava-1.5-7b"], layers, kept)
+
+
+@given(st.lists(st.floats(0.01, 0.99), min_size=1, max_size=4))
+def test_fractions_of_the_tokens_alive_always_give_a_shrinking_schedule(fractions):
+    counts = check_kept(list(range(len(fractions))), fractions, 576, fractions=True)
+    assert all(0 <= later <= earlier <= 576 for earlier, later in zip([576.0, *counts], counts))

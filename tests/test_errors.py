@@ -74,15 +74,58 @@ def test_unknown_policy_and_options(model):
         ValueError, match="policy 'atp' does not take option.*colour.*its options are: temperature"
     ):
         atp.attach(model, layers=[1], colour="red")
-    with pytest.raises(ValueError, match="keep has 1 entries but there are 2 ATP layers"):
+    with pytest.raises(ValueError, match="option keep has 1 entries but there are 2 ATP layers"):
         atp.attach(model, layers=[1, 2], policy="fixed", keep=[4])
-    with pytest.raises(ValueError, match=r"keep fractions must be in \(0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"keep\[0\] must be an int count >= 0 or a float fraction in \(0, 1\]"
+    ):
         atp.attach(model, layers=[1], policy="fixed", keep=[1.5])
     with pytest.raises(ValueError, match="prune_mode must be one of"):
         atp.attach(model, layers=[1], prune_mode="prune")
-    with pytest.raises(ValueError, match="init_theta_r must be in"):
+    with pytest.raises(ValueError, match=r"option init_theta_r must be a number in \(0, 1\), got 1.0"):
         atp.attach(model, layers=[1], init_theta_r=1.0)
     assert untouched(model)
+
+
+def fingerprint(model) -> tuple:
+    """Everything attach could change: weights, hooks on every module, attention, attributes."""
+    hooks = [
+        (name, dict(m._forward_pre_hooks), dict(m._forward_hooks), dict(m._backward_hooks), list(m._modules))
+        for name, m in model.named_modules()
+    ]
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attributes = {key: id(value) for key, value in model.__dict__.items()}
+    return state, hooks, model.config.text_config._attn_implementation, attributes
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"policy": "fixed", "keep": "0.5"}, TypeError, "policy 'fixed': option keep must be a list"),
+        ({"policy": "fixed", "keep": 0.5}, TypeError, r"e.g. keep=\[0.5, 0.5\]"),
+        ({"policy": "fixed", "keep": [8, 12]}, ValueError, "counts can only shrink or stay"),
+        ({"policy": "random", "keep": [8, 4], "seed": None}, TypeError, "option seed must be an int"),
+        ({"policy": "random", "keep": [8, 4], "ratio": "0.5"}, ValueError, "does not take option.*ratio"),
+        ({"policy": "pdrop", "ratio": "0.5"}, TypeError, r"give the number itself \(ratio=0.5\)"),
+        ({"policy": "spatial", "strides": [2, 3]}, ValueError, "not a multiple of 2"),
+        (
+            {"policy": "atp", "temperature": float("nan")},
+            ValueError,
+            "option temperature must be a finite number",
+        ),
+        ({"policy": "atp", "scorer_options": {"colour": 1}}, ValueError, "RedundancyScorer does not take"),
+    ],
+)
+def test_a_refused_option_leaves_the_model_exactly_as_it_was(model, options, error, message):
+    before = fingerprint(model)
+    with pytest.raises(error, match=message):
+        atp.attach(model, layers=[1, 3], **options)
+    after = fingerprint(model)
+    assert after[0].keys() == before[0].keys()
+    assert all(torch.equal(after[0][name], before[0][name]) for name in before[0])
+    assert after[1:] == before[1:] and untouched(model)
+    with atp.attach(model, layers=[1, 3], policy="keep_all"):  # the fingerprint sees an attach
+        assert fingerprint(model)[1] != before[1] and fingerprint(model)[2:] != before[2:]
 
 
 def test_attaching_twice(model):

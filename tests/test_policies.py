@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import atp
 from atp.compat import output_cache
+from atp.plugins import registry
+from atp.policies import FixedPolicy, PolicyContext
 from atp.testing import tiny_llava
 from tests.families import BY_NAME_FAMILIES as FAMILY
 from tests.families import visual_mask
@@ -137,12 +142,225 @@ def test_deterministic_policies_give_each_sample_alone_the_same_tokens(policy):
 def test_policy_option_errors(model):
     with pytest.raises(ValueError, match="fastv prunes once"):
         atp.attach(model, layers=[1, 2], policy="fastv")
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"option ratio must be a number in \[0, 1\), got 1.0"):
         atp.attach(model, layers=[2], policy="fastv", ratio=1.0)
-    with pytest.raises(ValueError, match="needs strides"):
+    with pytest.raises(ValueError, match="option strides has 1 entries but there are 2 ATP layers"):
         atp.attach(model, layers=[1, 2], policy="spatial", strides=[2])
-    with pytest.raises(ValueError, match="needs keep"):
+    with pytest.raises(ValueError, match=r"the 'random' policy needs keep=\[...\], one count or fraction"):
         atp.attach(model, layers=[1], policy="random")
+
+
+CONTEXT = PolicyContext((1, 3), 4, 16)
+VALID = {  # name -> (context, options that build), for the option checks below
+    "atp": (CONTEXT, {}),
+    "keep_all": (CONTEXT, {}),
+    "fixed": (CONTEXT, {"keep": [8, 0.5]}),
+    "random": (CONTEXT, {"keep": [8, 0.5]}),
+    "manual": (CONTEXT, {"keep_masks": [torch.ones(1, 16, dtype=torch.bool)] * 2}),
+    "fastv": (PolicyContext((2,), 4, 16), {}),
+    "pdrop": (CONTEXT, {}),
+    "spatial": (CONTEXT, {"strides": [2, 4]}),
+    "pool": (PolicyContext((0,), 4, 16), {}),
+}
+BUILT_IN_OPTIONS = [
+    (name, option) for name in VALID for option in registry().get("policy", name).factory.option_names()
+]
+
+
+def build(name, **options):
+    context, valid = VALID[name]
+    return registry().get("policy", name).factory(context, **{**valid, **options})
+
+
+def test_every_built_in_policy_is_covered_by_the_option_checks():
+    builtin = {e.name for e in registry().entries() if e.kind == "policy" and e.origin.split()[0] == "atp"}
+    assert builtin <= set(VALID)
+    for name in VALID:
+        build(name)
+
+
+@pytest.mark.parametrize(("name", "option"), BUILT_IN_OPTIONS)
+def test_every_option_of_every_built_in_policy_refuses_a_wrong_type_by_name(name, option):
+    with pytest.raises((TypeError, ValueError)) as error:
+        build(name, **{option: object()})
+    message = str(error.value)
+    assert f"policy {name!r}" in message and f"option {option}" in message and "got <object object" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "message"),
+    [
+        (
+            "fixed",
+            {"keep": "0.5"},
+            TypeError,
+            r"option keep must be a list .*, got '0.5' \(type str\); e.g. keep=\[0.5, 0.5\]",
+        ),
+        (
+            "fixed",
+            {"keep": 0.5},
+            TypeError,
+            r"one count or fraction per ATP layer \(layers \[1, 3\]\), got 0.5; e.g. keep=\[0.5, 0.5\]",
+        ),
+        (
+            "fixed",
+            {"keep": [4, 8]},
+            ValueError,
+            r"keep\[1\] = 8 is more than keep\[0\] = 4: .*can only shrink or stay",
+        ),
+        (
+            "fixed",
+            {"keep": [float("nan"), 2]},
+            ValueError,
+            r"keep\[0\] must be an int count >= 0 or a float fraction in \(0, 1\], got nan",
+        ),
+        (
+            "fixed",
+            {"keep": [True, 2]},
+            TypeError,
+            r"keep\[0\] must be an int count .*, got True \(type bool\)",
+        ),
+        ("fixed", {"keep": ["4", 2]}, TypeError, r"got '4' \(type str\); give the number itself"),
+        (
+            "fixed",
+            {"keep": np.array([4, 2])},
+            TypeError,
+            r"got array\(\[4, 2\]\) \(type ndarray\); e.g. keep=\[4, 2\]",
+        ),
+        (
+            "fixed",
+            {"scorer_options": {"x": 1}},
+            ValueError,
+            "scorer_options has x, which RedundancyScorer does not take",
+        ),
+        (
+            "fixed",
+            {"scorer": "nope"},
+            ValueError,
+            "option scorer must be a registered scorer name, one of: .*redundancy .*got 'nope'",
+        ),
+        (
+            "random",
+            {"seed": None},
+            TypeError,
+            r"policy 'random': option seed must be an int in \[0, \d+\], got None",
+        ),
+        ("random", {"seed": -1}, ValueError, "option seed must be an int in .*, got -1"),
+        (
+            "fastv",
+            {"ratio": "0.5"},
+            TypeError,
+            r"option ratio must be a number in \[0, 1\), got '0.5' \(type str\); "
+            r"give the number itself \(ratio=0.5\)",
+        ),
+        ("fastv", {"ratio": float("inf")}, ValueError, r"ratio must be a finite number in \[0, 1\), got inf"),
+        (
+            "pdrop",
+            {"ratio": 0},
+            ValueError,
+            r"policy 'pdrop': option ratio must be a number in \(0, 1\], got 0",
+        ),
+        (
+            "spatial",
+            {"strides": [2, 3]},
+            ValueError,
+            r"strides\[1\] = 3 is not a multiple of 2.*e.g. strides\[1\] = 4",
+        ),
+        (
+            "spatial",
+            {"strides": [2, 4], "lambda_sample": 5},
+            ValueError,
+            r"lambda_sample must be a number in \(0, 4\), got 5",
+        ),
+        ("pool", {"stride": 2.0}, TypeError, "policy 'pool': option stride must be an int >= 2, got 2.0"),
+        (
+            "manual",
+            {"keep_masks": [torch.ones(1, 16)] * 2},
+            TypeError,
+            r"keep_masks\[0\] must be a BoolTensor .*got a torch.float32 tensor of shape \(1, 16\)",
+        ),
+        (
+            "atp",
+            {"temperature": 0},
+            ValueError,
+            "policy 'atp': option temperature must be a number > 0, got 0",
+        ),
+        ("atp", {"init_theta_s": None}, TypeError, r"init_theta_s must be a number in \(0, 1\), got None"),
+        (
+            "atp",
+            {"lambda_sample": float("nan")},
+            ValueError,
+            "lambda_sample must be a finite number > 0, got nan",
+        ),
+        (
+            "atp",
+            {"spatial_strides": []},
+            TypeError,
+            r"spatial_strides must be None .* non-empty list .*e.g. spatial_strides=\[2, 4, 8\]",
+        ),
+        ("atp", {"bins": 1}, ValueError, "option bins must be an int >= 2, got 1"),
+        ("atp", {"use_self": 0}, TypeError, "option use_self must be True or False, got 0"),
+        (
+            "atp",
+            {"use_redundant": False, "use_spatial": False},
+            ValueError,
+            "both False, but the mask needs at least one",
+        ),
+        (
+            "atp",
+            {"threshold_head": "nope"},
+            ValueError,
+            "option threshold_head must be a registered threshold_head name, one of: binned, paper",
+        ),
+    ],
+)
+def test_bad_option_values_say_what_is_wrong_and_what_to_give(name, options, error, message):
+    with pytest.raises(error, match=message):
+        build(name, **options)
+
+
+def test_numpy_and_tensor_numbers_are_accepted_and_stored_as_plain_python():
+    fixed = build("fixed", keep=[np.int64(8), np.float32(0.5)])
+    assert fixed.keep == [8, 0.5] and [type(k) for k in fixed.keep] == [int, float]
+    assert build("random", keep=(torch.tensor(8), torch.tensor(0.5)), seed=np.int64(3)).keep == [8, 0.5]
+    assert type(build("fastv", ratio=np.float32(0.25)).ratio) is float
+    atp_policy = build(
+        "atp", temperature=torch.tensor(50.0), hidden_size=np.int64(8), use_self=np.bool_(True)
+    )
+    assert atp_policy.use_self is True and atp_policy.heads[0].proj.out_features == 8
+    assert build("spatial", strides=[np.int64(2), 4]).strides == [2, 4]
+
+
+def test_options_given_as_numpy_scalars_save_as_json_and_reload(model, batch, tmp_path):
+    import json
+
+    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[np.int64(8), np.float32(0.5)]) as handle:
+        json.dumps(handle.config())  # plain numbers only
+        handle.save_pretrained(tmp_path)
+        with torch.no_grad():
+            model(**batch)
+        kept = handle.stats.kept.tolist()
+    assert json.loads((tmp_path / "atp_config.json").read_text())["options"] == {"keep": [8, 0.5]}
+    with atp.attach(model, from_pretrained=tmp_path) as handle:
+        with torch.no_grad():
+            model(**batch)
+        assert handle.policy.keep == [8, 0.5] and handle.stats.kept.tolist() == kept == [[8, 4], [8, 4]]
+
+
+def counts_and_fractions():
+    count = st.integers(0, 40)
+    return st.lists(st.one_of(count, st.floats(0.01, 1.0)), min_size=1, max_size=5)
+
+
+@given(counts_and_fractions())
+def test_a_keep_schedule_builds_exactly_when_its_counts_never_grow(keep):
+    counts = [k for k in keep if isinstance(k, int)]
+    context = PolicyContext(tuple(range(1, len(keep) + 1)), len(keep) + 1, None)
+    if all(later <= earlier for earlier, later in zip(counts, counts[1:])):
+        assert FixedPolicy(context, keep=keep).keep == keep
+    else:
+        with pytest.raises(ValueError, match="counts can only shrink or stay from one ATP layer to the next"):
+            FixedPolicy(context, keep=keep)
 
 
 @pytest.mark.parametrize(

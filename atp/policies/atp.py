@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from atp.plugins import registry
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
 from atp.scorers.normalize import minmax_normalize
 
 
@@ -15,16 +14,16 @@ class AtpPolicy(Policy):
 
     Options
     -------
-    temperature : T of the soft masks (default 50).
-    hidden_size : width of each threshold head (default 256).
-    init_theta_r, init_theta_s : thresholds of untrained heads (default 1e-3 and 0.999:
-        close to keep-everything). Larger values make untrained heads prune.
-    lambda_sample : spatial score coefficient (default 3, the paper's).
-    spatial_strides : grid strides, default (2, 4, 8, ...) up to half the grid side.
+    temperature : T of the soft masks, > 0 (default 50).
+    hidden_size : width of each threshold head, >= 1 (default 256).
+    init_theta_r, init_theta_s : thresholds of untrained heads, in (0, 1) (default 1e-3 and
+        0.999: close to keep-everything). Larger values make untrained heads prune.
+    lambda_sample : spatial score coefficient, > 0 (default 3, the paper's).
+    spatial_strides : grid strides (ints >= 1), default (2, 4, 8, ...) up to half the grid side.
     threshold_head : "paper" (fixed input length, the model's visual tokens per sample),
         "binned" (size-agnostic: quantiles of the scores) or "auto" (paper when the family
         fixes the visual token count, binned otherwise); any registered head name.
-    bins : quantiles per score for the binned head (default 64).
+    bins : quantiles per score for the binned head, >= 2 (default 64).
     scorer, mask_combiner : registered component names (default "redundancy", "max_sigmoid").
     scorer_options : keyword arguments for the scorer.
     use_self, use_cross : ablations of the redundancy score (Table 5): S_red from S_self only,
@@ -32,6 +31,8 @@ class AtpPolicy(Policy):
     use_redundant, use_spatial : ablations of the mask (Table 4, RP / SP): redundant pruning
         only, spatial pruning only, or both (default).
     """
+
+    name = "atp"
 
     def __init__(
         self,
@@ -53,23 +54,47 @@ class AtpPolicy(Policy):
         use_spatial: bool = True,
     ):
         super().__init__(context)
-        if not (use_self or use_cross):
-            raise ValueError("use_self and use_cross are both False: S_red needs at least one of them")
-        self.use_self, self.use_cross = bool(use_self), bool(use_cross)
-        components = registry()
+        check = OptionCheck(self.name)
+        self.use_self, self.use_cross = check.flag("use_self", use_self), check.flag("use_cross", use_cross)
+        if not (self.use_self or self.use_cross):
+            raise ValueError(
+                "policy 'atp': options use_self and use_cross are both False, but S_red needs at least "
+                "one of them; switch one on (or prune by the spatial score only with use_redundant=False)"
+            )
+        use_redundant = check.flag("use_redundant", use_redundant)
+        use_spatial = check.flag("use_spatial", use_spatial)
+        if not (use_redundant or use_spatial):
+            raise ValueError(
+                "policy 'atp': options use_redundant and use_spatial are both False, but the mask needs at "
+                "least one of them; switch one on (policy='keep_all' keeps every token)"
+            )
+        temperature = check.real("temperature", temperature, 0.0, low_open=True)
+        hidden_size = check.integer("hidden_size", hidden_size, 1)
+        init_theta_r = check.real("init_theta_r", init_theta_r, 0.0, 1.0, True, True)
+        init_theta_s = check.real("init_theta_s", init_theta_s, 0.0, 1.0, True, True)
+        bins = check.integer("bins", bins, 2)
+        self.lambda_sample = check.real("lambda_sample", lambda_sample, 0.0, low_open=True)
+        self.spatial_strides = None
+        if spatial_strides is not None:
+            if not isinstance(spatial_strides, (list, tuple)) or not spatial_strides:
+                expected = "None (the default) or a non-empty list of ints >= 1"
+                check.fail(
+                    "spatial_strides", spatial_strides, expected, TypeError, "spatial_strides=[2, 4, 8]"
+                )
+            self.spatial_strides = tuple(
+                check.integer(f"spatial_strides[{i}]", stride, 1) for i, stride in enumerate(spatial_strides)
+            )
         if threshold_head == "auto":
             threshold_head = "paper" if context.num_visual_tokens is not None else "binned"
-        head = components.get("threshold_head", threshold_head).factory
-        self.scorer = components.get("scorer", scorer).factory(**(scorer_options or {}))
-        self.lambda_sample = float(lambda_sample)
-        self.spatial_strides = tuple(spatial_strides) if spatial_strides is not None else None
+        head = check.component("threshold_head", threshold_head, "threshold_head")
+        scorer_factory = check.component("scorer", scorer, "scorer")
+        self.scorer = scorer_factory(**check.keywords("scorer_options", scorer_options, scorer_factory))
         self.heads = nn.ModuleList(
             head.from_options(context.num_visual_tokens, hidden_size, init_theta_r, init_theta_s, bins)
             for _ in context.layers
         )
-        self.combiner = components.get("mask_combiner", mask_combiner).factory(
-            temperature, use_redundant=use_redundant, use_spatial=use_spatial
-        )
+        combiner = check.component("mask_combiner", mask_combiner, "mask_combiner")
+        self.combiner = combiner(temperature, use_redundant=use_redundant, use_spatial=use_spatial)
         self.untrained = True
 
     def decide(self, inputs: PolicyInput) -> Decision:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
 from atp.policies.fixed import top_k_mask
 from atp.scorers.last_token import LastTokenScorer
 
@@ -15,8 +15,10 @@ class FastVPolicy(Policy):
 
     Options
     -------
-    ratio : R, the fraction of visual tokens dropped (FastV's default 0.5 at K = 2).
+    ratio : R, the fraction of visual tokens dropped, in [0, 1) (FastV's default 0.5 at K = 2).
     """
+
+    name = "fastv"
 
     def __init__(self, context: PolicyContext, ratio: float = 0.5):
         super().__init__(context)
@@ -24,9 +26,7 @@ class FastVPolicy(Policy):
             raise ValueError(
                 "fastv prunes once: give one layer (K), e.g. layers=[2]; use 'pdrop' for several stages"
             )
-        if isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-        self.ratio = float(ratio)
+        self.ratio = OptionCheck(self.name).real("ratio", ratio, 0.0, 1.0, high_open=True)
         self.scorer = LastTokenScorer()
 
     def decide(self, inputs: PolicyInput) -> Decision:

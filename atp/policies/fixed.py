@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.plugins import registry
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput, plain_number
 from atp.scorers.normalize import minmax_normalize
 
 
@@ -19,6 +18,40 @@ def top_k_mask(scores: torch.Tensor, live: torch.Tensor, counts: torch.Tensor) -
     return (rank < counts[:, None]) & live
 
 
+def budget_counts(budget: int | float, live: torch.Tensor) -> torch.Tensor:
+    """LongTensor (B,): tokens to keep given ``live`` (B, N): a count, or a fraction of those alive."""
+    alive = live.sum(dim=1)
+    if isinstance(budget, float):
+        return torch.round(alive.double() * budget).long()
+    return alive.clamp(max=budget)
+
+
+def keep_schedule(check: OptionCheck, keep, layers: tuple[int, ...]) -> list[int | float]:
+    """``keep`` checked: per ATP layer an int count >= 0 or a float fraction in (0, 1] of the
+    tokens alive. A count above an earlier count could never be met (at most that many tokens
+    are alive after the earlier layer), so counts can only shrink or stay."""
+
+    def entry(name: str, value) -> int | float:
+        number, expected = plain_number(value), "an int count >= 0 or a float fraction in (0, 1]"
+        if number is None:
+            check.fail(name, value, expected, TypeError)
+        if not (number >= 0 if isinstance(number, int) else 0 < number <= 1):  # NaN fails too
+            check.fail(name, value, expected)
+        return number
+
+    budgets = check.per_layer("keep", keep, layers, "one count or fraction", entry)
+    counts = [(index, budget) for index, budget in enumerate(budgets) if isinstance(budget, int)]
+    for (before, earlier), (index, count) in zip(counts, counts[1:]):
+        if count > earlier:
+            raise ValueError(
+                f"policy {check.policy!r}: option keep[{index}] = {count} is more than keep[{before}] = "
+                f"{earlier}: at most {earlier} tokens are alive after ATP layer {layers[before]}, so counts "
+                f"can only shrink or stay from one ATP layer to the next (e.g. keep[{index}] = {earlier}, "
+                "or a fraction of those alive)"
+            )
+    return budgets
+
+
 class FixedPolicy(Policy):
     """Keep a pre-defined budget per ATP layer, ranked by the scorer's scores: each score is
     min-max normalised over the live tokens and the scores are averaged (for the default
@@ -27,10 +60,13 @@ class FixedPolicy(Policy):
     Options
     -------
     keep : one entry per ATP layer. An int is a token count, a float in (0, 1] a fraction
-        of the tokens alive before that layer (rounded to the nearest integer).
+        of the tokens alive before that layer (rounded to the nearest integer). Counts can only
+        shrink or stay from one layer to the next.
     scorer : a registered scorer name (default "redundancy"; e.g. a plugin's).
     scorer_options : keyword arguments for that scorer.
     """
+
+    name = "fixed"
 
     def __init__(
         self,
@@ -40,31 +76,13 @@ class FixedPolicy(Policy):
         scorer_options: dict | None = None,
     ):
         super().__init__(context)
-        if keep is None:
-            raise ValueError("the 'fixed' policy needs keep=[...], one count or fraction per ATP layer")
-        keep = list(keep)
-        if len(keep) != len(context.layers):
-            raise ValueError(f"keep has {len(keep)} entries but there are {len(context.layers)} ATP layers")
-        for value in keep:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"keep entries must be ints (counts) or floats (fractions), got {value!r}")
-            if isinstance(value, int) and value < 0:
-                raise ValueError(f"keep counts must be >= 0, got {value}")
-            if isinstance(value, float) and not 0.0 < value <= 1.0:
-                raise ValueError(f"keep fractions must be in (0, 1], got {value}")
-        self.keep = keep
-        self.scorer = registry().get("scorer", scorer).factory(**(scorer_options or {}))
-
-    def counts(self, inputs: PolicyInput) -> torch.Tensor:
-        """LongTensor (B,): tokens to keep at this layer (a count, or a fraction of those alive)."""
-        alive = inputs.live.sum(dim=1)
-        budget = self.keep[inputs.index]
-        if isinstance(budget, float):
-            return torch.round(alive.double() * budget).long()
-        return alive.clamp(max=budget)
+        check = OptionCheck(self.name)
+        self.keep = keep_schedule(check, keep, context.layers)
+        factory = check.component("scorer", scorer, "scorer")
+        self.scorer = factory(**check.keywords("scorer_options", scorer_options, factory))
 
     def decide(self, inputs: PolicyInput) -> Decision:
-        counts = self.counts(inputs)
+        counts = budget_counts(self.keep[inputs.index], inputs.live)
         combined = sum(minmax_normalize(score, inputs.live) for score in inputs.scores.values()) / len(
             inputs.scores
         )

@@ -9,6 +9,8 @@ from atp.scorers.redundancy import RedundancyScorer
 class KeepAllPolicy(Policy):
     """Scores are computed and every hook runs, but every visual token is kept."""
 
+    name = "keep_all"
+
     def __init__(self, context: PolicyContext):
         super().__init__(context)
         self.scorer = RedundancyScorer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
 
 
 class ManualPolicy(Policy):
@@ -16,17 +16,19 @@ class ManualPolicy(Policy):
         Masks are made cumulative (a token pruned earlier stays pruned).
     """
 
+    name = "manual"
+
     def __init__(self, context: PolicyContext, keep_masks: list[torch.Tensor] | None = None):
         super().__init__(context)
-        if keep_masks is None or len(keep_masks) != len(context.layers):
-            raise ValueError(
-                f"the 'manual' policy needs keep_masks=[...], one BoolTensor (B, N) per ATP layer "
-                f"({len(context.layers)} layers)"
-            )
-        for mask in keep_masks:
+        check = OptionCheck(self.name)
+
+        def entry(name: str, mask) -> torch.Tensor:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-                raise TypeError("keep_masks entries must be BoolTensors of shape (batch, visual tokens)")
-        self.keep_masks = [mask.clone() for mask in keep_masks]
+                check.fail(name, mask, "a BoolTensor of shape (batch, visual tokens)", TypeError)
+            return mask.clone()
+
+        what = "one BoolTensor (B, N)"
+        self.keep_masks = check.per_layer("keep_masks", keep_masks, context.layers, what, entry)
 
     def decide(self, inputs: PolicyInput) -> Decision:
         mask = self.keep_masks[inputs.index]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
 from atp.policies.fixed import top_k_mask
 from atp.scorers.last_token import LastTokenScorer
 
@@ -15,14 +15,15 @@ class PDropPolicy(Policy):
 
     Options
     -------
-    ratio : the fraction kept at each stage (PDrop's lambda, default 0.5; e.g. layers=[8, 16, 24]).
+    ratio : the fraction kept at each stage, in (0, 1] (PDrop's lambda, default 0.5;
+        e.g. layers=[8, 16, 24]).
     """
+
+    name = "pdrop"
 
     def __init__(self, context: PolicyContext, ratio: float = 0.5):
         super().__init__(context)
-        if isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        self.ratio = float(ratio)
+        self.ratio = OptionCheck(self.name).real("ratio", ratio, 0.0, 1.0, low_open=True)
         self.scorer = LastTokenScorer()
 
     def decide(self, inputs: PolicyInput) -> Decision:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
 
 
 def block_targets(grids: list[list[tuple[int, int]]], width: int, stride: int, device=None) -> torch.Tensor:
@@ -32,16 +32,15 @@ class PoolPolicy(Policy):
 
     Options
     -------
-    stride : block side (default 2: 576 -> 144 tokens for LLaVA-1.5).
+    stride : block side, an int >= 2 (default 2: 576 -> 144 tokens for LLaVA-1.5).
     """
 
+    name = "pool"
     pre_llm = True
 
     def __init__(self, context: PolicyContext, stride: int = 2):
         super().__init__(context)
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 2:
-            raise ValueError(f"stride must be an int >= 2, got {stride!r}")
-        self.stride = stride
+        self.stride = OptionCheck(self.name).integer("stride", stride, 2)
 
     def decide(self, inputs: PolicyInput) -> Decision:
         width = inputs.live.shape[1]
