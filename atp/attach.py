@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -16,7 +15,8 @@ from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, register_attention
 from atp.components.budget_loss import Budget
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 from atp.plugins import registry
-from atp.policies.base import PolicyContext, plain_options
+from atp.policies.base import PolicyContext
+from atp.policies.options import plain_number, plain_options
 from atp.runtime import Runtime
 
 PRUNE_MODES = ("auto", "drop", "mask")
@@ -71,9 +71,11 @@ def validate_layers(layers: object, num_layers: int) -> tuple[int, ...]:
         raise TypeError(f"layers must be a list of ints, got {layers!r}")
     if not layers:
         raise ValueError("layers is empty; give at least one decoder layer index, e.g. layers=[4, 14, 24]")
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise TypeError(f"layers must be ints, got {layer!r} in {list(layers)!r}")
+    given = list(layers)
+    layers = [plain_number(layer) for layer in given]  # numpy and 0-dim tensor ints count
+    for layer, original in zip(layers, given):
+        if not isinstance(layer, int):
+            raise TypeError(f"layers must be ints, got {original!r} in {given!r}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers has duplicates: {list(layers)!r}; give each layer once")
     for layer in layers:
@@ -87,7 +89,7 @@ def validate_layers(layers: object, num_layers: int) -> tuple[int, ...]:
                 f"layer {layer} is out of range: the language model has {num_layers} decoder layers, "
                 f"so ATP layers must be in 1..{num_layers - 1}"
             )
-    return tuple(sorted(int(layer) for layer in layers))
+    return tuple(sorted(layers))
 
 
 def attach(

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from atp.policies.base import described, plain_number
+from atp.policies.options import described, plain_number
 
 CONVENTIONS = ("paper", "2flops-per-mac")
 

@@ -334,8 +334,10 @@ def test_numpy_and_tensor_numbers_are_accepted_and_stored_as_plain_python():
 def test_options_given_as_numpy_scalars_save_as_json_and_reload(model, batch, tmp_path):
     import json
 
-    with atp.attach(model, layers=[1, 3], policy="fixed", keep=[np.int64(8), np.float32(0.5)]) as handle:
+    layers = [torch.tensor(1), np.int64(3)]  # layers take the same numbers as options
+    with atp.attach(model, layers=layers, policy="fixed", keep=[np.int64(8), np.float32(0.5)]) as handle:
         json.dumps(handle.config())  # plain numbers only
+        assert handle.layers == (1, 3) and all(type(layer) is int for layer in handle.layers)
         handle.save_pretrained(tmp_path)
         with torch.no_grad():
             model(**batch)

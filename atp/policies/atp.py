@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.options import OptionCheck
 from atp.scorers.normalize import minmax_normalize
 
 

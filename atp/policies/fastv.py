@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
 from atp.policies.fixed import top_k_mask
+from atp.policies.options import OptionCheck
 from atp.scorers.last_token import LastTokenScorer
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput, plain_number
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.options import OptionCheck, plain_number
 from atp.scorers.normalize import minmax_normalize
 
 

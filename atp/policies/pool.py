@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.options import OptionCheck
 
 
 def block_targets(grids: list[list[tuple[int, int]]], width: int, stride: int, device=None) -> torch.Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
 from atp.policies.fixed import budget_counts, keep_schedule, top_k_mask
+from atp.policies.options import OptionCheck
 
 
 class RandomPolicy(Policy):

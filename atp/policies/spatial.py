@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from atp.policies.base import Decision, OptionCheck, Policy, PolicyContext, PolicyInput
+from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
+from atp.policies.options import OptionCheck
 
 
 class SpatialPolicy(Policy):
