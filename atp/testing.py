@@ -494,3 +494,7 @@ def tiny_pixtral_llava(num_layers: int = 4, seed: int = 0):
         vision_feature_select_strategy="full",
     )
     return _build(LlavaForConditionalGeneration, config, seed)
+
+
+# re-exported: tiny checkpoint folders with a real processor (atp/tiny.py)
+from atp.tiny import tiny_model_and_processor, write_tiny_checkpoint  # noqa: E402, F401
