@@ -1,4 +1,4 @@
-"""The ``atp`` command line: demo, train, flops, bench, plugins, models, doctor.
+"""The ``atp`` command line: demo, train, flops, bench, plugins, models, doctor, tiny-checkpoint.
 
 Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, not a traceback.
 """
@@ -148,6 +148,28 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
 
+def _tiny_checkpoint_parser(sub) -> None:
+    from atp.tiny import FAMILIES
+
+    tiny = sub.add_parser(
+        "tiny-checkpoint",
+        help="write a tiny random model with a real processor to a folder, loadable with the Auto classes",
+    )
+    tiny.add_argument("dir", metavar="DIR", help="the folder to write (created if missing)")
+    tiny.add_argument("--family", choices=FAMILIES, default="llava", help="model family (default llava)")
+    tiny.add_argument(
+        "--num-layers",
+        "--layers",
+        type=int,
+        default=4,
+        help="decoder layers of the language model (default 4)",
+    )
+    tiny.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the random weights (default 0)"
+    )
+    tiny.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from atp.training.cli import add_parser as add_train_parser
 
@@ -166,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="versions, tested range, plugins and a self-check on a tiny model (for bug reports)"
     )
     doctor.add_argument("--json", action="store_true")
+    _tiny_checkpoint_parser(sub)
     return parser
 
 
@@ -218,6 +241,29 @@ def _doctor_main(args) -> int:
     return doctor.main(args)
 
 
+def _tiny_checkpoint_main(args) -> int:
+    from pathlib import Path
+
+    from atp.tiny import write_tiny_checkpoint
+
+    folder = Path(args.dir)
+    if args.num_layers < 1:
+        raise ValueError(f"--num-layers must be >= 1, got {args.num_layers}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a folder to write the checkpoint to")
+    if folder.is_dir() and any(folder.iterdir()) and not args.force:
+        raise ValueError(f"{folder} is not empty; give an empty or new folder, or --force to write into it")
+    write_tiny_checkpoint(folder, args.family, args.num_layers, args.seed)
+    files = ", ".join(sorted(path.name for path in folder.iterdir()))
+    print(
+        f"wrote a tiny random {args.family} ({args.num_layers} layers, seed {args.seed}) to {folder}: {files}"
+    )
+    print(f"load it with AutoProcessor / AutoModelForImageTextToText.from_pretrained({str(folder)!r})")
+    return 0
+
+
 COMMANDS = {
     "demo": _demo_main,
     "train": _train_main,
@@ -226,6 +272,7 @@ COMMANDS = {
     "plugins": _plugins_main,
     "models": _models_main,
     "doctor": _doctor_main,
+    "tiny-checkpoint": _tiny_checkpoint_main,
 }
 
 
