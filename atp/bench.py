@@ -108,6 +108,10 @@ class Clock:
 
 
 def _attach(model, method: dict):
+    if method.get("args") is not None:  # the command line's ATP options
+        from atp.loading import attach_from_args
+
+        return attach_from_args(model, method["args"], **method["options"])
     if method["policy"] is None:
         return None
     with warnings.catch_warnings():
@@ -121,12 +125,35 @@ def solve_fastv_ratio(avg_tokens: float, visual: int, num_layers: int, layer: in
     return min(max(1.0 - kept / visual, 0.0), 0.99)
 
 
-def run(config: BenchConfig, device: str = "cpu") -> dict:
-    model = build_model(config, device)
-    inputs = make_inputs(model, config, device)
+def loaded_inputs(loaded, device: str) -> dict:
+    """One synthetic image and a question through a checkpoint's processor (its chat template)."""
+    from atp.demo import prompt_inputs, synthetic_image
+
+    dtype = next(loaded.model.parameters()).dtype
+    inputs = prompt_inputs(loaded, synthetic_image(), "Describe the image in detail.")
+    return {
+        name: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for name, value in inputs.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) -> dict:
+    """Every method on one prompt, interleaved round after round; ``loaded`` (a checkpoint from
+    ``--model``) replaces the random LLaVA-1.5-shaped model and its prompt; ``atp_args`` (parsed
+    ``--policy``, ``--layers``, ``--option``, ``--atp-checkpoint``) define the ``atp`` row."""
+    from atp.attach import resolve_adapter
+
+    if loaded is None:
+        model = build_model(config, device)
+        inputs = make_inputs(model, config, device)
+    else:
+        model, inputs = loaded.model, loaded_inputs(loaded, device)
+    adapter = resolve_adapter(model)
+    num_layers = len(adapter.decoder_layers())
+    config.num_layers, config.hidden_size = num_layers, adapter.text_config().hidden_size
     clock = Clock(device)
-    visual = model.config.image_seq_length
-    layers = atp.default_layers(config.num_layers)
+    layers = atp.default_layers(num_layers)
     methods = {
         "unpruned": {"policy": None, "layers": None, "options": {}},
         "keep_all": {"policy": "keep_all", "layers": layers, "options": {}},  # the scoring overhead alone
@@ -136,19 +163,39 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
             "options": {"init_theta_r": config.theta_r, "init_theta_s": config.theta_s},
         },
     }
+    if atp_args is not None and (
+        atp_args.policy,
+        atp_args.layers,
+        atp_args.option,
+        atp_args.atp_checkpoint,
+    ) != (
+        None,
+        None,
+        [],
+        None,
+    ):
+        methods["atp"] = {
+            "policy": atp_args.policy,
+            "layers": atp_args.layers,
+            "options": {},
+            "args": atp_args,
+        }
     with torch.no_grad():  # calibrate the baselines on atp's counts
         handle = _attach(model, methods["atp"])
         model(**inputs)
+        layers = list(handle.layers)  # the baselines prune at the same layers
         kept = handle.stats.kept[0].tolist()
         avg = handle.stats.avg_tokens
+        visual = int(handle.stats.num_visual[0])
         handle.remove()
-    fastv_layer = max(1, round(2 * config.num_layers / 32))
+    fastv_layer = max(1, round(2 * num_layers / 32))
     methods["fastv"] = {
         "policy": "fastv",
         "layers": [fastv_layer],
-        "options": {"ratio": solve_fastv_ratio(avg, visual, config.num_layers, fastv_layer)},
+        "options": {"ratio": solve_fastv_ratio(avg, visual, num_layers, fastv_layer)},
     }
-    methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
+    if 0 not in layers:  # a pre-LLM row (pool) has no layers to copy
+        methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
     times = {name: {"prefill": [], "first_token": [], "decode": []} for name in methods}
     results = {name: {} for name in methods}
 
@@ -169,8 +216,13 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
         length = inputs["input_ids"].shape[1]
         token = torch.full((1, 1), 5, device=inputs["input_ids"].device)
         for step in range(config.new_tokens):
-            position = torch.full((1, 1), length + step, device=token.device)
-            model(input_ids=token, position_ids=position, use_cache=True, **{cache_name: state["cache"]})
+            # the embedded model's positions by hand; a checkpoint's model (M-RoPE too) derives its own
+            position = (
+                {}
+                if loaded is not None
+                else {"position_ids": torch.full((1, 1), length + step, device=token.device)}
+            )
+            model(input_ids=token, use_cache=True, **position, **{cache_name: state["cache"]})
 
     with torch.no_grad():
         for round_index in range(config.warmup + config.repeats):
@@ -211,9 +263,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
     text = inputs["input_ids"].shape[1] - visual
     from atp.efficiency import layer_flops, shape_from_config
 
-    full_flops = (
-        layer_flops(text + visual, shape_from_config(model.config), "2flops-per-mac") * config.num_layers
-    )
+    full_flops = layer_flops(text + visual, shape_from_config(model.config), "2flops-per-mac") * num_layers
     base["flops"] = full_flops
     for name, result in results.items():
         prefill_s = statistics.median(times[name]["prefill"])
@@ -240,6 +290,7 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
         if handle is not None:
             handle.remove()
     return {
+        "model": loaded.name if loaded is not None else "LLaVA-1.5 shape, random weights",
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
         "config": config.__dict__,
@@ -258,7 +309,8 @@ def run(config: BenchConfig, device: str = "cpu") -> dict:
 def format_table(record: dict) -> str:
     rows = [
         f"atp bench on {record['device']} ({record['threads']} threads), {record['timing']}",
-        f"model: LLaVA-1.5 shape, {record['config']['num_layers']} layers x {record['config']['hidden_size']}, "
+        f"model: {record.get('model', 'LLaVA-1.5 shape')}, {record['config']['num_layers']} layers x "
+        f"{record['config']['hidden_size']}, "
         f"{record['visual_tokens']} visual + {record['text_tokens']} text tokens, {record['config']['dtype']}",
         f"FLOPs: {record['flops_convention']}",
         "",
@@ -304,9 +356,9 @@ def plot(record: dict, path: str) -> None:
 
 
 def main(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is available; use --device cpu")
+    from atp.loading import device_of, load
+
+    device = device_of(args)
     if not (device == "cpu" or device.startswith("cuda")):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     for name, least in (
@@ -332,7 +384,12 @@ def main(args) -> int:
     for name in ("num_layers", "hidden_size", "repeats", "new_tokens", "text_tokens"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
-    record = run(config, device)
+    if args.dtype is not None:
+        config.dtype = args.dtype
+    loaded = None
+    if args.model is not None:
+        loaded = load(args.model, config.dtype, device, args.attn_implementation)
+    record = run(config, device, loaded, args)
     text = json.dumps(record)
     if args.output:
         with open(args.output, "w") as handle:

@@ -13,16 +13,18 @@ import sys
 
 
 def _demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="prune a tiny random LLaVA offline and print what was kept")
-    demo.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (default 4 14 24)")
-    demo.add_argument("--policy", default="atp", help="policy name (default atp)")
+    from atp.loading import add_atp_arguments, add_model_arguments
+
+    demo = sub.add_parser("demo", help="prune a model's visual tokens on one image and print what was kept")
+    add_model_arguments(demo, "a tiny random LLaVA-1.5-shaped model, offline")
+    add_atp_arguments(demo)
     demo.add_argument("--theta-r", type=float, default=0.5, help="initial redundancy threshold (atp policy)")
     demo.add_argument("--theta-s", type=float, default=0.9, help="initial spatial threshold (atp policy)")
     demo.add_argument("--image", default=None, help="an image file (default: a synthetic picture)")
+    demo.add_argument("--prompt", default="Describe the image.", help="the question (with --model)")
     demo.add_argument("--max-new-tokens", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="the embedded model's weights")
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
-    add_option_argument(demo)
 
 
 def add_option_argument(parser) -> None:
@@ -133,10 +135,13 @@ def _flops_main(args) -> int:
 
 
 def _bench_parser(sub) -> None:
+    from atp.loading import add_atp_arguments, add_model_arguments
+
     bench = sub.add_parser(
         "bench", help="prefill / decode latency and memory: unpruned vs atp vs fastv vs fixed"
     )
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_model_arguments(bench, "a random LLaVA-1.5-shaped model sized by --num-layers / --hidden-size")
+    add_atp_arguments(bench)
     bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
     bench.add_argument("--num-layers", type=int, default=None, help="decoder layers (CPU default 8, GPU 32)")
     bench.add_argument("--hidden-size", type=int, default=None, help="LM width (CPU default 1024, GPU 4096)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -35,49 +34,76 @@ def synthetic_image(size: int = 336):
     return image
 
 
-def run(
-    layers: list[int] | None = None,
-    policy: str = "atp",
-    theta_r: float = 0.5,
-    theta_s: float = 0.9,
-    image_path: str | None = None,
-    max_new_tokens: int = 8,
-    seed: int = 0,
-    extra_options: dict | None = None,
-) -> dict:
-    """Build the tiny model, generate with and without ATP, return the measurements."""
-    started = time.perf_counter()
+def embedded(seed: int = 0):
+    """The demo's own model: LLaVA-1.5's shape, random weights, no processor (see the module doc)."""
+    from atp.loading import Loaded
+
     model = tiny_llava(num_layers=32, image_size=336, patch_size=14, hidden_size=64, seed=seed)
-    if image_path is None:
+    return Loaded(model, None, EMBEDDED)
+
+
+EMBEDDED = "tiny random LLaVA-1.5 shape: CLIP 336/14 (576 visual tokens), 32-layer Llama, hidden 64"
+
+
+def prompt_inputs(loaded, image, prompt: str) -> dict:
+    """The model's inputs for one image and a question: the processor's chat template for a
+    checkpoint, token ids by hand for the embedded model."""
+    model = loaded.model
+    if loaded.processor is None:
+        return {
+            "input_ids": torch.tensor([llava_prompt(model, [1, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20])]),
+            "pixel_values": clip_pixel_values(image, 336)[None],
+        }
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    processor = loaded.processor
+    if getattr(processor, "chat_template", None):
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        token = getattr(processor, "image_token", "<image>")
+        text = f"{token}\n{prompt}"
+    return dict(processor(text=[text], images=[image], return_tensors="pt"))
+
+
+def run(args) -> dict:
+    """Load (or build) the model, generate with and without ATP, return the measurements."""
+    from atp.loading import DTYPES, attach_from_args, load_from_args
+
+    started = time.perf_counter()
+    if args.image is None:
         image = synthetic_image()
     else:
         from PIL import Image
 
-        image = Image.open(image_path)
+        image = Image.open(args.image)
+    policy = args.policy or ("atp" if args.atp_checkpoint is None else None)
+    initial = {"init_theta_r": args.theta_r, "init_theta_s": args.theta_s} if policy == "atp" else {}
+    loaded = load_from_args(args, lambda: embedded(args.seed))
+    model = loaded.model
+    handle = attach_from_args(model, args, **initial)  # first, so that bad options fail before anything runs
+    device = next(model.parameters()).device
     inputs = {
-        "input_ids": torch.tensor([llava_prompt(model, [1, 11, 12, 13], [14, 15, 16, 17, 18, 19, 20])]),
-        "pixel_values": clip_pixel_values(image, 336)[None],
+        name: value.to(
+            device=device, dtype=DTYPES[args.dtype or "float32"] if value.is_floating_point() else value.dtype
+        )
+        for name, value in prompt_inputs(loaded, image, args.prompt).items()
+        if isinstance(value, torch.Tensor)
     }
-    options = {"init_theta_r": theta_r, "init_theta_s": theta_s} if policy == "atp" else {}
-    options.update(extra_options or {})
 
     def generate():
         with torch.no_grad():
             return model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
+                **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True
             )
 
-    with warnings.catch_warnings():  # first, so that bad options fail before anything runs
-        warnings.simplefilter("ignore", UserWarning)  # the heads are untrained by design here
-        handle = atp.attach(model, layers=layers, policy=policy, **options)
     pruned = generate()
     stats = handle.stats
+    options = handle.config()["options"]
     handle.remove()
     full = generate()
     prompt_length = inputs["input_ids"].shape[1]
-    return {
-        "model": "tiny random LLaVA-1.5 shape: CLIP 336/14 (576 visual tokens), 32-layer Llama, hidden 64",
-        "policy": policy,
+    record = {
+        "model": loaded.name,
+        "policy": handle.config()["policy"],
         "options": options,
         "layers": list(stats.layers),
         "num_layers": stats.num_layers,
@@ -90,6 +116,11 @@ def run(
         "generated_full": full.sequences[0, prompt_length:].tolist(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if loaded.processor is not None:
+        decode = loaded.processor.batch_decode
+        record["text"] = decode(pruned.sequences[:, prompt_length:], skip_special_tokens=True)[0]
+        record["text_full"] = decode(full.sequences[:, prompt_length:], skip_special_tokens=True)[0]
+    return record
 
 
 def format_report(result: dict) -> str:
@@ -112,25 +143,14 @@ def format_report(result: dict) -> str:
         f"of {result['visual_tokens']}",
         f"KV cache after generate: {result['kv_cache_bytes']:,} bytes with pruning, "
         f"{result['kv_cache_bytes_full']:,} without ({ratio:.1%})",
-        f"generated token ids (random weights, meaningless): {result['generated']}",
+        f"generated token ids: {result['generated']}"
+        + (f" ({result['text']!r})" if "text" in result else " (random weights, meaningless)"),
         f"finished in {result['seconds']} s",
     ]
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    from atp.cli import parse_options
-
-    options = parse_options(getattr(args, "option", []), args.policy)
-    result = run(
-        args.layers,
-        args.policy,
-        args.theta_r,
-        args.theta_s,
-        args.image,
-        args.max_new_tokens,
-        args.seed,
-        options,
-    )
+    result = run(args)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from atp.cli import add_option_argument
+    from atp.loading import ATTENTION, DTYPES
+
     train = sub.add_parser("train", help="train ATP modules on LLaVA-format conversations")
-    train.add_argument("--model", required=True, help="'tiny', or a LLaVA-1.5 folder / hub id (safetensors)")
+    train.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (default, embedded), or a LLaVA-1.5 folder / hub id (safetensors)",
+    )
+    train.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights' dtype (default: by --bf16)"
+    )
+    train.add_argument("--attn-implementation", choices=ATTENTION, default="sdpa", help="the vision tower's")
+    train.add_argument("--policy", default=None, help="policy name (default atp; fixed ratios train nothing)")
+    add_option_argument(train)
     train.add_argument("--data", required=True, help="LLaVA-format conversation JSON (llava_v1_5_mix665k)")
     train.add_argument("--image-folder", default=".", help="folder the records' image paths are relative to")
     train.add_argument("--output-dir", required=True)
@@ -31,7 +43,13 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--lambda-sample", type=float, default=3.0, help="spatial score coefficient (paper 3)")
     train.add_argument("--temperature", type=float, default=50.0, help="soft-mask temperature T")
-    train.add_argument("--from-pretrained", default=None, help="an ATP checkpoint to start from")
+    train.add_argument(
+        "--atp-checkpoint",
+        "--from-pretrained",
+        dest="atp_checkpoint",
+        default=None,
+        help="an ATP checkpoint to start from",
+    )
     train.add_argument(
         "--freeze-lm", action="store_true", help="train only the ATP modules (Table 3, frozen)"
     )
@@ -59,24 +77,23 @@ def add_parser(sub) -> None:
     train.add_argument("--seed", type=int, default=42)
 
 
-def load_model(name: str, bf16: bool):
+def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementation: str = "sdpa"):
     """The model, its tokenizer and image processor. ``tiny`` needs no download."""
-    import torch
+    from atp.loading import DTYPES, load
 
+    dtype = dtype or ("bfloat16" if bf16 else "float32")
     if name == "tiny":
         from atp.testing import TinyImageProcessor, TinyTokenizer, tiny_llava
 
-        return tiny_llava(num_layers=4), TinyTokenizer(), TinyImageProcessor(32)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(
-        name,
-        dtype=torch.bfloat16 if bf16 else torch.float32,
-        attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
-        use_safetensors=True,
-    )
-    processor = AutoProcessor.from_pretrained(name)
-    return model, processor.tokenizer, processor.image_processor
+        return tiny_llava(num_layers=4).to(DTYPES[dtype]), TinyTokenizer(), TinyImageProcessor(32)
+    loaded = load(name, dtype, "cpu", attn_implementation)
+    if loaded.model.config.model_type != "llava":
+        raise ValueError(
+            f"atp train's data pipeline is LLaVA-1.5's (one <image> expanded to image_seq_length tokens); "
+            f"{name} is a {loaded.model.config.model_type!r} model. Train other families with AtpTrainer "
+            "and the family's processor (docs/training.md)"
+        )
+    return loaded.model, loaded.processor.tokenizer, loaded.processor.image_processor
 
 
 def run(args: argparse.Namespace):
@@ -84,8 +101,8 @@ def run(args: argparse.Namespace):
     import torch
     from transformers import TrainingArguments
 
-    import atp
     from atp import compat
+    from atp.loading import attach_from_args
     from atp.training.data import ConversationDataset, LlavaCollator
     from atp.training.trainer import AtpTrainer
 
@@ -94,22 +111,22 @@ def run(args: argparse.Namespace):
     missing = [r["image"] for r in dataset.records if r.get("image") and not (folder / r["image"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images not found under {folder}, e.g. {missing[:3]}")
-    model, tokenizer, image_processor = load_model(args.model, args.bf16)
-    visual = int(model.config.image_seq_length)
-    options = (
-        {} if args.from_pretrained else {"lambda_sample": args.lambda_sample, "temperature": args.temperature}
+    model, tokenizer, image_processor = load_model(
+        args.model, args.bf16, args.dtype, args.attn_implementation
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # untrained heads are the starting point here
-        handle = atp.attach(
-            model,
-            layers=args.layers,
-            lambda_atp=args.lambda_atp,
-            lambda_target=args.lambda_target,
-            target_tokens=args.target_tokens if args.target_tokens is not None else visual / 4,
-            from_pretrained=args.from_pretrained,
-            **options,
-        )
+    visual = int(model.config.image_seq_length)
+    policy = args.policy or ("atp" if args.atp_checkpoint is None else None)
+    options = (
+        {"lambda_sample": args.lambda_sample, "temperature": args.temperature} if policy == "atp" else {}
+    )
+    handle = attach_from_args(  # untrained heads are the starting point here: no warning
+        model,
+        args,
+        lambda_atp=args.lambda_atp,
+        lambda_target=args.lambda_target,
+        target_tokens=args.target_tokens if args.target_tokens is not None else visual / 4,
+        **options,
+    )
     model.model.vision_tower.requires_grad_(False)  # LLaVA-1.5 fine-tuning keeps CLIP frozen
     if args.freeze_lm:
         handle.freeze_base_model()
