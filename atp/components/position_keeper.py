@@ -103,6 +103,7 @@ class Rope2DPositions(KeepPositions):
 
         cos, sin = position_embeddings
         batch, length = prefill.visual_id.shape
+        _check_padding_free(position_ids, prefill.real)
         cos, sin = cos.expand(batch, -1, -1).clone(), sin.expand(batch, -1, -1).clone()
         inv_freq, scaling = compat.rotary_bands(self.adapter.rotary_embedding())
         bands = inv_freq.float()[0::2]  # half of the bands per axis, spread over the whole range
@@ -127,3 +128,18 @@ class Rope2DPositions(KeepPositions):
                 sin[b, slots] = (grid_sin * scaling).to(sin.dtype)
                 offset += height * width
         return cos, sin
+
+
+def _check_padding_free(position_ids, real: torch.Tensor) -> None:
+    """2D positions are absolute (text and visual tokens rotate at different frequencies), so
+    they must not move with left padding: each real token's position is the number of real
+    tokens before it, as generate computes them from the attention mask."""
+    if position_ids is None:
+        return
+    expected = real.long().cumsum(dim=1) - 1
+    if not torch.equal(position_ids.expand_as(expected)[real], expected[real]):
+        raise ValueError(
+            "positions='rope2d' needs position ids that skip the left padding (2D positions are absolute, "
+            "so padding would move them): pass position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0) "
+            "to a padded forward, as generate does"
+        )
