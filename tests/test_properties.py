@@ -9,7 +9,7 @@ ATP layers, the prune mode and a position keeper. The properties:
 * drop == mask with the same binary masks (logits at text and kept visual positions, greedy
   tokens and their scores, masks and kept counts);
 * a left-padded batch == each sample alone (the same, per sample);
-* keep_all == the unattached model (bitwise).
+* keep_all == the unattached model (logits and greedy tokens bitwise).
 """
 
 from __future__ import annotations
