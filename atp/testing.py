@@ -106,6 +106,17 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def prompt_parts(sample) -> list:
+    """A sample of the batch builders below as a list of parts (text id lists and media
+    entries, in prompt order): ``(text_before, text_after, media)`` is
+    ``[text_before, *media, text_after]``; a list is taken as it is, so text can sit
+    between images and an image can open or close the prompt."""
+    if isinstance(sample, tuple):
+        before, after, media = sample
+        return [list(before), *(media if isinstance(media, list) else [media]), list(after)]
+    return list(sample)
+
+
 class TinyTokenizer:
     """Whitespace words hashed into a small vocabulary: no files, no download.
 
@@ -232,17 +243,25 @@ def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
 
 
 def llava_batch(
-    model, samples: list[tuple[list[int], list[int], int]], seeds: list[int] | None = None
+    model, samples: list[tuple[list[int], list[int], int] | list], seeds: list[int] | None = None
 ) -> dict:
-    """Left-padded LLaVA inputs from ``(text_before, text_after, images)`` per sample; the
-    pixels of sample i come from ``seeds[i]`` (default i)."""
+    """Left-padded LLaVA inputs from ``(text_before, text_after, images)`` per sample, or a
+    list of parts (text id lists and image counts, see :func:`prompt_parts`); the pixels of
+    sample i come from ``seeds[i]`` (default i)."""
     seeds = list(range(len(samples))) if seeds is None else seeds
-    size = model.config.vision_config.image_size
+    config = model.config
+    size = config.vision_config.image_size
     prompts, pixels = [], []
-    for (before, after, images), seed in zip(samples, seeds):
-        prompts.append(llava_prompt(model, before, after, images))
+    for sample, seed in zip(samples, seeds):
         generator = torch.Generator().manual_seed(1000 + seed)
-        pixels += [torch.randn(3, size, size, generator=generator) for _ in range(images)]
+        ids = []
+        for part in prompt_parts(sample):
+            if isinstance(part, list):
+                ids += part
+                continue
+            ids += [config.image_token_id] * (config.image_seq_length * part)
+            pixels += [torch.randn(3, size, size, generator=generator) for _ in range(part)]
+        prompts.append(ids)
     input_ids, attention_mask = left_pad(prompts)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if pixels:
@@ -295,18 +314,23 @@ def llava_next_batch(
     model, samples: list[tuple[list[int], list[int], list[tuple]]], seeds: list[int] | None = None
 ) -> dict:
     """Left-padded LLaVA-NeXT / OneVision inputs. A sample is ``(text_before, text_after, media)``
-    with media ``("image", height, width)`` (pixels) or ``("video", frames)``; the placeholder
-    counts are what the model's own feature packing produces."""
+    or a list of parts (:func:`prompt_parts`), with media ``("image", height, width)`` (pixels)
+    or ``("video", frames)``; the placeholder counts are what the model's own feature packing
+    produces."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     seeds = list(range(len(samples))) if seeds is None else seeds
     config = model.config
     tile = config.vision_config.image_size
     prompts, images, sizes, videos = [], [], [], []
-    for (before, after, media), seed in zip(samples, seeds):
+    for sample, seed in zip(samples, seeds):
         generator = torch.Generator().manual_seed(1000 + seed)
-        ids = list(before)
-        for kind, *shape in media:
+        ids = []
+        for part in prompt_parts(sample):
+            if isinstance(part, list):
+                ids += part
+                continue
+            kind, *shape = part
             if kind == "image":
                 patches = image_size_to_num_patches(shape, config.image_grid_pinpoints, tile)
                 pixels = torch.randn(patches, 3, tile, tile, generator=generator)
@@ -324,7 +348,7 @@ def llava_next_batch(
                 videos.append(torch.randn(frames, 3, tile, tile, generator=generator))
                 side = -(-(tile // config.vision_config.patch_size) // 2)
                 ids += [config.video_token_id] * (frames * side * side + 1)
-        prompts.append(ids + list(after))
+        prompts.append(ids)
     input_ids, attention_mask = left_pad(prompts)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if images:
@@ -361,19 +385,23 @@ def tiny_internvl(num_layers: int = 4, seed: int = 0):
 
 
 def internvl_batch(
-    model, samples: list[tuple[list[int], list[int], list[int]]], seeds: list[int] | None = None
+    model, samples: list[tuple[list[int], list[int], list[int]] | list], seeds: list[int] | None = None
 ) -> dict:
-    """Left-padded InternVL inputs from ``(text_before, text_after, tiles per image)`` per sample."""
+    """Left-padded InternVL inputs from ``(text_before, text_after, tiles per image)`` per sample,
+    or a list of parts (text id lists and tile counts, see :func:`prompt_parts`)."""
     seeds = list(range(len(samples))) if seeds is None else seeds
     per_tile = model.config.image_seq_length
     prompts, tiles = [], []
-    for (before, after, images), seed in zip(samples, seeds):
+    for sample, seed in zip(samples, seeds):
         generator = torch.Generator().manual_seed(1000 + seed)
-        ids = list(before)
-        for count in images:
-            ids += [125] + [model.config.image_token_id] * (per_tile * count) + [124]
-            tiles.append(torch.randn(count, 3, 32, 32, generator=generator))
-        prompts.append(ids + list(after))
+        ids = []
+        for part in prompt_parts(sample):
+            if isinstance(part, list):
+                ids += part
+                continue
+            ids += [125] + [model.config.image_token_id] * (per_tile * part) + [124]
+            tiles.append(torch.randn(part, 3, 32, 32, generator=generator))
+        prompts.append(ids)
     input_ids, attention_mask = left_pad(prompts)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if tiles:
@@ -416,21 +444,28 @@ def tiny_mistral3(num_layers: int = 4, seed: int = 0):
 
 
 def mistral3_batch(
-    model, samples: list[tuple[list[int], list[int], list[tuple[int, int]]]], seeds: list[int] | None = None
+    model,
+    samples: list[tuple[list[int], list[int], list[tuple[int, int]]] | list],
+    seeds: list[int] | None = None,
 ) -> dict:
-    """Left-padded Mistral 3 inputs from ``(text_before, text_after, [(height, width) pixels])``."""
+    """Left-padded Mistral 3 inputs from ``(text_before, text_after, [(height, width) pixels])``
+    per sample, or a list of parts (text id lists and ``(height, width)``, see :func:`prompt_parts`)."""
     seeds = list(range(len(samples))) if seeds is None else seeds
     prompts, images, sizes = [], [], []
-    for (before, after, shapes), seed in zip(samples, seeds):
+    for sample, seed in zip(samples, seeds):
         generator = torch.Generator().manual_seed(1000 + seed)
-        ids = list(before)
-        for height, width in shapes:
+        ids = []
+        for part in prompt_parts(sample):
+            if isinstance(part, list):
+                ids += part
+                continue
+            height, width = part
             rows, columns = height // 8, width // 8
             for r in range(rows):
                 ids += [model.config.image_token_id] * columns + [12 if r < rows - 1 else 13]
             images.append(torch.randn(3, height, width, generator=generator))
             sizes.append([height, width])
-        prompts.append(ids + list(after))
+        prompts.append(ids)
     input_ids, attention_mask = left_pad(prompts)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if images:

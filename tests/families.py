@@ -1,6 +1,9 @@
 """Every supported model family as a test case: a tiny random model and a two-sample batch.
 
 Adding a family to the invariant suite is one entry in FAMILIES.
+
+A generic prompt layout (for the property tests) is a list of segments: text id lists and
+:class:`Media`; ``Family.layout_batch`` turns layouts into the family's inputs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ from atp.testing import (
     tiny_qwen2_vl,
 )
 
+# text ids that are no family's special token (pad / bos / eos 0-2, Mistral 3's break / end
+# 12-13, InternVL's markers 124-125, image / video ids 126-127, Qwen's vision ids 151-154)
+TEXT_IDS = range(14, 124)
+
+
+@dataclass(frozen=True)
+class Media:
+    """An image or a video in a generic prompt layout; ``size`` picks one of the family's sizes."""
+
+    kind: str = "image"
+    size: int = 0
+
+    def __repr__(self) -> str:
+        return f"Media({self.kind!r}, {self.size})"
+
 
 @dataclass
 class Family:
@@ -31,6 +49,7 @@ class Family:
     build: Callable[..., torch.nn.Module]  # (num_layers=4, seed=0) -> model in eval mode
     samples: list  # two sample specs, different lengths and images
     make: Callable  # (model, specs, seeds) -> batch dict
+    media: dict[str, list]  # kind -> the family's media part of each size, smallest first
 
     def model(self, seed: int = 0, num_layers: int = 4) -> torch.nn.Module:
         return self.build(num_layers=num_layers, seed=seed)
@@ -40,6 +59,24 @@ class Family:
 
     def single(self, model, b: int) -> dict:
         return self.make(model, [self.samples[b]], [b])
+
+    def spec(self, layout: list) -> list:
+        """A generic layout (text id lists and :class:`Media`) as this family's sample spec."""
+        return [list(part) if isinstance(part, list) else self.media[part.kind][part.size] for part in layout]
+
+    def layout_batch(self, model, layouts: list[list], seeds: list[int], padding: int = 0) -> dict:
+        """Left-padded inputs of one generic layout per sample (pixels of sample i from ``seeds[i]``),
+        with ``padding`` more pad columns on the left of every sample."""
+        return pad_left(self.make(model, [self.spec(layout) for layout in layouts], seeds), padding)
+
+
+def pad_left(batch: dict, columns: int) -> dict:
+    """``batch`` with ``columns`` more padding on the left of every sample (ids, mask, token types)."""
+    out = dict(batch)
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if name in batch:
+            out[name] = torch.nn.functional.pad(batch[name], (columns, 0), value=0)
+    return out
 
 
 def visual_mask(model, batch: dict) -> torch.Tensor:
@@ -61,12 +98,19 @@ def visual_mask(model, batch: dict) -> torch.Tensor:
     ).visual
 
 
+QWEN_MEDIA = {  # patches (h x w gives h * w / 4 tokens; frames x h x w for a video)
+    "image": [("image", 4, 4), ("image", 4, 8), ("image", 8, 8)],
+    "video": [("video", 2, 4, 4), ("video", 4, 4, 8)],
+}
+NEXT_IMAGES = [("image", 32, 32), ("image", 40, 70), ("image", 64, 32)]  # pixels (anyres tiles)
+
 FAMILIES = [
     Family(
         "llava",
         tiny_llava,
         [([1, 5, 6], [7, 8, 9, 10], 1), ([1, 11], [12, 13, 14, 15, 16, 17], 1)],
         llava_batch,
+        {"image": [1]},  # one size: 16 tokens
     ),
     Family(
         "qwen2_vl",
@@ -76,36 +120,42 @@ FAMILIES = [
             [[1], ("image", 8, 12), [4, 5], ("video", 4, 4, 4), [6, 7, 8, 9, 10]],
         ],
         lambda model, specs, seeds: qwen_batch(specs, seeds),
+        QWEN_MEDIA,
     ),
     Family(
         "qwen2_5_vl",
         lambda num_layers, seed: tiny_qwen2_vl(num_layers, seed, "2.5"),
         [[[1, 5], ("image", 8, 8), [7, 8, 9]], [[1], ("image", 4, 12), [4, 5], ("video", 4, 4, 4), [6, 7]]],
         lambda model, specs, seeds: qwen_batch(specs, seeds),
+        QWEN_MEDIA,
     ),
     Family(
         "llava_next",
         lambda num_layers, seed: tiny_llava_next(num_layers, seed),
         [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6, 7], [("image", 40, 70)])],
         llava_next_batch,
+        {"image": NEXT_IMAGES},
     ),
     Family(
         "llava_onevision",
         lambda num_layers, seed: tiny_llava_next(num_layers, seed, onevision=True),
         [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6], [("image", 40, 70), ("video", 2)])],
         llava_next_batch,
+        {"image": NEXT_IMAGES, "video": [("video", 2)]},  # a batch's videos have one frame count
     ),
     Family(
         "internvl",
         tiny_internvl,
         [([1, 5], [7, 8, 9], [1]), ([1], [4, 5, 6, 7], [3])],  # one tile; two tiles and a thumbnail
         internvl_batch,
+        {"image": [1, 3]},  # tiles
     ),
     Family(
         "mistral3",
         tiny_mistral3,
         [([1, 5], [7, 8, 9], [(32, 32)]), ([1], [4, 5], [(32, 48), (16, 24)])],  # two images back to back
         mistral3_batch,
+        {"image": [(8, 16), (16, 24), (32, 32)]},  # pixels: 1 x 2, 2 x 3 and 4 x 4 tokens
     ),
 ]
 
