@@ -318,12 +318,17 @@ def test_image_placeholders_without_images_are_refused(model):
 
 
 def test_rope2d_refuses_positions_that_count_the_left_padding(model):
-    short, long = llava_prompt(model, [1, 5, 6], [7, 8]), llava_prompt(model, [1, 11, 2, 3, 4, 5, 6], [7, 8, 9])
+    short, long = (
+        llava_prompt(model, [1, 5, 6], [7, 8]),
+        llava_prompt(model, [1, 11, 2, 3, 4, 5, 6], [7, 8, 9]),
+    )
     ids, mask = left_pad([short, long])
     pixels = torch.randn(2, 3, 32, 32)
     with atp.attach(model, layers=[2], policy="keep_all", positions="rope2d"), torch.no_grad():
         with pytest.raises(ValueError, match="needs position ids that skip the left padding"):
-            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)  # positions 0..L-1 count the padding
+            model(
+                input_ids=ids, attention_mask=mask, pixel_values=pixels
+            )  # positions 0..L-1 count the padding
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
         alone = model(input_ids=torch.tensor([short]), pixel_values=pixels[:1]).logits

@@ -66,15 +66,28 @@ def per_layer(strategy, layers) -> st.SearchStrategy:
 
 
 BUDGETS = st.sampled_from([0.25, 0.5, 0.75, 1.0]) | st.sampled_from([0, 1, 3, 8])  # fractions, counts
+
+
+def shrinking(budgets: list) -> list:
+    """Counts that never grow from one ATP layer to the next (a larger one could never be met)."""
+    out, least = [], None
+    for budget in budgets:
+        if isinstance(budget, int):
+            budget = budget if least is None else min(budget, least)
+            least = budget
+        out.append(budget)
+    return out
+
+
 OPTIONS = {  # policy -> (ATP layers -> its options); every registered policy has a line
     "manual": lambda layers: st.builds(
         RandomMasks,
         st.integers(0, 999),
         per_layer(st.sampled_from([0.0, 0.3, 0.6, 0.9, 1.0]), layers).map(tuple),
     ).map(lambda masks: {"keep_masks": masks}),
-    "fixed": lambda layers: st.fixed_dictionaries({"keep": per_layer(BUDGETS, layers)}),
+    "fixed": lambda layers: st.fixed_dictionaries({"keep": per_layer(BUDGETS, layers).map(shrinking)}),
     "random": lambda layers: st.fixed_dictionaries(
-        {"keep": per_layer(BUDGETS, layers), "seed": st.integers(0, 99)}
+        {"keep": per_layer(BUDGETS, layers).map(shrinking), "seed": st.integers(0, 99)}
     ),
     "atp": lambda layers: st.fixed_dictionaries(  # untrained heads: these thresholds prune
         {
@@ -87,7 +100,7 @@ OPTIONS = {  # policy -> (ATP layers -> its options); every registered policy ha
     "fastv": lambda layers: st.fixed_dictionaries({"ratio": st.sampled_from([0.5, 0.0, 0.25, 0.75])}),
     "pdrop": lambda layers: st.fixed_dictionaries({"ratio": st.sampled_from([0.5, 0.25, 1.0])}),
     "spatial": lambda layers: st.fixed_dictionaries(
-        {"strides": per_layer(st.sampled_from([2, 1, 4]), layers)}
+        {"strides": per_layer(st.sampled_from([2, 1, 4]), layers).map(sorted)}  # each a multiple of the last
     ),
     "pool": lambda layers: st.fixed_dictionaries({"stride": st.sampled_from([2, 3])}),
     "keep_all": lambda layers: st.just({}),
@@ -210,9 +223,14 @@ def run(model, inputs: dict, case: Case | None, options: dict | None = None, mod
             positions=case.positions,
             **options,
         )
+    forward = dict(inputs)
+    if (
+        case is not None and case.positions == "rope2d"
+    ):  # absolute 2D positions: skip the padding, as generate
+        forward["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     try:
         with torch.no_grad():
-            logits = model(**inputs).logits
+            logits = model(**forward).logits
             stats = handle.stats if handle else None
             out = model.generate(
                 **inputs,
