@@ -411,7 +411,7 @@ def test_renumbered_positions_close_the_gaps_and_keep_the_invariants():
         lambda m, a, k: seen.update(ids=k["position_ids"].clone()) if a[0].shape[1] > 1 else None,
         with_kwargs=True,
     )
-    positions = torch.arange(batch["input_ids"].shape[1])[None].expand(2, -1)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # padding-free, as generate's
     with torch.no_grad():
         model(**batch, position_ids=positions)
     hook.remove()
@@ -456,19 +456,19 @@ def test_rope2d_gives_visual_tokens_row_and_column_positions(model, batch):
     model.model.language_model.layers[0].register_forward_pre_hook(
         lambda m, a, k: seen.update(cos=k["position_embeddings"][0].clone()), with_kwargs=True
     )
-    positions = torch.arange(batch["input_ids"].shape[1])[None].expand(2, -1)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # padding-free, as generate's
     with torch.no_grad():
         model(**batch, position_ids=positions)
     inv_freq = model.model.language_model.rotary_emb.inv_freq[0::2]  # 4 bands per axis (head_dim 16)
     visual = batch["input_ids"] == model.config.image_token_id
     for b in range(2):
         slots = visual[b].nonzero().flatten()
-        first = int(slots[0])
+        first = int(positions[b, slots[0]])  # the image's first position id, not its slot
         for index, slot in enumerate(slots.tolist()):
             row, col = divmod(index, 4)
             angles = torch.cat([(first + row) * inv_freq, (first + col) * inv_freq])
             torch.testing.assert_close(seen["cos"][b, slot], torch.cat([angles, angles]).cos())
-        text = (~visual[b]).nonzero().flatten()
+        text = (~visual[b] & batch["attention_mask"][b].bool()).nonzero().flatten()
         plain = torch.cat(
             [positions[b, text, None] * model.model.language_model.rotary_emb.inv_freq] * 2, -1
         ).cos()
@@ -488,8 +488,9 @@ def test_rope2d_changes_the_model_but_drop_still_equals_mask(model, batch):
             ),
             torch.no_grad(),
         ):
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             out[mode] = (
-                model(**batch).logits,
+                model(**batch, position_ids=positions).logits,
                 model.generate(**batch, max_new_tokens=4, do_sample=False),
             )
     text = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
