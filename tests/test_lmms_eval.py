@@ -1,0 +1,157 @@
+"""lmms-eval runs the atp model end to end on a local task (tiny random LLaVA, no network).
+
+Each test runs lmms-eval's own command line in a subprocess and reads its output files: lmms-eval
+exits 0 even when the model fails to load, so the exit status alone proves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from atp.tiny import write_tiny_checkpoint
+
+NUM_VISUAL = 16  # the tiny LLaVA: 32 x 32 pixels, 8 x 8 patches
+NUM_LAYERS = 4
+RECORDS = [
+    {"question": "what colour is the image ?", "answer": "red", "label": 0, "image": "red.png"},
+    {"question": "is there a cat in the picture ?", "answer": "no", "label": 1, "image": "blue.png"},
+    {"question": "what is shown in the image ?", "answer": "a tree", "label": 0, "image": "green.png"},
+    {"question": "is the sky blue ?", "answer": "yes", "label": 0, "image": "red.png"},
+    {"question": "how many dogs ?", "answer": "two", "label": 1, "image": "blue.png"},
+]
+TASKS = ("atp_tiny_gen", "atp_tiny_mc")
+
+UTILS = """
+from pathlib import Path
+
+from PIL import Image
+
+HERE = Path(__file__).parent
+
+
+def doc_to_visual(doc):
+    return [Image.open(HERE / doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc):
+    return doc["question"]
+"""
+
+COMMON = """\
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+"""
+
+GENERATE = """\
+task: atp_tiny_gen
+output_type: generate_until
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  until: ["\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+CHOICE = """\
+task: atp_tiny_mc
+output_type: multiple_choice
+doc_to_choice: ["yes", "no"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("lmms")
+    checkpoint = write_tiny_checkpoint(root / "tiny-llava", family="llava", num_layers=NUM_LAYERS)
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220)), ("green", (30, 200, 30))):
+        Image.new("RGB", (48, 40), colour).save(tasks / f"{name}.png")
+    data = tasks / "records.json"
+    data.write_text(json.dumps(RECORDS))
+    (tasks / "utils.py").write_text(textwrap.dedent(UTILS))
+    (tasks / "atp_tiny_gen.yaml").write_text(COMMON.format(data=data) + GENERATE)
+    (tasks / "atp_tiny_mc.yaml").write_text(COMMON.format(data=data) + CHOICE)
+    return root, checkpoint, tasks
+
+
+def run_lmms_eval(setup, name: str, model_args: str, *launcher: str) -> tuple[dict, dict[str, list[dict]]]:
+    """lmms-eval on both tasks; the results file and the logged samples of each task."""
+    root, checkpoint, tasks = setup
+    output = root / name
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(root / "datasets-cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [*(launcher or (sys.executable,)), "-m", "lmms_eval", "--model", "atp"]
+    command += ["--model_args", f"pretrained={checkpoint},dtype=float32,device=cpu,batch_size=2{model_args}"]
+    command += ["--tasks", ",".join(TASKS), "--include_path", str(tasks), "--batch_size", "2"]
+    command += ["--log_samples", "--output_path", str(output)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    log = f"\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
+    results = sorted(output.rglob("*_results.json"))
+    assert done.returncode == 0 and len(results) == 1, f"lmms-eval wrote {results}{log}"
+    samples = {}
+    for task in TASKS:
+        files = sorted(output.rglob(f"*_samples_{task}.jsonl"))
+        assert len(files) == 1, f"no samples for {task}: {files}{log}"
+        samples[task] = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    return json.loads(results[0].read_text()), samples
+
+
+def check_run(results: dict, samples: dict, kept: list[int], avg_tokens: float) -> None:
+    assert "exact_match,none" in results["results"]["atp_tiny_gen"]
+    assert "acc,none" in results["results"]["atp_tiny_mc"]
+    for task in TASKS:
+        assert sorted(s["doc_id"] for s in samples[task]) == list(range(len(RECORDS)))
+        for sample in samples[task]:
+            counts = sample["token_counts"]
+            assert len(counts) == (1 if task == "atp_tiny_gen" else 2)  # one request per choice
+            for entry in counts:
+                assert entry["kept_tokens"] == kept
+                assert entry["avg_tokens"] == pytest.approx(avg_tokens)
+                assert entry["input_tokens"] > NUM_VISUAL
+    assert all(isinstance(s["filtered_resps"][0], str) for s in samples["atp_tiny_gen"])
+    summary = results["throughput"]
+    assert summary["avg_tokens"] == pytest.approx(avg_tokens)
+    for task in TASKS:
+        assert summary[f"avg_tokens/{task}"] == pytest.approx(avg_tokens)
+
+
+def test_fixed_policy_records_kept_tokens(setup):
+    results, samples = run_lmms_eval(
+        setup, "fixed", ",policy=fixed,layers=1;2,option.keep=[0.5,0.5],max_new_tokens=4"
+    )
+    # 16 visual tokens, half kept before layer 1 and half of those before layer 2:
+    # layer 0 sees 16, layer 1 sees 8, layers 2 and 3 see 4 -> (16 + 8 + 4 + 4) / 4 = 8
+    check_run(results, samples, kept=[8, 4], avg_tokens=8.0)
+    assert results["config"]["model"] == "atp"
+
+
+def test_unpruned_baseline_sees_every_visual_token(setup):
+    results, samples = run_lmms_eval(setup, "unpruned", "")
+    check_run(results, samples, kept=[], avg_tokens=float(NUM_VISUAL))
