@@ -47,6 +47,7 @@ class AtpLMM(lmms):
             args.pretrained, args.dtype, device_of(_Namespace(device=device)), args.attn_implementation
         )
         self.model, self.processor = loaded.model, loaded.processor
+        self._device = self.model.device  # lmms-eval reads lm.device under data parallel
         self.processor.tokenizer.padding_side = "left"
         self.handle = None
         if args.prunes:
@@ -61,6 +62,10 @@ class AtpLMM(lmms):
         self.batch_size = args.batch_size
         self.ledger = TokenLedger()
         self.atp_version = atp.__version__
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     # requests ---------------------------------------------------------------------------
     def generate_until(self, requests) -> list:
@@ -84,7 +89,8 @@ class AtpLMM(lmms):
                 for stop in until:
                     text = text.split(stop)[0] if stop else text
                 generated = int((new[row] != self.processor.tokenizer.pad_token_id).sum())
-                self.ledger.generated += generated
+                if not requests[index].metadata.get("__padding_only__"):
+                    self.ledger.generated += generated
                 answers[index] = self._answer(requests[index], text, counts[row], inputs, row, generated)
         return answers
 
@@ -126,9 +132,8 @@ class AtpLMM(lmms):
 
     def clean(self):
         """Called by lmms-eval on every rank after the last request: report the Token metric."""
-        summary = self.ledger.summary()
-        if summary:
-            elapsed, generated = self.ledger.elapsed, self.ledger.generated
+        summary, elapsed, generated = self.ledger.summary()
+        if summary and self.rank == 0:
             log_metrics(elapsed, generated, generated / elapsed if elapsed > 0 else 0.0, summary)
         if self.handle is not None:
             self.handle.remove()

@@ -41,27 +41,31 @@ class TokenLedger:
     def add(self, task: str, doc_id, avg_tokens: float) -> None:
         self.tokens[(task, doc_id)].append(avg_tokens)
 
-    def gathered(self) -> dict[tuple[str, object], list[float]]:
-        """Every rank's entries (all ranks must call this together under data parallel)."""
+    def gathered(self) -> tuple[dict[tuple[str, object], list[float]], float, int]:
+        """Every rank's entries, summed time and generated tokens (under data parallel all ranks
+        must call this together)."""
+        mine = (dict(self.tokens), self.elapsed, self.generated)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return dict(self.tokens)
+            return mine
         parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, dict(self.tokens))
+        torch.distributed.all_gather_object(parts, mine)
         merged = defaultdict(list)
-        for part in parts:
-            for key, values in part.items():
+        for tokens, _, _ in parts:
+            for key, values in tokens.items():
                 merged[key].extend(values)
-        return dict(merged)
+        return dict(merged), sum(part[1] for part in parts), sum(part[2] for part in parts)
 
-    def summary(self) -> dict[str, float]:
-        """``{"tokens": mean over documents, "tokens/TASK": ...}``; a document's value is the mean
-        over its requests (one per choice of a multiple-choice question)."""
-        per_doc = {key: sum(values) / len(values) for key, values in self.gathered().items() if values}
+    def summary(self) -> tuple[dict[str, float], float, int]:
+        """``{"tokens": mean over documents, "tokens/TASK": ...}``, seconds spent generating and
+        tokens generated, over all ranks; a document's value is the mean over its requests (one per
+        choice of a multiple-choice question)."""
+        tokens, elapsed, generated = self.gathered()
+        per_doc = {key: sum(values) / len(values) for key, values in tokens.items() if values}
         if not per_doc:
-            return {}
+            return {}, elapsed, generated
         by_task = defaultdict(list)
         for (task, _), value in per_doc.items():
             by_task[task].append(value)
         out = {"tokens": sum(per_doc.values()) / len(per_doc)}
         out.update({f"tokens/{task}": sum(values) / len(values) for task, values in sorted(by_task.items())})
-        return out
+        return out, elapsed, generated
