@@ -10,90 +10,21 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
+from atp.evaluation.tiny_tasks import RECORDS, TASKS, write_tiny_tasks
 from atp.tiny import write_tiny_checkpoint
 
 NUM_VISUAL = 16  # per image of the tiny LLaVA: 32 x 32 pixels, 8 x 8 patches
 NUM_LAYERS = 4
-RECORDS = [
-    {"question": "what colour is the image ?", "answer": "red", "label": 0, "images": ["red.png"]},
-    {"question": "is there a cat in the picture ?", "answer": "no", "label": 1, "images": ["blue.png"]},
-    {"question": "what is shown in the image ?", "answer": "a tree", "label": 0, "images": ["green.png"]},
-    {"question": "is the sky blue ?", "answer": "yes", "label": 0, "images": ["red.png", "blue.png"]},
-    {"question": "how many dogs ?", "answer": "two", "label": 1, "images": ["blue.png"]},
-]
-TASKS = ("atp_tiny_gen", "atp_tiny_mc")
-
-UTILS = """
-from pathlib import Path
-
-from PIL import Image
-
-HERE = Path(__file__).parent
-
-
-def doc_to_visual(doc):
-    return [Image.open(HERE / name).convert("RGB") for name in doc["images"]]
-
-
-def doc_to_text(doc):
-    return doc["question"]
-"""
-
-COMMON = """\
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-doc_to_visual: !function utils.doc_to_visual
-doc_to_text: !function utils.doc_to_text
-"""
-
-GENERATE = """\
-task: atp_tiny_gen
-output_type: generate_until
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 4
-  until: ["\\n"]
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-CHOICE = """\
-task: atp_tiny_mc
-output_type: multiple_choice
-doc_to_choice: ["yes", "no"]
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("lmms")
     checkpoint = write_tiny_checkpoint(root / "tiny-llava", family="llava", num_layers=NUM_LAYERS)
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220)), ("green", (30, 200, 30))):
-        Image.new("RGB", (48, 40), colour).save(tasks / f"{name}.png")
-    data = tasks / "records.json"
-    data.write_text(json.dumps(RECORDS))
-    (tasks / "utils.py").write_text(textwrap.dedent(UTILS))
-    (tasks / "atp_tiny_gen.yaml").write_text(COMMON.format(data=data) + GENERATE)
-    (tasks / "atp_tiny_mc.yaml").write_text(COMMON.format(data=data) + CHOICE)
-    return root, checkpoint, tasks
+    return root, checkpoint, write_tiny_tasks(root / "tasks")
 
 
 def run_lmms_eval(
