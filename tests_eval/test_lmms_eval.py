@@ -1,5 +1,9 @@
 """lmms-eval runs the atp model end to end on a local task (tiny random LLaVA, no network).
 
+Run in a virtualenv with the eval extra (``pip install -e ".[dev,eval]"``), apart from the main
+suite: lmms-eval pulls in latex2sympy2, which installs a top-level ``tests`` package that shadows
+the project's ``tests`` folder.
+
 Each test runs lmms-eval's own command line in a subprocess and reads its output files: lmms-eval
 exits 0 even when the model fails to load, so the exit status alone proves nothing.
 """
