@@ -9,6 +9,7 @@ its own device, the way lmms-eval's built-in models do.
 from __future__ import annotations
 
 import time
+from argparse import Namespace
 
 import torch
 
@@ -32,7 +33,6 @@ class AtpLMM(lmms):
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
-        import atp
         from atp.attach import resolve_adapter
         from atp.loading import attach_from_args, device_of, load
 
@@ -44,14 +44,14 @@ class AtpLMM(lmms):
         if self._world_size > 1 and torch.cuda.is_available():
             device = f"cuda:{self.accelerator.local_process_index}"
         loaded = load(
-            args.pretrained, args.dtype, device_of(_Namespace(device=device)), args.attn_implementation
+            args.pretrained, args.dtype, device_of(Namespace(device=device)), args.attn_implementation
         )
         self.model, self.processor = loaded.model, loaded.processor
         self._device = self.model.device  # lmms-eval reads lm.device under data parallel
         self.processor.tokenizer.padding_side = "left"
         self.handle = None
         if args.prunes:
-            namespace = _Namespace(
+            namespace = Namespace(
                 policy=args.policy,
                 layers=args.layers,
                 option=args.options,
@@ -61,7 +61,6 @@ class AtpLMM(lmms):
         self.adapter = resolve_adapter(self.model) if self.handle is None else None
         self.batch_size = args.batch_size
         self.ledger = TokenLedger()
-        self.atp_version = atp.__version__
 
     @property
     def device(self) -> torch.device:
@@ -154,8 +153,8 @@ class AtpLMM(lmms):
             for k, v in inputs.items()
         }
 
-    def _counts(self, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: kept (K,), visual tokens, Token metric, from atp's stats or (unpruned) the adapter."""
+    def _counts(self, inputs) -> list[tuple[list[int], int, float]]:
+        """Per row: kept after each ATP layer (K,), visual tokens, Token metric, from atp's stats or (unpruned) the adapter."""
         if self.handle is not None:
             stats = self.handle.stats
             return list(zip(stats.kept.tolist(), stats.num_visual.tolist(), stats.tokens_per_sample.tolist()))
@@ -204,10 +203,3 @@ def _accelerator():
     from accelerate import Accelerator
 
     return Accelerator()
-
-
-class _Namespace:
-    """The argparse fields :mod:`atp.loading` reads."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
