@@ -50,6 +50,18 @@ def run(pretrained, tasks, include_path, name, model_args, output, extra_args) -
     return {"method": name, "model_args": model_args, "tokens": results["throughput"]["avg_tokens"], **scores}
 
 
+def add_retention(rows: list[dict]) -> None:
+    """Each row's ``retention``: its scores over the unpruned row's, averaged over the scores (the
+    paper's Table 1 reports it per method); absent without an unpruned row or for a zero score."""
+    base = next((row for row in rows if row["method"] == "unpruned"), None)
+    if base is None:
+        return
+    keys = [key for key in base if key not in ("method", "model_args", "tokens") and base[key]]
+    for row in rows:
+        if keys:
+            row["retention"] = sum(row[key] / base[key] for key in keys) / len(keys)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +95,7 @@ def main() -> None:
         rows = [
             run(pretrained, tasks, include_path, n, a, scratch, args.model_args) for n, a in methods.items()
         ]
+    add_retention(rows)
     record = {"pretrained": str(args.pretrained or "tiny random LLaVA"), "tasks": tasks, "rows": rows}
     if args.output:
         Path(args.output).write_text(json.dumps(record, indent=2))

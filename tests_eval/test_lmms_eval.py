@@ -160,3 +160,27 @@ def test_missing_lmms_eval_names_the_extra():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert 'pip install "atp[eval]"' in done.stderr, done.stderr[-2000:]
+
+
+def test_the_table_script_compares_methods_with_their_tokens_and_retention(tmp_path):
+    """benchmarks/lmms_eval_table.py: one lmms-eval run per method, the Table 1 layout."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lmms_eval_table.py"
+    output = tmp_path / "table.json"
+    methods = ["--method", "unpruned=", "--method", "fixed=policy=fixed,layers=1;2,option.keep=[0.5,0.5]"]
+    done = subprocess.run(
+        [sys.executable, str(script), *methods, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads(output.read_text())["rows"]}
+    assert set(rows) == {"unpruned", "fixed"}
+    assert rows["fixed"]["tokens"] < rows["unpruned"]["tokens"]
+    assert rows["unpruned"]["retention"] == pytest.approx(1.0)
+    assert "| fixed |" in done.stdout and "retention" in done.stdout
+    scores = [key for key in rows["unpruned"] if key not in ("method", "model_args", "tokens", "retention")]
+    assert scores and all(key in rows["fixed"] for key in scores)
