@@ -71,31 +71,17 @@ def test_bench_runs_a_checkpoint_folder(folders, capsys):
     assert record["methods"]["atp"]["kv_ratio"] < 1.0
 
 
+def train_argv(folder, tmp_path, images: int, text_only: int) -> list[str]:
+    """``atp train`` on ``folder`` over a fresh toy conversation set in ``tmp_path``."""
+    data = write_toy_conversations(tmp_path, images=images, text_only=text_only)
+    return ["train", "--model", str(folder), "--data", str(data), "--image-folder", str(tmp_path / "images"),
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+
+
 def test_train_runs_a_checkpoint_folder_with_atp_options(folders, tmp_path, capsys):
-    data = write_toy_conversations(tmp_path, images=2, text_only=1)
-    argv = [
-        "train",
-        "--model",
-        str(folders["llava"]),
-        "--data",
-        str(data),
-        "--image-folder",
-        str(tmp_path / "images"),
-        "--output-dir",
-        str(tmp_path / "run"),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-        "--freeze-lm",
-        "--layers",
-        "2",
-        "--option",
-        "init_theta_r=0.3",
-    ]
-    assert main(argv) == 0
+    argv = train_argv(folders["llava"], tmp_path, images=2, text_only=1)
+    options = ["--max-steps", "2", "--batch-size", "1", "--workers", "0", "--freeze-lm"]
+    assert main([*argv, *options, "--layers", "2", "--option", "init_theta_r=0.3"]) == 0
     assert last_json(capsys)["global_step"] == 2
     saved = json.loads((tmp_path / "run" / "atp_config.json").read_text())
     assert saved["layers"] == [2] and saved["options"]["init_theta_r"] == 0.3
@@ -120,15 +106,5 @@ def test_model_arguments_fail_clearly(argv, message, capsys):
 
 
 def test_train_refuses_a_family_its_data_pipeline_cannot_feed(folders, tmp_path, capsys):
-    data = write_toy_conversations(tmp_path, images=1, text_only=0)
-    argv = [
-        "train",
-        "--model",
-        str(folders["qwen2_vl"]),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "run"),
-    ]
-    assert main([*argv, "--image-folder", str(tmp_path / "images")]) == 2
+    assert main(train_argv(folders["qwen2_vl"], tmp_path, images=1, text_only=0)) == 2
     assert "data pipeline is LLaVA-1.5's" in capsys.readouterr().err

@@ -333,3 +333,12 @@ def test_rope2d_refuses_positions_that_count_the_left_padding(model):
         padded = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions).logits
         alone = model(input_ids=torch.tensor([short]), pixel_values=pixels[:1]).logits
     torch.testing.assert_close(padded[0, -len(short) :], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_rope2d_padding_check_reads_missing_position_ids_as_the_default_count():
+    from atp.components.position_keeper import _check_padding_free
+
+    real = torch.tensor([[False, True, True], [True, True, True]])
+    _check_padding_free(torch.tensor([[0, 0, 1], [0, 1, 2]]), real)  # padding-free: accepted
+    with pytest.raises(ValueError, match="skip the left padding"):
+        _check_padding_free(None, real)  # a layer given no ids counts the padding

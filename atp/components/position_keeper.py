@@ -134,8 +134,8 @@ def _check_padding_free(position_ids, real: torch.Tensor) -> None:
     """2D positions are absolute (text and visual tokens rotate at different frequencies), so
     they must not move with left padding: each real token's position is the number of real
     tokens before it, as generate computes them from the attention mask."""
-    if position_ids is None:
-        return
+    if position_ids is None:  # the language model's default: positions 0 .. L-1, padding counted
+        position_ids = torch.arange(real.shape[1], device=real.device)[None]
     expected = real.long().cumsum(dim=1) - 1
     if not torch.equal(position_ids.expand_as(expected)[real], expected[real]):
         raise ValueError(
