@@ -1,4 +1,4 @@
-"""The ``atp`` command line: demo, train, flops, bench, plugins, models, doctor, tiny-checkpoint.
+"""The ``atp`` command line: demo, train, eval, flops, bench, plugins, models, doctor, tiny-checkpoint.
 
 Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, not a traceback.
 """
@@ -176,6 +176,7 @@ def _tiny_checkpoint_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from atp.evaluation.table import add_parser as add_eval_parser
     from atp.training.cli import add_parser as add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     _flops_parser(sub)
     _bench_parser(sub)
     sub.add_parser("plugins", help="list every registered component and the package it comes from")
@@ -213,6 +215,12 @@ def _train_main(args) -> int:
     from atp.training.cli import main as train_main
 
     return train_main(args)
+
+
+def _eval_main(args) -> int:
+    from atp.evaluation.table import main as eval_main
+
+    return eval_main(args)
 
 
 def _plugins_main(args) -> int:
@@ -272,6 +280,7 @@ def _tiny_checkpoint_main(args) -> int:
 COMMANDS = {
     "demo": _demo_main,
     "train": _train_main,
+    "eval": _eval_main,
     "flops": _flops_main,
     "bench": _bench_main,
     "plugins": _plugins_main,

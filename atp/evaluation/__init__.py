@@ -12,10 +12,17 @@ the ``lmms_eval.models`` entry point below, which imports nothing from lmms-eval
 from __future__ import annotations
 
 MODEL_CLASS = "atp.evaluation.lmms.AtpLMM"
+CHAT_MODEL_CLASS = "atp.evaluation.lmms.AtpChatLMM"
 
 
 def lmms_eval_models():
-    """The ``lmms_eval.models`` entry point: the manifest of the ``atp`` model."""
+    """The ``lmms_eval.models`` entry point: ``atp`` (lmms-eval's simple requests: generation and
+    log-likelihood) and ``atp_chat`` (its chat requests: the task's messages, generation only).
+    Two names rather than one with both classes, so that ``--model atp`` runs every task type
+    without ``--force_simple``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id="atp", simple_class_path=MODEL_CLASS)]
+    return [
+        ModelManifest(model_id="atp", simple_class_path=MODEL_CLASS),
+        ModelManifest(model_id="atp_chat", chat_class_path=CHAT_MODEL_CLASS),
+    ]

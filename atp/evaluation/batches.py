@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 
 
-def batches(requests, batch_size: int, generation: bool):
-    """``(indices, gen_kwargs)`` per batch: requests with equal generation settings together,
-    longest context first (so a batch's padding stays small), each index answered once."""
+def batches(requests, batch_size: int, settings_index: int | None):
+    """``(indices, gen_kwargs)`` per batch: requests with equal generation settings (at
+    ``args[settings_index]``; None for log-likelihood requests) together, longest context first
+    (so a batch's padding stays small), each index answered once."""
+    generation = settings_index is not None
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
-        key = json.dumps(request.args[1], sort_keys=True, default=str) if generation else ""
+        settings = request.args[settings_index] if generation else None
+        key = json.dumps(settings, sort_keys=True, default=str) if generation else ""
         groups.setdefault(key, []).append(index)
     for key, indices in groups.items():
         indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))
-        gen_kwargs = requests[indices[0]].args[1] if generation else {}
+        gen_kwargs = requests[indices[0]].args[settings_index] if generation else {}
         for start in range(0, len(indices), batch_size):
             yield indices[start : start + batch_size], (gen_kwargs if key else {})
 

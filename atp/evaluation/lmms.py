@@ -68,15 +68,19 @@ class AtpLMM(lmms):
 
     # requests ---------------------------------------------------------------------------
     def generate_until(self, requests) -> list:
+        return self._generate(requests, self._simple_prompt, settings_index=1)
+
+    def _simple_prompt(self, arg) -> tuple[str, list]:
+        """``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``: the images, then the context."""
+        images = visuals_of(self, arg)
+        return prompt_for(self.processor, arg[0], len(images))[0], images
+
+    def _generate(self, requests, prompt_of, settings_index: int) -> list:
         answers = [None] * len(requests)
-        for indices, gen_kwargs in batches(requests, self.batch_size, generation=True):
-            args = [requests[i].args for i in indices]
-            visuals = [visuals_of(self, arg) for arg in args]
+        for indices, gen_kwargs in batches(requests, self.batch_size, settings_index):
+            prompts, visuals = zip(*(prompt_of(requests[i].args) for i in indices))
             until, settings = self._generation_settings(gen_kwargs)
-            prompts = [
-                prompt_for(self.processor, arg[0], len(images))[0] for arg, images in zip(args, visuals)
-            ]
-            inputs = self._inputs(prompts, visuals)
+            inputs = self._inputs(list(prompts), list(visuals))
             start = time.perf_counter()
             with torch.inference_mode():
                 output = self.model.generate(**inputs, **settings)
@@ -96,7 +100,7 @@ class AtpLMM(lmms):
     def loglikelihood(self, requests) -> list:
         answers = [None] * len(requests)
         tokenizer = self.processor.tokenizer
-        for indices, _ in batches(requests, self.batch_size, generation=False):
+        for indices, _ in batches(requests, self.batch_size, settings_index=None):
             args = [requests[i].args for i in indices]
             visuals = [visuals_of(self, arg) for arg in args]
             fulls, lengths = [], []
@@ -197,6 +201,58 @@ class AtpLMM(lmms):
 
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **simple_parse_args_string(arg_string)})
+
+
+class AtpChatLMM(AtpLMM):
+    """``--model atp_chat``: lmms-eval's chat request type. Each document's messages come from the
+    task's ``doc_to_messages`` (lmms-eval builds them from ``doc_to_visual`` and ``doc_to_text``
+    when a task has none), so images sit where the task puts them, between texts or in several
+    turns, and the processor's chat template renders them. lmms-eval gives chat models
+    generation requests only: log-likelihood (``multiple_choice``) tasks run with ``--model atp``.
+    """
+
+    is_simple = False
+
+    def generate_until(self, requests) -> list:
+        return self._generate(requests, self._chat_prompt, settings_index=2)
+
+    def _chat_prompt(self, arg) -> tuple[str, list]:
+        """``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``: the messages' images in
+        order, and the chat template over the messages."""
+        from lmms_eval.protocol import ChatMessages
+
+        messages = arg[1](self._doc(arg)) if callable(arg[1]) else arg[1]
+        chat = ChatMessages(messages=messages)
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise ValueError(
+                f"the atp_chat model takes text and images; task {arg[4]!r} sends "
+                f"{'videos' if videos else 'audio'}"
+            )
+        images = [_image(image) for image in images]
+        if getattr(self.processor, "chat_template", None) is None:
+            prompt_for(self.processor, "", 0)  # raises, naming what to do
+        prompt = self.processor.apply_chat_template(
+            chat.to_hf_messages(), add_generation_prompt=True, tokenize=False
+        )
+        return prompt, images
+
+    def loglikelihood(self, requests) -> list:
+        raise NotImplementedError(
+            "lmms-eval sends log-likelihood requests to simple models only: run multiple_choice "
+            "tasks with --model atp"
+        )
+
+
+def _image(image):
+    """A message's image (PIL, or a path to one) as RGB."""
+    if isinstance(image, str):
+        from PIL import Image
+
+        image = Image.open(image)
+    if not hasattr(image, "convert"):
+        raise ValueError(f"the atp_chat model takes PIL images or image paths, got {type(image).__name__}")
+    return image.convert("RGB")
 
 
 def _accelerator():

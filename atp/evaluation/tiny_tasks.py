@@ -2,6 +2,8 @@
 
 ``atp_tiny_gen`` (generate_until, exact match) and ``atp_tiny_mc`` (multiple_choice over
 yes / no, accuracy) read :data:`RECORDS`; pass the folder to lmms-eval with ``--include_path``.
+``atp_tiny_chat`` is ``atp_tiny_gen`` with its own ``doc_to_messages`` (a system turn, then the
+question before its images), for lmms-eval's chat models.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 from pathlib import Path
 
 TASKS = ("atp_tiny_gen", "atp_tiny_mc")
+CHAT_TASK = "atp_tiny_chat"
+SYSTEM = "answer the question about the picture with one short word or a number , please ."
 RECORDS = [
     {"question": "what colour is the image ?", "answer": "red", "label": 0, "images": ["red.png"]},
     {"question": "is there a cat in the picture ?", "answer": "no", "label": 1, "images": ["blue.png"]},
@@ -32,6 +36,14 @@ def doc_to_visual(doc):
 
 def doc_to_text(doc):
     return doc["question"]
+
+
+def doc_to_messages(doc):
+    images = [{"type": "image", "url": image} for image in doc_to_visual(doc)]
+    return [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+        {"role": "user", "content": [{"type": "text", "text": doc["question"]}, *images]},
+    ]
 """
 
 COMMON = """dataset_path: json
@@ -55,6 +67,10 @@ metric_list:
     higher_is_better: true
 """
 
+CHAT = GENERATE.replace("task: atp_tiny_gen", "task: atp_tiny_chat") + (
+    "doc_to_messages: !function utils.doc_to_messages\n"
+)
+
 CHOICE = """task: atp_tiny_mc
 output_type: multiple_choice
 doc_to_choice: ["yes", "no"]
@@ -76,7 +92,8 @@ def write_tiny_tasks(folder) -> Path:
         Image.new("RGB", (48, 40), colour).save(folder / f"{name}.png")
     data = folder / "records.json"
     data.write_text(json.dumps(RECORDS))
-    (folder / "utils.py").write_text(UTILS)
+    (folder / "utils.py").write_text(UTILS.replace("SYSTEM", repr(SYSTEM)))
     (folder / "atp_tiny_gen.yaml").write_text(COMMON.format(data=data.resolve()) + GENERATE)
     (folder / "atp_tiny_mc.yaml").write_text(COMMON.format(data=data.resolve()) + CHOICE)
+    (folder / "atp_tiny_chat.yaml").write_text(COMMON.format(data=data.resolve()) + CHAT)
     return folder
