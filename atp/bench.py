@@ -337,22 +337,9 @@ def format_table(record: dict) -> str:
 
 
 def plot(record: dict, path: str) -> None:
-    try:
-        import matplotlib
+    from atp.plotting import bench_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from error
-    names = list(record["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].bar(names, [record["methods"][n]["prefill_ms"] for n in names])
-    axes[0].set_ylabel("prefill ms")
-    axes[1].bar(names, [record["methods"][n]["decode_tokens_per_s"] for n in names])
-    axes[1].set_ylabel("decode tokens / s")
-    fig.suptitle(f"atp bench ({record['device']})")
-    fig.tight_layout()
-    fig.savefig(path)
+    bench_plot(record, path)
 
 
 def main(args) -> int:
@@ -372,10 +359,9 @@ def main(args) -> int:
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as error:
-            raise ValueError("--plot needs matplotlib (pip install matplotlib)") from error
+        from atp.plotting import require
+
+        require("--plot")  # before minutes of measuring
     config = BenchConfig()
     if device.startswith("cuda") and not args.small:  # the real LLaVA-1.5-7B language model shapes
         config = BenchConfig(

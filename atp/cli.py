@@ -1,4 +1,5 @@
-"""The ``atp`` command line: demo, train, eval, flops, bench, plugins, models, doctor, tiny-checkpoint.
+"""The ``atp`` command line: demo, visualize, train, eval, flops, bench, plugins, models, doctor,
+tiny-checkpoint.
 
 Bad input ends with ``atp <command>: error: <what to do>`` and exit status 2, not a traceback.
 """
@@ -178,12 +179,14 @@ def _tiny_checkpoint_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from atp.evaluation.table import add_parser as add_eval_parser
     from atp.training.cli import add_parser as add_train_parser
+    from atp.visualize import add_parser as add_visualize_parser
 
     parser = argparse.ArgumentParser(
         prog="atp", description="Adaptive token pruning for vision-language models"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    add_visualize_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     _flops_parser(sub)
@@ -215,6 +218,12 @@ def _train_main(args) -> int:
     from atp.training.cli import main as train_main
 
     return train_main(args)
+
+
+def _visualize_main(args) -> int:
+    from atp.visualize import main as visualize_main
+
+    return visualize_main(args)
 
 
 def _eval_main(args) -> int:
@@ -279,6 +288,7 @@ def _tiny_checkpoint_main(args) -> int:
 
 COMMANDS = {
     "demo": _demo_main,
+    "visualize": _visualize_main,
     "train": _train_main,
     "eval": _eval_main,
     "flops": _flops_main,

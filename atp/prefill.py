@@ -61,7 +61,7 @@ class Prefill:
     scores: dict = field(default_factory=dict)  # ATP index -> scores (B, N) visual order
     segments: dict = field(default_factory=dict)  # ATP index -> Layout (drop) or bias (B, L) (mask)
     full_hidden: torch.Tensor | None = None  # (B, L, D) last hidden state of every token
-    records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds)
+    records: list = field(default_factory=list)  # per ATP layer: (keep, weight, thresholds, reasons)
     decided: set = field(default_factory=set)  # ATP indices already decided
     shifts: dict = field(default_factory=dict)  # ATP index -> (B, L) pruned tokens before each position
     cache: object = None  # weak reference to the prefill's KV cache

@@ -491,7 +491,10 @@ class Runtime:
             hidden = self._merge(p, hidden, torch.where(p.protected, own, decision.merge))
         weight = p.weight * mask if p.soft else keep.float()
         thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
-        p.records.append((keep, weight, thresholds))
+        reasons = {n: r.detach().bool() & keep for n, r in decision.reasons.items()}
+        if reasons and bool(p.protected.any()):
+            reasons["read"] = p.protected & keep
+        p.records.append((keep, weight, thresholds, reasons))
         for observe in self.observers if not self.replaying else ():
             observe(
                 event={
@@ -614,14 +617,14 @@ class Runtime:
     # statistics -----------------------------------------------------------------------
     def _stats(self) -> PruningStats:
         p = self.prefill
-        masks = [keep for keep, _, _ in p.records]
-        names = sorted({name for _, _, thresholds in p.records for name in thresholds})
+        masks = [record[0] for record in p.records]
+        names = sorted({name for record in p.records for name in record[2]})
         thresholds = {
             name: torch.stack([rec[2][name] for rec in p.records], dim=1)
             for name in names
             if all(name in rec[2] for rec in p.records)
         }
-        soft_masks = [weight for _, weight, _ in p.records]
+        soft_masks = [record[1] for record in p.records]
         return PruningStats(
             layers=self.layers,
             num_layers=self.num_layers,
@@ -631,6 +634,8 @@ class Runtime:
             soft_masks=soft_masks,
             thresholds=thresholds,
             losses=self.budget_loss(soft_masks, p.num_visual, self.layers, self.num_layers),
+            reasons=[record[3] for record in p.records],
+            grids=p.context.get("grids", []),
         )
 
 

@@ -26,6 +26,13 @@ class PruningStats:
     thresholds : name -> FloatTensor (B, K) (e.g. ``theta_r``, ``theta_s`` of the atp policy).
     losses : the unweighted budget terms of this forward, ``"atp"`` (Eq. 12) and ``"target"``
         (Eq. 13), scalars that carry gradients in soft mask mode.
+    reasons : per ATP layer, why its kept tokens were kept, name -> BoolTensor (B, N) in the
+        original visual order (a subset of that layer's mask), as the policy reports it: the
+        atp policy's ``"redundancy"`` (S_red above theta_r) and ``"spatial"`` (the spatial score
+        above theta_s), and ``"read"`` (a token whose output is read, never pruned). A token can
+        have several reasons; ``{}`` for a policy that reports none.
+    grids : per sample, the (height, width) token grid of each image (or video frame), in the
+        order of the visual tokens (``VisualLayout.grids``).
     """
 
     layers: tuple[int, ...]
@@ -36,6 +43,8 @@ class PruningStats:
     soft_masks: list[torch.Tensor] = field(default_factory=list)
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    reasons: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    grids: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def tokens_per_sample(self) -> torch.Tensor:
@@ -78,6 +87,8 @@ def empty_stats(layers: tuple[int, ...], num_layers: int, batch: int, device=Non
         empty,
         [m.float() for m in empty],
         losses={"atp": zero, "target": zero},
+        reasons=[{} for _ in layers],
+        grids=[[] for _ in range(batch)],
     )
 
 

@@ -173,7 +173,7 @@ def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_pat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", blocked)
-    with pytest.raises(ValueError, match=r"--plot needs matplotlib \(pip install matplotlib\)"):
+    with pytest.raises(ValueError, match=r'--plot needs matplotlib: pip install "atp\[viz\]"'):
         plot({"methods": {}, "device": "cpu"}, str(tmp_path / "bench.png"))
 
 

@@ -107,6 +107,14 @@ class BackboneAdapter:
         """
         raise NotImplementedError
 
+    def grid_pixels(
+        self, inputs: dict, grids: list[list[tuple[int, int]]]
+    ) -> list[list[torch.Tensor | None]]:
+        """Per sample, per grid of :meth:`visual_layout`: the normalised pixels (C, H, W) the grid's
+        tokens cover, as the model saw them (``H / height == W / width`` pixels per token), or None
+        where the family cannot say. ``atp visualize`` draws on them; the default knows none."""
+        return [[None] * len(sample) for sample in grids]
+
     # positions -------------------------------------------------------------------------
     def position_seq_dim(self) -> int:
         """Sequence axis of ``position_ids`` and of the rotary cos / sin tensors."""

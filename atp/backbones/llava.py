@@ -57,3 +57,14 @@ class LlavaAdapter(BackboneAdapter):
                 )
             grids.append([(side, side)] * (count // per_image))
         return VisualLayout(visual, torch.zeros_like(visual), grids)
+
+    def grid_pixels(
+        self, inputs: dict, grids: list[list[tuple[int, int]]]
+    ) -> list[list[torch.Tensor | None]]:
+        """One ``pixel_values`` image per grid, in order (CLIP: one square image per grid)."""
+        pixels = inputs.get("pixel_values")
+        total = sum(len(sample) for sample in grids)
+        if self.pixtral() or pixels is None or pixels.dim() != 4 or pixels.shape[0] != total:
+            return super().grid_pixels(inputs, grids)
+        images = iter(pixels)
+        return [[next(images) for _ in sample] for sample in grids]

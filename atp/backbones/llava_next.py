@@ -111,3 +111,47 @@ class LlavaNextAdapter(BackboneAdapter):
                 ]
             )
         return VisualLayout(tokens & ~structural, structural, grids)
+
+    def grid_pixels(
+        self, inputs: dict, grids: list[list[tuple[int, int]]]
+    ) -> list[list[torch.Tensor | None]]:
+        """Per image: the base grid covers ``pixel_values[i, 0]``; the high-resolution grid covers
+        the tiles ``pixel_values[i, 1:]`` laid out as the model lays out their features, cropped
+        where the model unpads them (transformers' own ``unpad_image`` on a map of token indices)."""
+        pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+        out = super().grid_pixels(inputs, grids)
+        if pixels is None or sizes is None or pixels.dim() != 5 or set(self.token_ids()) != {"image"}:
+            return out
+        try:
+            from transformers.models.llava_next.modeling_llava_next import (
+                get_anyres_image_grid_shape,
+                unpad_image,
+            )
+        except ImportError:
+            return out
+        side, image = self.base_side(), 0
+        config = self.model.config
+        for sample, sample_grids in enumerate(grids):
+            position = 0
+            while position < len(sample_grids) and image < pixels.shape[0]:
+                out[sample][position] = pixels[image, 0]
+                position += 1
+                tile = config.vision_config.image_size
+                size = [int(v) for v in sizes[image]]
+                rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
+                if position < len(sample_grids) and rows * cols >= 1 and 1 + rows * cols <= pixels.shape[1]:
+                    tiles = pixels[image, 1 : 1 + rows * cols]  # (rows * cols, C, P, P) row-major
+                    canvas = tiles.view(rows, cols, *tiles.shape[1:]).permute(2, 0, 3, 1, 4)
+                    canvas = canvas.flatten(3, 4).flatten(1, 2)  # (C, rows * P, cols * P)
+                    index = torch.arange(rows * side * cols * side).view(1, rows * side, cols * side)
+                    kept = unpad_image(index, size)[0]  # the canvas tokens the model keeps
+                    height, width = kept.shape
+                    if (height, width) == tuple(sample_grids[position]):
+                        top, left = divmod(int(kept[0, 0]), cols * side)
+                        per = tile // side  # pixels per token
+                        out[sample][position] = canvas[
+                            :, top * per : (top + height) * per, left * per : (left + width) * per
+                        ]
+                        position += 1
+                image += 1
+        return out

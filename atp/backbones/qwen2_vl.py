@@ -91,6 +91,34 @@ class Qwen2VLAdapter(BackboneAdapter):
             grids.append(sample_grids)
         return grids
 
+    def grid_pixels(
+        self, inputs: dict, grids: list[list[tuple[int, int]]]
+    ) -> list[list[torch.Tensor | None]]:
+        """Images only (no video): each grid's patches of ``pixel_values`` put back in place (the
+        processor flattens each image as (h / m, w / m, m, m) patches of (C, T, P, P) pixels)."""
+        out = super().grid_pixels(inputs, grids)
+        pixels, thw = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        if pixels is None or thw is None or inputs.get("video_grid_thw") is not None:
+            return out
+        vision = self.model.config.vision_config
+        merge, patch = vision.spatial_merge_size, vision.patch_size
+        temporal = getattr(vision, "temporal_patch_size", 2)
+        flat = [
+            (sample, index) for sample, sample_grids in enumerate(grids) for index in range(len(sample_grids))
+        ]
+        if len(flat) != thw.shape[0] or any(int(t) != 1 for t in thw[:, 0]):
+            return out
+        start = 0
+        for (sample, index), (_, h, w) in zip(flat, thw.tolist()):
+            count = h * w
+            block = pixels[start : start + count].reshape(
+                h // merge, w // merge, merge, merge, -1, temporal, patch, patch
+            )
+            start += count
+            image = block[..., 0, :, :].permute(4, 0, 2, 5, 1, 3, 6)  # (C, h/m, m, P, w/m, m, P)
+            out[sample][index] = image.reshape(block.shape[4], h * patch, w * patch)
+        return out
+
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"

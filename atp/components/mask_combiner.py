@@ -33,12 +33,29 @@ class MaxSigmoidCombiner(nn.Module):
         theta_s: torch.Tensor,
     ) -> torch.Tensor:
         """(B, N) scores, (B,) thresholds -> (B, N) mask in (0, 1), float32."""
-        masks = []
-        if self.use_redundant:
-            masks.append(torch.sigmoid((s_redundant.float() - theta_r[:, None]) * self.temperature))
-        if self.use_spatial:
-            masks.append(torch.sigmoid((s_spatial.float() - theta_s[:, None]) * self.temperature))
+        masks = list(self._branches(s_redundant, s_spatial, theta_r, theta_s).values())
         return masks[0] if len(masks) == 1 else torch.maximum(masks[0], masks[1])
+
+    def branches(
+        self,
+        s_redundant: torch.Tensor,
+        s_spatial: torch.Tensor,
+        theta_r: torch.Tensor,
+        theta_s: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """``"redundancy"`` / ``"spatial"`` -> BoolTensor (B, N): the tokens each branch alone keeps
+        (its sigmoid above 0.5); the mask keeps their union."""
+        with torch.no_grad():
+            found = self._branches(s_redundant, s_spatial, theta_r, theta_s)
+        return {name: mask > 0.5 for name, mask in found.items()}
+
+    def _branches(self, s_redundant, s_spatial, theta_r, theta_s) -> dict[str, torch.Tensor]:
+        masks = {}
+        if self.use_redundant:
+            masks["redundancy"] = torch.sigmoid((s_redundant.float() - theta_r[:, None]) * self.temperature)
+        if self.use_spatial:
+            masks["spatial"] = torch.sigmoid((s_spatial.float() - theta_s[:, None]) * self.temperature)
+        return masks
 
 
 def cumulative(previous: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

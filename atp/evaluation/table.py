@@ -84,6 +84,18 @@ def add_parser(sub) -> None:
         "--output-dir", default="eval-results", help="runs, table.md and table.json (default eval-results)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands and stop")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="also plot each score against the Token metric (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--from-table",
+        default=None,
+        metavar="JSON",
+        help="print (and --plot) a table.json written earlier instead of running anything",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
 
@@ -242,6 +254,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
+    if args.plot:
+        from atp.plotting import require
+
+        require("--plot")  # before any run
+    if args.from_table:
+        record = json.loads(Path(args.from_table).read_text())
+        _write_plot(record, args)
+        print(json.dumps(record, indent=2) if args.json else markdown(record["rows"]), end="")
+        return 0
     todo = plan(args)
     runnable = [method for method in todo.methods if method.model_args is not None]
     for method in todo.methods:
@@ -279,6 +300,15 @@ def main(args) -> int:
     (output / "table.json").write_text(json.dumps(record, indent=2))
     table = markdown(rows)
     (output / "table.md").write_text(table)
+    _write_plot(record, args)
     print(json.dumps(record, indent=2) if args.json else table, end="" if not args.json else "\n")
     print(f"wrote {output / 'table.md'} and {output / 'table.json'}", file=sys.stderr)
     return 0
+
+
+def _write_plot(record: dict, args) -> None:
+    if args.plot:
+        from atp.plotting import eval_plot
+
+        eval_plot(record, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)

@@ -105,4 +105,6 @@ class AtpPolicy(Policy):
         s_redundant = (n_self + n_cross) / (int(self.use_self) + int(self.use_cross))
         theta_r, theta_s = self.heads[inputs.index](n_self, n_cross, inputs.live, inputs.num_visual)
         mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
-        return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s})
+        branches = getattr(self.combiner, "branches", None)  # a plugin combiner may not say why
+        reasons = branches(s_redundant, inputs.spatial, theta_r, theta_s) if branches else {}
+        return Decision(mask, {"theta_r": theta_r, "theta_s": theta_s}, reasons=reasons)

@@ -42,11 +42,14 @@ class PolicyInput:
 @dataclass
 class Decision:
     """``mask`` (B, N) in [0, 1] (> 0.5 = keep); ``thresholds`` name -> (B,) for the statistics;
-    ``merge`` (B, N) optional: the visual index each token is averaged into (itself when kept)."""
+    ``merge`` (B, N) optional: the visual index each token is averaged into (itself when kept);
+    ``reasons`` name -> BoolTensor (B, N) optional: which criterion alone would keep each token
+    (``PruningStats.reasons``, the colours of ``atp visualize``)."""
 
     mask: torch.Tensor
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
     merge: torch.Tensor | None = None
+    reasons: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Policy(nn.Module):

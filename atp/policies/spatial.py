@@ -50,4 +50,5 @@ class SpatialPolicy(Policy):
         if stride == 1:
             return Decision(inputs.live.float())
         threshold = 1.0 - self.lambda_sample / stride**2 - 1e-6  # the stride-s grid and every coarser one
-        return Decision(((inputs.spatial >= threshold) & inputs.live).float())
+        keep = (inputs.spatial >= threshold) & inputs.live
+        return Decision(keep.float(), reasons={"spatial": keep})
