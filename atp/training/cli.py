@@ -182,4 +182,15 @@ def main(args: argparse.Namespace) -> int:
     if trainer.is_world_process_zero():
         print(json.dumps(trainer.atp_summary))
     trainer.atp_handle.remove()
+    finish_distributed()
     return 0
+
+
+def finish_distributed() -> None:
+    """Wait for every process, then close the process group: a rank that exits while gloo's
+    threads still serve the others aborts ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -63,3 +63,4 @@ print(
     f"rank {rank} of {trainer.args.world_size} done, step {trainer.state.global_step}, "
     f"text-only batches {sum(text_only_batches)}"
 )
+__import__("atp.training.cli", fromlist=["finish_distributed"]).finish_distributed()
