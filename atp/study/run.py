@@ -1,0 +1,312 @@
+"""The end-to-end study: does adaptive pruning learn? (``python -m atp.study``)
+
+Per seed, each stage trained with the library's own path (``atp.attach`` + ``AtpTrainer``) and
+saved, so a stopped run resumes where it was (a stage whose ``result.json`` exists is skipped):
+
+1. ``base``: a small LLaVA (transformers ``LlavaForConditionalGeneration``: CLIP-style tower,
+   projector, Llama) trained from scratch on the shapes questions, nothing pruned;
+2. ``atp_frozen`` / ``atp_full``: the ATP modules trained with the budget loss at a target of
+   ``fraction`` of the visual tokens, the LM frozen / fine-tuned;
+3. ``fixed_trained``: fixed ratios at the same layers at the same Token metric, the LM fine-tuned
+   with them as ``atp_full`` is (the paper's Table 2);
+4. the untrained baselines at the same Token metric (FastV, PDrop, spatial, random, pooling;
+   settings from :func:`atp.evaluation.matched.matched_methods`) on the base model.
+
+Each is evaluated per question type on held-out examples; :mod:`atp.study.report` writes the
+tables and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from atp.study.evaluate import evaluate
+from atp.study.shapes import IMAGE, TYPES, VOCAB, ShapesCollator, ShapesDataset, example
+
+
+@dataclass
+class StudyConfig:
+    """Sizes and schedules; the defaults are the CPU study (docs/study.md)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    image_size: int = 48
+    patch_size: int = 4  # (48 / 4)^2 = 144 visual tokens
+    num_layers: int = 8  # deep enough that a quarter is reachable after layer 0
+    hidden_size: int = 96
+    layers: tuple[int, ...] = (1, 4, 6)  # the paper's 4 / 14 / 24 of 32, scaled
+    fraction: float = 0.25  # the target Token metric, of the visual tokens
+    batch_size: int = 32
+    base_steps: int = 2000
+    base_lr: float = 2e-3
+    prune_steps: int = 300
+    finetune_lr: float = 2e-4
+    atp_lr: float = 1e-2
+    lambda_atp: float = 0.05
+    lambda_target: float = 1.0
+    init_theta_r: float = 0.3
+    init_theta_s: float = 0.5  # below the stride-4 grid's score, so the spatial branch gets gradient
+    eval_per_type: int = 100
+    threads: int = 2
+    stages: tuple[str, ...] = ("base", "baselines", "atp_frozen", "atp_full", "fixed_trained")
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_model(config: StudyConfig, seed: int):
+    from atp.testing import tiny_llava
+
+    return tiny_llava(
+        num_layers=config.num_layers,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.hidden_size,
+        seed=seed,
+        vocab_size=len(VOCAB),
+        image_token_id=IMAGE,
+    )
+
+
+def test_examples(config: StudyConfig, seed: int) -> list:
+    return [
+        example(seed, "test", index, config.image_size, kind)
+        for kind in TYPES
+        for index in range(config.eval_per_type)
+    ]
+
+
+def _arguments(output: Path, config: StudyConfig, steps: int, lr: float, seed: int, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+    )
+
+
+def train(model, handle, config: StudyConfig, output: Path, steps: int, lr: float, seed: int, progress: bool):
+    """``AtpTrainer`` on the shapes training split (a seed of its own per stage)."""
+    from atp.training import AtpTrainer
+
+    data = ShapesDataset(seed, "train", steps * config.batch_size, config.image_size)
+    trainer = AtpTrainer(
+        model=model,
+        args=_arguments(output, config, steps, lr, seed, progress),
+        train_dataset=data,
+        data_collator=ShapesCollator(config.visual_tokens),
+        atp_learning_rate=config.atp_lr,
+    )
+    trainer.train()
+    model.eval()
+    return trainer
+
+
+def _attach(model, policy: str, config: StudyConfig, **options):
+    import atp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # untrained heads, before training
+        return atp.attach(model, policy=policy, **options)
+
+
+def _stage(folder: Path, name: str, work, log) -> dict:
+    """Run ``work()`` unless ``folder/name/result.json`` exists; record wall and CPU seconds."""
+    done = folder / name / "result.json"
+    if done.exists():
+        log(f"{folder.name} {name}: done before, skipped")
+        return json.loads(done.read_text())
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = work(folder / name)
+    result["seconds"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+    done.write_text(json.dumps(result, indent=2))
+    log(
+        f"{folder.name} {name}: accuracy {result.get('accuracy', float('nan')):.3f}, "
+        f"Token {result.get('avg_tokens', float('nan')):.1f}, {result['seconds']['wall']:.0f} s"
+    )
+    return result
+
+
+def _load_base(folder: Path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder / "base" / "model", attn_implementation="sdpa"
+    )
+    return model.eval()
+
+
+def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: bool = False) -> dict:
+    """Every stage of one seed; returns ``{stage or method: result}``."""
+    from atp.evaluation.arguments import parse_model_arguments
+    from atp.evaluation.matched import matched_methods
+
+    folder = output / f"seed{seed}"
+    tests = test_examples(config, seed)
+    target = config.fraction * config.visual_tokens
+    results: dict[str, dict] = {}
+
+    def base(stage: Path) -> dict:
+        model = build_model(config, seed)
+        handle = _attach(model, "keep_all", config)
+        train(model, handle, config, stage, config.base_steps, config.base_lr, seed, progress)
+        handle.remove()
+        model.save_pretrained(stage / "model")
+        return evaluate(model, tests).to_dict()
+
+    results["unpruned"] = _stage(folder, "base", base, log)
+
+    if "baselines" in config.stages:
+        for method in matched_methods(config.num_layers, config.fraction):
+            if method.name == "unpruned" or method.model_args is None:
+                continue
+
+            def baseline(stage: Path, method=method) -> dict:
+                model = _load_base(folder)
+                args = parse_model_arguments(pretrained="-", **_split(method.model_args))
+                handle = _attach(model, args.policy, config, layers=args.layers, **_options(args.options))
+                scores = evaluate(model, tests, handle)
+                handle.remove()
+                return {**scores.to_dict(), "model_args": method.model_args}
+
+            results[method.name] = _stage(folder, method.name, baseline, log)
+
+    atp_options = dict(
+        layers=list(config.layers),
+        lambda_atp=config.lambda_atp,
+        lambda_target=config.lambda_target,
+        target_tokens=target,
+        init_theta_r=config.init_theta_r,
+        init_theta_s=config.init_theta_s,
+        threshold_head="paper",
+    )
+    for name, frozen in (("atp_frozen", True), ("atp_full", False)):
+        if name not in config.stages:
+            continue
+
+        def learned(stage: Path, frozen=frozen) -> dict:
+            model = _load_base(folder)
+            handle = _attach(model, "atp", config, **atp_options)
+            if frozen:
+                handle.freeze_base_model()
+            model.train()
+            train(model, handle, config, stage, config.prune_steps, config.finetune_lr, seed + 100, progress)
+            handle.save_pretrained(stage / "atp")
+            scores = evaluate(model, tests, handle)
+            thresholds = {k: v.mean(0).tolist() for k, v in handle.stats.thresholds.items()}
+            handle.remove()
+            return {**scores.to_dict(), "thresholds_last_batch": thresholds}
+
+        results[name] = _stage(folder, name, learned, log)
+
+    if "fixed_trained" in config.stages:
+        fixed = next(m for m in matched_methods(config.num_layers, config.fraction) if m.name == "fixed")
+
+        def fixed_trained(stage: Path) -> dict:
+            model = _load_base(folder)
+            args = parse_model_arguments(pretrained="-", **_split(fixed.model_args))
+            handle = _attach(model, "fixed", config, layers=args.layers, **_options(args.options))
+            model.train()
+            train(model, handle, config, stage, config.prune_steps, config.finetune_lr, seed + 100, progress)
+            scores = evaluate(model, tests, handle)
+            handle.remove()
+            return {**scores.to_dict(), "model_args": fixed.model_args}
+
+        results["fixed_trained"] = _stage(folder, "fixed_trained", fixed_trained, log)
+    return results
+
+
+def _split(model_args: str) -> dict:
+    return dict(part.split("=", 1) for part in re.split(r",(?![^\[]*\])", model_args) if part)
+
+
+def _options(pairs: list[str]) -> dict:
+    from atp.cli import parse_options
+
+    return parse_options(pairs, None) if pairs else {}
+
+
+def run(config: StudyConfig, output, progress: bool = True, log=print) -> dict:
+    """The whole study: every seed, then the report."""
+    from atp.study.report import write_report
+
+    torch.set_num_threads(config.threads)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    started = time.perf_counter()
+    per_seed = {seed: run_seed(config, seed, output, log, progress) for seed in config.seeds}
+    record = {
+        "config": asdict(config),
+        "seeds": {str(s): r for s, r in per_seed.items()},
+        "total_wall_seconds": time.perf_counter() - started,
+    }
+    (output / "study.json").write_text(json.dumps(record, indent=2))
+    write_report(record, output)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m atp.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--output", default="runs/study", help="folder of checkpoints, results and the report"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--toy", action="store_true", help="seconds, not minutes: a smoke run of every stage")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a StudyConfig field (JSON value), e.g. --set base_steps=4000",
+    )
+    args = parser.parse_args(argv)
+    config = toy_config() if args.toy else StudyConfig()
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        if key not in StudyConfig.__dataclass_fields__:
+            parser.error(f"--set: no field {key!r}; fields: {', '.join(StudyConfig.__dataclass_fields__)}")
+        parsed = json.loads(value)
+        setattr(config, key, tuple(parsed) if isinstance(parsed, list) else parsed)
+    if args.seeds:
+        config.seeds = tuple(args.seeds)
+    run(config, args.output)
+    return 0
+
+
+def toy_config() -> StudyConfig:
+    return StudyConfig(
+        seeds=(0, 1),
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        batch_size=4,
+        base_steps=4,
+        prune_steps=3,
+        eval_per_type=2,
+    )
