@@ -40,11 +40,12 @@ class StudyConfig:
     patch_size: int = 4  # (48 / 4)^2 = 144 visual tokens
     num_layers: int = 8  # deep enough that a quarter is reachable after layer 0
     hidden_size: int = 96
+    vision_hidden_size: int = 64
     layers: tuple[int, ...] = (1, 4, 6)  # the paper's 4 / 14 / 24 of 32, scaled
     fraction: float = 0.25  # the target Token metric, of the visual tokens
     batch_size: int = 32
-    base_steps: int = 2000
-    base_lr: float = 2e-3
+    base_steps: int = 3000
+    base_lr: float = 1e-3
     prune_steps: int = 300
     finetune_lr: float = 2e-4
     atp_lr: float = 1e-2
@@ -63,17 +64,40 @@ class StudyConfig:
 
 
 def build_model(config: StudyConfig, seed: int):
-    from atp.testing import tiny_llava
+    """A random ``LlavaForConditionalGeneration``: a 2-layer CLIP tower, the projector, a Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    return tiny_llava(
-        num_layers=config.num_layers,
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden_size,
+        intermediate_size=2 * config.vision_hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         image_size=config.image_size,
         patch_size=config.patch_size,
-        hidden_size=config.hidden_size,
-        seed=seed,
-        vocab_size=len(VOCAB),
-        image_token_id=IMAGE,
     )
+    text = LlamaConfig(
+        hidden_size=config.hidden_size,
+        intermediate_size=2 * config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(VOCAB),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=1024,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE,
+        image_seq_length=config.visual_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    llava._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(llava).eval()
 
 
 def test_examples(config: StudyConfig, seed: int) -> list:
