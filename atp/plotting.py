@@ -14,6 +14,9 @@ METHOD_COLOURS = {
     "unpruned": "#4d4d4d",
     "keep_all": "#7f7f7f",
     "atp": "#d62728",
+    "atp_frozen": "#d62728",
+    "atp_full": "#ff9896",
+    "fixed_trained": "#98df8a",
     "fastv": "#1f77b4",
     "pdrop": "#9467bd",
     "fixed": "#2ca02c",
@@ -49,7 +52,8 @@ def require(option: str = "--plot"):
 
 
 def colour(method: str, index: int = 0) -> str:
-    return METHOD_COLOURS.get(method.split(" ")[0], OTHER_COLOURS[index % len(OTHER_COLOURS)])
+    name = method if method in METHOD_COLOURS else method.split(" ")[0]
+    return METHOD_COLOURS.get(name, OTHER_COLOURS[index % len(OTHER_COLOURS)])
 
 
 @contextmanager

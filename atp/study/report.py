@@ -31,7 +31,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    # the sample standard deviation; none from one seed
+    std = (
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else float("nan")
+    )
     return mean, std
 
 
@@ -73,7 +78,8 @@ def _cell(pair: tuple[float, float], percent: bool = True) -> str:
     mean, std = pair
     if math.isnan(mean):
         return ""
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if percent else f"{mean:.1f} ± {std:.1f}"
+    scale = 100 if percent else 1
+    return f"{scale * mean:.1f}" + ("" if math.isnan(std) else f" ± {scale * std:.1f}")
 
 
 def markdown(record: dict) -> str:
@@ -149,8 +155,8 @@ def plot(record: dict, output: Path) -> None:
                 xs,
                 [100 * v[0] for v in values],
                 width,
-                yerr=[100 * v[1] for v in values],
-                color=colour(name.split("_")[0], index),
+                yerr=[0.0 if math.isnan(v[1]) else 100 * v[1] for v in values],
+                color=colour(name, index),
                 label=name,
                 capsize=1.5,
             )
