@@ -66,11 +66,12 @@ class AttachHandle:
     def param_groups(self, lr: float = 2e-5, atp_lr: float = 1e-4, weight_decay: float = 0.0) -> list[dict]:
         """Optimizer parameter groups with their own learning rates (paper: 1e-4 ATP, 2e-5 LM).
 
-        Only parameters with ``requires_grad`` are included, so a frozen base model gives one group.
+        Only parameters with ``requires_grad`` are included, so a frozen base model gives one group,
+        and a policy without parameters (``keep_all``, ``fixed``, ...) gives only the base model's:
+        the Trainer logs the first group's learning rate, which is then the one that trains.
         """
-        groups = [
-            {"params": [p for p in self.parameters() if p.requires_grad], "lr": atp_lr, "weight_decay": 0.0}
-        ]
+        own = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": own, "lr": atp_lr, "weight_decay": 0.0}] if own else []
         base = [p for p in self.base_parameters() if p.requires_grad]
         if base:
             groups.append({"params": base, "lr": lr, "weight_decay": weight_decay})

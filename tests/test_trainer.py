@@ -320,3 +320,13 @@ def test_the_best_checkpoint_restores_the_atp_weights(tmp_path):
 
     best = load_file(f"{trainer.state.best_model_checkpoint}/atp_model.safetensors")
     assert all(torch.equal(best[k], v) for k, v in handle.policy.state_dict().items())
+
+
+def test_a_policy_without_parameters_gives_only_the_base_group():
+    """keep_all / fixed have no ATP parameters: no empty first group, so the learning rate the
+    Trainer logs (its first group's) is the one that trains."""
+    for policy, options in (("keep_all", {}), ("fixed", {"keep": [0.5]})):
+        model = tiny_llava(num_layers=4)
+        with atp.attach(model, layers=[1], policy=policy, **options) as handle:
+            groups = handle.param_groups(lr=1e-3, atp_lr=5e-3)
+            assert [g["lr"] for g in groups] == [1e-3] and all(g["params"] for g in groups)
