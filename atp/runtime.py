@@ -492,7 +492,7 @@ class Runtime:
         weight = p.weight * mask if p.soft else keep.float()
         thresholds = {n: t.detach() for n, t in decision.thresholds.items()}
         reasons = {n: r.detach().bool() & keep for n, r in decision.reasons.items()}
-        if reasons and bool(p.protected.any()):
+        if reasons:  # no .any() here: a device sync per ATP layer for a picture's legend
             reasons["read"] = p.protected & keep
         p.records.append((keep, weight, thresholds, reasons))
         for observe in self.observers if not self.replaying else ():

@@ -29,7 +29,8 @@ class PruningStats:
     reasons : per ATP layer, why its kept tokens were kept, name -> BoolTensor (B, N) in the
         original visual order (a subset of that layer's mask), as the policy reports it: the
         atp policy's ``"redundancy"`` (S_red above theta_r) and ``"spatial"`` (the spatial score
-        above theta_s), and ``"read"`` (a token whose output is read, never pruned). A token can
+        above theta_s), and ``"read"`` (a token whose output is read, never pruned; present, maybe all
+        False, whenever the policy reports reasons). A token can
         have several reasons; ``{}`` for a policy that reports none.
     grids : per sample, the (height, width) token grid of each image (or video frame), in the
         order of the visual tokens (``VisualLayout.grids``).

@@ -49,8 +49,9 @@ def tiny_llava(
     seed: int = 0,
     vocab_size: int = 128,
     image_token_id: int = 127,
+    vision_hidden_size: int = 32,
 ):
-    """A random ``LlavaForConditionalGeneration``: CLIP tower (hidden 32, 2 layers) + Llama LM
+    """A random ``LlavaForConditionalGeneration``: CLIP tower (``vision_hidden_size``, 2 layers) + Llama LM
     (hidden ``hidden_size``, ``num_layers`` layers, 4 heads, 2 KV heads), eval mode, SDPA.
 
     ``(image_size / patch_size) ** 2`` visual tokens per image (16 by default; 576 with
@@ -59,8 +60,8 @@ def tiny_llava(
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=image_size,

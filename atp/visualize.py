@@ -176,7 +176,7 @@ def _approximate(pictures: list[Picture]) -> str:
 
 
 def _legend(stats) -> str:
-    names = set().union(*(r.keys() for r in stats.reasons)) if stats.reasons else set()
+    names = {name for reasons in stats.reasons for name, flags in reasons.items() if bool(flags.any())}
     parts = ["white: pruned"]
     if "spatial" in names and len(names - {"read"}) > 1:
         parts.append("orange frame: kept only by the spatial grid")

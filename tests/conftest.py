@@ -38,3 +38,14 @@ def single(batch: dict, b: int) -> dict:
         "attention_mask": batch["attention_mask"][b : b + 1, keep],
         "pixel_values": batch["pixel_values"][b : b + 1],
     }
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """No hub access for the module's tests (checkpoint folders load as hub models do)."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import json
 
-import huggingface_hub.constants
 import pytest
 
 from atp.cli import main
 from atp.testing import write_toy_conversations
 from atp.tiny import write_tiny_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

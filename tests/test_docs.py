@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +27,8 @@ NOT_RUN = {  # a substring of the command -> why it is not run here
     "atp train ...": "abbreviates the command above it (the toy run is run, and resumed in tests/test_training.py)",
     "-m atp train": "accelerate launch on 8 GPUs with LLaVA-1.5-7B",
 }
+
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def commands(page: Path) -> list[str]:
@@ -53,12 +54,6 @@ def run(command: str, folder: Path) -> None:
         assert done.returncode == 0, (command, done.stderr[-2000:])
         return
     assert main(argv[1:]) == 0, command
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def test_pages_show_commands():

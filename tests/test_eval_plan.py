@@ -3,7 +3,6 @@ policies themselves, and the command's plan (``--dry-run``) and errors."""
 
 from __future__ import annotations
 
-import re
 import shlex
 from argparse import Namespace
 
@@ -14,14 +13,9 @@ from hypothesis import strategies as st
 
 from atp.cli import main
 from atp.efficiency import tokens_per_layer
-from atp.evaluation.arguments import parse_model_arguments
+from atp.evaluation.arguments import parse_model_arguments, split_model_args
 from atp.evaluation.matched import matched_methods, scaled_layers
 from atp.testing import llava_batch, tiny_llava
-
-
-def split_model_args(text: str) -> dict:
-    """``key=value`` pairs split on the commas outside brackets, as lmms-eval splits them."""
-    return dict(part.split("=", 1) for part in re.split(r",(?![^\[]*\])", text) if part)
 
 
 def settings_of(method) -> tuple[list[int], list[float]]:

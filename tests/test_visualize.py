@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -16,13 +15,7 @@ from atp.cli import main
 from atp.tiny import write_tiny_checkpoint
 from atp.visualize import KEPT_CAP, SPATIAL, Picture, draw, render
 
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 OPTION_PREFIX = "option."
@@ -59,6 +60,12 @@ def parse_model_arguments(pretrained: str | None = None, **kwargs) -> ModelArgum
         if kwargs.get(name) is not None:
             kwargs[name] = int(kwargs[name])
     return ModelArguments(str(pretrained), options=options, **kwargs)
+
+
+def split_model_args(text: str) -> dict[str, str]:
+    """``key=value`` pairs of a ``--model_args`` string, split on the commas outside ``[...]``
+    (as lmms-eval splits them), values left as text."""
+    return dict(part.split("=", 1) for part in re.split(r",(?![^\[]*\])", text) if part)
 
 
 def _layers(value) -> list[int]:

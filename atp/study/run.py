@@ -19,7 +19,6 @@ tables and plots.
 from __future__ import annotations
 
 import json
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -65,39 +64,18 @@ class StudyConfig:
 
 def build_model(config: StudyConfig, seed: int):
     """A random ``LlavaForConditionalGeneration``: a 2-layer CLIP tower, the projector, a Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from atp.testing import tiny_llava
 
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden_size,
-        intermediate_size=2 * config.vision_hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    return tiny_llava(
+        num_layers=config.num_layers,
         image_size=config.image_size,
         patch_size=config.patch_size,
-    )
-    text = LlamaConfig(
         hidden_size=config.hidden_size,
-        intermediate_size=2 * config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        seed=seed,
         vocab_size=len(VOCAB),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        max_position_embeddings=1024,
+        image_token_id=IMAGE,
+        vision_hidden_size=config.vision_hidden_size,
     )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE,
-        image_seq_length=config.visual_tokens,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    llava._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(llava).eval()
 
 
 def test_examples(config: StudyConfig, seed: int) -> list:
@@ -185,7 +163,7 @@ def _load_base(folder: Path):
 
 def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: bool = False) -> dict:
     """Every stage of one seed; returns ``{stage or method: result}``."""
-    from atp.evaluation.arguments import parse_model_arguments
+    from atp.evaluation.arguments import parse_model_arguments, split_model_args
     from atp.evaluation.matched import matched_methods
 
     folder = output / f"seed{seed}"
@@ -210,7 +188,7 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
 
             def baseline(stage: Path, method=method) -> dict:
                 model = _load_base(folder)
-                args = parse_model_arguments(pretrained="-", **_split(method.model_args))
+                args = parse_model_arguments(pretrained="-", **split_model_args(method.model_args))
                 handle = _attach(model, args.policy, config, layers=args.layers, **_options(args.options))
                 scores = evaluate(model, tests, handle)
                 handle.remove()
@@ -251,7 +229,7 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
 
         def fixed_trained(stage: Path) -> dict:
             model = _load_base(folder)
-            args = parse_model_arguments(pretrained="-", **_split(fixed.model_args))
+            args = parse_model_arguments(pretrained="-", **split_model_args(fixed.model_args))
             handle = _attach(model, "fixed", config, layers=args.layers, **_options(args.options))
             model.train()
             train(model, handle, config, stage, config.prune_steps, config.finetune_lr, seed + 100, progress)
@@ -261,10 +239,6 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
 
         results["fixed_trained"] = _stage(folder, "fixed_trained", fixed_trained, log)
     return results
-
-
-def _split(model_args: str) -> dict:
-    return dict(part.split("=", 1) for part in re.split(r",(?![^\[]*\])", model_args) if part)
 
 
 def _options(pairs: list[str]) -> dict:
