@@ -50,12 +50,15 @@ def tiny_llava(
     vocab_size: int = 128,
     image_token_id: int = 127,
     vision_hidden_size: int = 32,
+    initializer_range: float = 0.02,
 ):
     """A random ``LlavaForConditionalGeneration``: CLIP tower (``vision_hidden_size``, 2 layers) + Llama LM
     (hidden ``hidden_size``, ``num_layers`` layers, 4 heads, 2 KV heads), eval mode, SDPA.
 
     ``(image_size / patch_size) ** 2`` visual tokens per image (16 by default; 576 with
-    image_size=336, patch_size=14 as in LLaVA-1.5).
+    image_size=336, patch_size=14 as in LLaVA-1.5). ``initializer_range`` is the weights' init
+    standard deviation (transformers' 0.02 suits widths in the thousands; a model trained from
+    scratch at width 100 learns far faster near 1 / sqrt(width)).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -66,6 +69,7 @@ def tiny_llava(
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
+        initializer_factor=initializer_range / 0.02,  # CLIP scales its own 0.02 by this factor
     )
     text = LlamaConfig(
         hidden_size=hidden_size,
@@ -78,6 +82,7 @@ def tiny_llava(
         bos_token_id=1,
         eos_token_id=2,
         max_position_embeddings=4096,
+        initializer_range=initializer_range,
     )
     config = LlavaConfig(
         vision_config=vision,

@@ -40,11 +40,12 @@ class StudyConfig:
     num_layers: int = 8  # deep enough that a quarter is reachable after layer 0
     hidden_size: int = 96
     vision_hidden_size: int = 64
+    init_std: float = 0.1  # about 1 / sqrt(width); transformers' 0.02 kept the model at chance for 1000s of steps
     layers: tuple[int, ...] = (1, 4, 6)  # the paper's 4 / 14 / 24 of 32, scaled
     fraction: float = 0.25  # the target Token metric, of the visual tokens
     batch_size: int = 32
-    base_steps: int = 3000
-    base_lr: float = 1e-3
+    base_steps: int = 1000
+    base_lr: float = 2e-3
     prune_steps: int = 300
     finetune_lr: float = 2e-4
     atp_lr: float = 1e-2
@@ -75,6 +76,7 @@ def build_model(config: StudyConfig, seed: int):
         vocab_size=len(VOCAB),
         image_token_id=IMAGE,
         vision_hidden_size=config.vision_hidden_size,
+        initializer_range=config.init_std,
     )
 
 
