@@ -62,6 +62,11 @@ PRESETS = {
     "qwen2-vl-7b": ModelShape(
         "qwen2-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 256, VisionShape(32, 1280, 5120, 1024)
     ),
+    # Qwen/Qwen3-VL-4B-Instruct: 36 layers, GQA 32/8, head 128; vision 27 x 1152 (patch 16, merge 2):
+    # a 512 x 512 image -> 32 x 32 patches -> 256 tokens
+    "qwen3-vl-4b": ModelShape(
+        "qwen3-vl-4b", 36, 2560, 9728, 32, 8, 128, 151936, 256, VisionShape(27, 1152, 4304, 1024)
+    ),
 }
 
 

@@ -136,6 +136,7 @@ class Runtime:
         tower = self.adapter.vision_tower()
         if tower is not None:
             self.hooks.append(tower.register_forward_pre_hook(self._on_vision_input, with_kwargs=True))
+        self.hooks.extend(self.adapter.install(self))
 
     def _on_outer_forward(self, module, args, kwargs):
         self.labels = kwargs.get("labels")

@@ -211,11 +211,64 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
     return model
 
 
-def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack: tuple[int, ...] = (0, 1), moe: bool = False):
+    """A random Qwen3-VL (``moe``: Qwen3-VL-MoE, 4 experts, 2 per token): a 3-layer vision tower (patch 2, merge 2: an (h x w)-patch image gives
+    h * w / 4 tokens) whose layers ``deepstack`` also feed the LM (DeepStack: added to the visual
+    tokens' hidden states after LM layers 0 .. len(deepstack) - 1), a Qwen3 LM of hidden 64 with
+    interleaved M-RoPE."""
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Config
+        from transformers import Qwen3VLMoeForConditionalGeneration as Model
+    else:
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+    text = {
+        **_TEXT,
+        "num_hidden_layers": num_layers,
+        "head_dim": 16,
+        "vocab_size": 160,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+            "rope_theta": 10000.0,
+        },
+    }
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 2,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": list(deepstack),
+    }
+    config = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IDS["image"],
+        video_token_id=QWEN_IDS["video"],
+        vision_start_token_id=QWEN_IDS["start"],
+        vision_end_token_id=QWEN_IDS["end"],
+    )
+    model = _build(Model, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def qwen_batch(samples: list[list], seeds: list[int] | None = None, frame_blocks: bool = False) -> dict:
     """Left-padded Qwen2-VL inputs. Each sample is a list of parts: a list of text ids,
     ``("image", h, w)`` (h x w patches, even) or ``("video", frames, h, w)`` (frames even).
     The pixels of sample i come from ``seeds[i]`` (default i), so a sample alone gets the
-    same pixels as in a batch."""
+    same pixels as in a batch. ``frame_blocks``: Qwen3-VL's video layout, each temporal patch of
+    frames its own ``<|vision_start|> ... <|vision_end|>`` block after a timestamp (text id 13)."""
     seeds = list(range(len(samples))) if seeds is None else seeds
     prompts, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
     for sample, seed in zip(samples, seeds):
@@ -229,8 +282,11 @@ def qwen_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
             kind, *shape = part
             t, h, w = (1, *shape) if kind == "image" else (shape[0] // 2, shape[1], shape[2])
             tokens = t * h * w // 4
-            ids += [QWEN_IDS["start"]] + [QWEN_IDS[kind]] * tokens + [QWEN_IDS["end"]]
-            kinds += [0] + [1 if kind == "image" else 2] * tokens + [0]
+            blocks = t if kind == "video" and frame_blocks else 1
+            for _ in range(blocks):
+                stamp = [13] if kind == "video" and frame_blocks else []
+                ids += stamp + [QWEN_IDS["start"]] + [QWEN_IDS[kind]] * (tokens // blocks) + [QWEN_IDS["end"]]
+                kinds += [0] * len(stamp) + [0] + [1 if kind == "image" else 2] * (tokens // blocks) + [0]
             patches = torch.randn(t * h * w, 3 * 2 * 2 * 2, generator=generator)
             (images if kind == "image" else videos).append(patches)
             (image_grids if kind == "image" else video_grids).append([t, h, w])

@@ -25,6 +25,7 @@ from atp.testing import (
     tiny_llava_next,
     tiny_mistral3,
     tiny_qwen2_vl,
+    tiny_qwen3_vl,
 )
 
 # text ids that are no family's special token (pad / bos / eos 0-2, Mistral 3's break / end
@@ -50,6 +51,9 @@ class Family:
     samples: list  # two sample specs, different lengths and images
     make: Callable  # (model, specs, seeds) -> batch dict
     media: dict[str, list]  # kind -> the family's media part of each size, smallest first
+    # mixture of experts: a token's output depends on its batch in the last bit (the experts' matmul
+    # shapes follow where every token, padding included, is routed), so "equal" means within 1e-6
+    routed: bool = False
 
     def model(self, seed: int = 0, num_layers: int = 4) -> torch.nn.Module:
         return self.build(num_layers=num_layers, seed=seed)
@@ -128,6 +132,24 @@ FAMILIES = [
         [[[1, 5], ("image", 8, 8), [7, 8, 9]], [[1], ("image", 4, 12), [4, 5], ("video", 4, 4, 4), [6, 7]]],
         lambda model, specs, seeds: qwen_batch(specs, seeds),
         QWEN_MEDIA,
+    ),
+    Family(
+        "qwen3_vl",  # DeepStack after LM layers 0 and 1: the ATP layer at 1 drops before the second addition
+        lambda num_layers, seed: tiny_qwen3_vl(num_layers, seed),
+        [
+            [[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]],
+            [[1], ("image", 8, 12), [4, 5], ("video", 4, 4, 4), [6, 7, 8, 9, 10]],
+        ],
+        lambda model, specs, seeds: qwen_batch(specs, seeds, frame_blocks=True),
+        QWEN_MEDIA,
+    ),
+    Family(
+        "qwen3_vl_moe",
+        lambda num_layers, seed: tiny_qwen3_vl(num_layers, seed, moe=True),
+        [[[1, 5], ("image", 8, 8), [7, 8, 9]], [[1], ("image", 4, 12), [4, 5], ("video", 4, 4, 4), [6, 7]]],
+        lambda model, specs, seeds: qwen_batch(specs, seeds, frame_blocks=True),
+        QWEN_MEDIA,
+        routed=True,
     ),
     Family(
         "llava_next",

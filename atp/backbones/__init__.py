@@ -7,6 +7,7 @@ from atp.backbones.llava_next import LlavaNextAdapter
 from atp.backbones.llava_onevision import LlavaOneVisionAdapter
 from atp.backbones.mistral3 import Mistral3Adapter
 from atp.backbones.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from atp.backbones.qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 from atp.hookspecs import hookimpl
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "LlavaOneVisionAdapter",
     "Qwen25VLAdapter",
     "Qwen2VLAdapter",
+    "Qwen3VLAdapter",
+    "Qwen3VLMoeAdapter",
     "VisualLayout",
 ]
 
@@ -29,3 +32,5 @@ def atp_register_backbones(register):
     register("mistral3", Mistral3Adapter)
     register("qwen2_vl", Qwen2VLAdapter)
     register("qwen2_5_vl", Qwen25VLAdapter)
+    register("qwen3_vl", Qwen3VLAdapter)
+    register("qwen3_vl_moe", Qwen3VLMoeAdapter)

@@ -93,6 +93,11 @@ class BackboneAdapter:
             and getattr(text, "use_sliding_window", True) is not False
         )
 
+    def install(self, runtime) -> list:
+        """Called when atp attaches, after its hooks: anything the family needs beyond them (e.g.
+        a wrapped language-model method). Returns objects with ``remove()``, called on detach."""
+        return []
+
     # visual tokens ---------------------------------------------------------------------
     def num_visual_tokens(self) -> int | None:
         """Visual tokens per sample when the family fixes it (None when it varies)."""
