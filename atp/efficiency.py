@@ -67,6 +67,12 @@ PRESETS = {
     "qwen3-vl-4b": ModelShape(
         "qwen3-vl-4b", 36, 2560, 9728, 32, 8, 128, 151936, 256, VisionShape(27, 1152, 4304, 1024)
     ),
+    # google/gemma-3-4b-it: 34 layers, GQA 8/4, head 256; SigLIP 27 x 1152 at 896 px / 14 -> 4096 patches
+    # pooled to 256 tokens. Attention FLOPs count every key: the sliding layers' 1024-token window
+    # (5 of every 6 layers) is not taken off, so long prompts are overestimated.
+    "gemma-3-4b": ModelShape(
+        "gemma-3-4b", 34, 2560, 10240, 8, 4, 256, 262208, 256, VisionShape(27, 1152, 4304, 4096)
+    ),
 }
 
 

@@ -356,7 +356,7 @@ class Runtime:
             if segment is None:
                 return None
             self._check_decode_cache(layer, segment, args, kwargs)
-            kwargs.update(self._segment_kwargs(segment, kwargs))
+            kwargs.update(self._segment_kwargs(segment, kwargs, layer))
             return args, kwargs
         if layer in p.snapshots:  # a gradient-checkpointing recompute
             return self._replay(layer, p, segment, args, kwargs)
@@ -398,7 +398,7 @@ class Runtime:
             hidden = self._prune(self.atp_index[layer], compat.layer_hidden(args, kwargs))
             args, kwargs = compat.with_layer_hidden(args, kwargs, hidden)
         if segment is not None:
-            kwargs.update(self._segment_kwargs(segment, kwargs))
+            kwargs.update(self._segment_kwargs(segment, kwargs, layer))
         if layer in self.score_index:
             kwargs[SCORE_REQUEST] = functools.partial(self._score, p, self.score_index[layer])
         return args, kwargs
@@ -547,21 +547,29 @@ class Runtime:
         return scatter_seq(hidden, positions, valid, merged)
 
     # what each layer of a segment receives ------------------------------------------------
-    def _segment_kwargs(self, k: int, kwargs) -> dict:
-        """Per forward, computed once per segment and shared by its layers."""
-        if k in self.step_cache:
-            return self.step_cache[k]
+    def _segment_kwargs(self, k: int, kwargs, layer: int) -> dict:
+        """Per forward, computed once per segment and layer type and shared by those layers."""
+        layer_type = self.adapter.layer_type(layer)
+        key = k if layer_type is None else (k, layer_type)
+        if key in self.step_cache:
+            return self.step_cache[key]
         p = self.prefill
         segment = p.segments[k]
+        window = self.adapter.sliding_window(layer)
         base = kwargs.get(compat.ATTENTION_MASK)
+        if self.decoding and isinstance(segment, Layout) and (layer_type is not None or window):
+            # transformers sizes each type's decode mask by one layer of that type, which may be pruned
+            return self._cache_step(key, self._decode_kwargs(k, kwargs, self._decode_base(kwargs, window), window))
         if self.decoding and self.layers[0] == 0 and isinstance(p.segments.get(0), Layout):
             base = self._decode_base(kwargs)  # transformers sized its mask for the pruned layer 0
         out = {}
         if p.mode == "mask":
             bias = segment
             if self.decoding:
-                total = self.step_past + _query_length(kwargs, self.seq_dim)
-                bias = torch.nn.functional.pad(bias, (0, total - p.length))
+                query_len = _query_length(kwargs, self.seq_dim)
+                bias = torch.nn.functional.pad(bias, (0, self.step_past + query_len - p.length))
+                if window:  # a sliding-window cache layer returns its last window - 1 keys and the new ones
+                    bias = bias[:, -(min(self.step_past, window - 1) + query_len) :]
             query_len = bias.shape[1] if not self.decoding else _query_length(kwargs, self.seq_dim)
             dtype = kwargs[compat.POSITION_EMBEDDINGS][0].dtype
             out[compat.ATTENTION_MASK] = additive_mask(base, bias, query_len, dtype)
@@ -571,40 +579,56 @@ class Runtime:
             out[compat.ATTENTION_MASK] = None  # one query, every cached key visible
             out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
         elif self.decoding:
-            out.update(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
-            batch = segment.index.shape[0]
-            query_len = _query_length(kwargs, self.seq_dim)
-            new = torch.arange(p.length, self.step_past + query_len, device=segment.index.device)
-            k_index = torch.cat([segment.index, new.expand(batch, -1)], dim=1)
-            k_valid = torch.cat(
-                [segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1
-            )
-            out[compat.ATTENTION_MASK] = compact_mask(base, None, k_index, k_valid)
+            out = self._decode_kwargs(k, kwargs, base)
         else:
             index, valid = segment.index, segment.valid
             out[compat.ATTENTION_MASK] = compact_mask(base, index, index, valid, q_valid=valid)
             out.update(self.keeper.select(kwargs, index, self._shift(k), self.seq_dim))
-        self.step_cache[k] = out
+        return self._cache_step(key, out)
+
+    def _cache_step(self, key, out: dict) -> dict:
+        self.step_cache[key] = out
         return out
 
-    def _decode_base(self, kwargs) -> torch.Tensor | None:
-        """The decode step's mask in original columns, from the 2D padding mask (or None)."""
+    def _decode_kwargs(self, k: int, kwargs, base, window: int | None = None) -> dict:
+        """A decode step in pruned segment ``k``: the keys the cache returns are the segment's kept
+        slots then the tokens decoded since (for a sliding-window layer, the last ``window - 1`` of
+        those before this step: what its cache layer keeps), ``base`` in original columns."""
+        p = self.prefill
+        segment = p.segments[k]
+        out = dict(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))
+        batch = segment.index.shape[0]
+        query_len = _query_length(kwargs, self.seq_dim)
+        new = torch.arange(p.length, self.step_past + query_len, device=segment.index.device)
+        k_index = torch.cat([segment.index, new.expand(batch, -1)], dim=1)
+        k_valid = torch.cat([segment.valid, torch.ones_like(new, dtype=torch.bool).expand(batch, -1)], dim=1)
+        if window:
+            returned = min(k_index.shape[1] - query_len, window - 1) + query_len
+            k_index, k_valid = k_index[:, -returned:], k_valid[:, -returned:]
+        out[compat.ATTENTION_MASK] = compact_mask(base, None, k_index, k_valid)
+        return out
+
+    def _decode_base(self, kwargs, window: int | None = None) -> torch.Tensor | None:
+        """The decode step's mask in original columns, from the 2D padding mask (or None); with a
+        ``window``, keys at ``window`` or more original positions before the query are masked."""
         padding = self.step_padding
         query_len = _query_length(kwargs, self.seq_dim)
         if padding is None or padding.dim() != 2:
-            return (
-                None
-                if query_len == 1
-                else causal_mask(
-                    torch.arange(self.step_past, self.step_past + query_len, device=self.prefill.real.device)[
-                        None
-                    ],
-                    torch.arange(self.step_past + query_len, device=self.prefill.real.device)[None],
-                )
-            )
+            if query_len == 1 and not window:
+                return None
+            device = self.prefill.real.device
+            rows = torch.arange(self.step_past, self.step_past + query_len, device=device)
+            columns = torch.arange(self.step_past + query_len, device=device)
+            allowed = columns[None, :] <= rows[:, None]
+            if window:
+                allowed = allowed & (columns[None, :] > rows[:, None] - window)
+            return allowed[None, None]
         total = padding.shape[1]
         rows = torch.arange(total - query_len, total, device=padding.device)
-        allowed = torch.arange(total, device=padding.device)[None, :] <= rows[:, None]
+        columns = torch.arange(total, device=padding.device)
+        allowed = columns[None, :] <= rows[:, None]
+        if window:
+            allowed = allowed & (columns[None, :] > rows[:, None] - window)
         return (padding.bool()[:, None, None, :] & allowed[None, None]).expand(-1, 1, query_len, total)
 
     def _shift(self, k: int) -> torch.Tensor:

@@ -304,6 +304,77 @@ def qwen_batch(samples: list[list], seeds: list[int] | None = None, frame_blocks
     return batch
 
 
+GEMMA_IDS = {"boi": 150, "eoi": 151, "image": 152}
+
+
+def tiny_gemma3(num_layers: int = 6, seed: int = 0, sliding_window: int = 8):
+    """A random Gemma 3: a 2-layer SigLIP tower (32 px, 4 px patches) pooled to 16 tokens (4 x 4) per
+    image, a Gemma 3 LM of hidden 64 whose layers alternate sliding-window (``sliding_window``
+    tokens, shorter than the test prompts) and global attention: pattern S, S, F repeated."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)]
+    text = {
+        **_TEXT,
+        "num_hidden_layers": num_layers,
+        "head_dim": 16,
+        "vocab_size": 160,
+        "sliding_window": sliding_window,
+        "layer_types": types,
+        "query_pre_attn_scalar": 16,
+    }
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 4,
+    }
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=16,
+        boi_token_index=GEMMA_IDS["boi"],
+        eoi_token_index=GEMMA_IDS["eoi"],
+        image_token_index=GEMMA_IDS["image"],
+    )
+    model = _build(Gemma3ForConditionalGeneration, config, seed)
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def gemma3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Gemma 3 inputs with ``token_type_ids`` (1 on image tokens: bidirectional inside
+    each image). Each sample is a list of parts: text id lists and image counts (images back to
+    back, each ``<start_of_image>`` + 16 tokens + ``<end_of_image>``); pixels of sample i from
+    ``seeds[i]`` (default i)."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    prompts, pixels = [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            for _ in range(part):
+                ids += [GEMMA_IDS["boi"]] + [GEMMA_IDS["image"]] * 16 + [GEMMA_IDS["eoi"]]
+                pixels.append(torch.randn(3, 32, 32, generator=generator))
+        prompts.append(ids)
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": (input_ids == GEMMA_IDS["image"]).long(),
+    }
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
 def llava_batch(
     model, samples: list[tuple[list[int], list[int], int] | list], seeds: list[int] | None = None
 ) -> dict:

@@ -15,10 +15,12 @@ import torch
 
 from atp.attach import resolve_adapter
 from atp.testing import (
+    gemma3_batch,
     internvl_batch,
     llava_batch,
     llava_next_batch,
     mistral3_batch,
+    tiny_gemma3,
     qwen_batch,
     tiny_internvl,
     tiny_llava,
@@ -29,7 +31,7 @@ from atp.testing import (
 )
 
 # text ids that are no family's special token (pad / bos / eos 0-2, Mistral 3's break / end
-# 12-13, InternVL's markers 124-125, image / video ids 126-127, Qwen's vision ids 151-154)
+# 12-13, InternVL's markers 124-125, image / video ids 126-127, Qwen's vision ids 151-154, Gemma 3's 150-152)
 TEXT_IDS = range(14, 124)
 
 
@@ -77,7 +79,7 @@ class Family:
 def pad_left(batch: dict, columns: int) -> dict:
     """``batch`` with ``columns`` more padding on the left of every sample (ids, mask, token types)."""
     out = dict(batch)
-    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
         if name in batch:
             out[name] = torch.nn.functional.pad(batch[name], (columns, 0), value=0)
     return out
@@ -180,5 +182,15 @@ FAMILIES = [
         {"image": [(8, 16), (16, 24), (32, 32)]},  # pixels: 1 x 2, 2 x 3 and 4 x 4 tokens
     ),
 ]
+
+FAMILIES.append(
+    Family(  # sliding window 8 < every prompt; layers S, S, F, S, S, F
+        "gemma3",
+        lambda num_layers, seed: tiny_gemma3(max(num_layers, 6), seed),
+        [[[1, 5, 6], 1, [7, 8, 9, 10]], [[1], 2, [4, 5, 6, 7, 8, 9, 10, 11]]],
+        lambda model, specs, seeds: gemma3_batch(specs, seeds),
+        {"image": [1]},
+    )
+)
 
 BY_NAME_FAMILIES = {family.name: family for family in FAMILIES}

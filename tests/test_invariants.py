@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import atp
+from atp.attach import resolve_adapter
 from atp.compat import output_cache
 from tests.families import FAMILIES, Family, visual_mask
 
@@ -131,9 +132,9 @@ def test_drop_output_is_scattered_back_and_the_cache_shrinks(model, batch):
     assert out.logits.shape[:2] == batch["input_ids"].shape
     counts = visual_mask(model, batch).sum(1)
     pruned = counts - (masks[0][:, : counts.max()] & (torch.arange(counts.max()) < counts[:, None])).sum(1)
-    keys = [layer.keys.shape[2] for layer in output_cache(out).layers]
-    assert keys[:2] == [length] * 2
-    assert keys[2:] == [length - int(pruned.min())] * 2  # the longest sample sets the width
+    layers = output_cache(out).layers
+    widths = [length] * 2 + [length - int(pruned.min())] * (len(layers) - 2)  # the longest sample sets it
+    assert [layer.keys.shape[2] for layer in layers] == stored(widths, layers)
 
 
 def test_batch_equals_each_sample_alone(family, model, batch):
@@ -233,9 +234,15 @@ def test_kept_tokens_keep_their_original_rotary_positions_and_text_stays(model, 
 
         return hook
 
+    decoder = resolve_adapter(model).decoder_layers()
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(decoder)]
+    logits(model, batch)
+    original, seen = seen, {}  # each layer's own cos (layer types may have rotaries of their own)
     handle = atp.attach(model, layers=[1, 3], policy="manual", keep_masks=masks)
-    for i, layer in enumerate(handle.runtime.adapter.decoder_layers()):
-        layer.register_forward_pre_hook(capture(i), with_kwargs=True)  # runs after atp's hook
+    for hook in hooks:  # after atp's hooks now
+        hook.remove()
+    for i, layer in enumerate(decoder):
+        layer.register_forward_pre_hook(capture(i), with_kwargs=True)
     logits(model, batch)
     handle.remove()
     for layer, keep in ((1, masks[0]), (2, masks[0]), (3, masks[1])):
@@ -244,7 +251,7 @@ def test_kept_tokens_keep_their_original_rotary_positions_and_text_stays(model, 
             kept_visual = positions[keep[b, : len(positions)]]
             slots = torch.cat([(~visual[b]).nonzero().flatten(), kept_visual]).sort().values
             got = seen[layer][b][-len(slots) :]
-            assert torch.equal(got, seen[0][b][slots])  # original positions, every text token present
+            assert torch.equal(got, original[layer][b][slots])  # original positions, every text token present
 
 
 def test_stats_agree_with_masks_and_the_kv_cache(model, batch):
@@ -259,15 +266,27 @@ def test_stats_agree_with_masks_and_the_kv_cache(model, batch):
         assert torch.equal(stats.masks[k], masks[k] & valid)
         assert stats.kept[:, k].tolist() == (masks[k] & valid).sum(1).tolist()
     assert bool((stats.masks[1] <= stats.masks[0]).all())
-    expected = [(counts[b] + 2 * stats.kept[b, 0] + stats.kept[b, 1]).item() / 4 for b in range(2)]
+    n = len(resolve_adapter(model).decoder_layers())
+    expected = [(counts[b] + 2 * stats.kept[b, 0] + (n - 3) * stats.kept[b, 1]).item() / n for b in range(2)]
     assert stats.avg_tokens == pytest.approx(sum(expected) / 2)
     length = batch["input_ids"].shape[1]
-    widths = [length] + [length - int((counts - stats.kept[:, k]).min()) for k in (0, 0, 1)]
-    layer = output_cache(out).layers[0]
+    layers = output_cache(out).layers
+    kept = [length - int((counts - stats.kept[:, k]).min()) for k in (0, 1)]
+    widths = [length] + [kept[0]] * 2 + [kept[1]] * (len(layers) - 3)
+    layer = layers[0]
     per_token = (
         2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size() * 2
     )  # K and V, batch 2
-    assert atp.kv_cache_bytes(output_cache(out)) == sum(widths) * per_token
+    assert atp.kv_cache_bytes(output_cache(out)) == sum(stored(widths, layers)) * per_token
+
+
+def stored(widths: list[int], cache_layers) -> list[int]:
+    """Tokens each cache layer holds after a prefill of ``widths`` tokens per layer: all of them, or
+    the last ``window - 1`` in a sliding-window layer."""
+    return [
+        min(w, layer.sliding_window - 1) if getattr(layer, "sliding_window", None) else w
+        for w, layer in zip(widths, cache_layers)
+    ]
 
 
 @settings(max_examples=15)

@@ -1,6 +1,7 @@
 """Backbone adapters: all model-family knowledge lives here, one file per family."""
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
+from atp.backbones.gemma3 import Gemma3Adapter
 from atp.backbones.internvl import InternVLAdapter
 from atp.backbones.llava import LlavaAdapter
 from atp.backbones.llava_next import LlavaNextAdapter
@@ -12,6 +13,7 @@ from atp.hookspecs import hookimpl
 
 __all__ = [
     "BackboneAdapter",
+    "Gemma3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOneVisionAdapter",
@@ -34,3 +36,4 @@ def atp_register_backbones(register):
     register("qwen2_5_vl", Qwen25VLAdapter)
     register("qwen3_vl", Qwen3VLAdapter)
     register("qwen3_vl_moe", Qwen3VLMoeAdapter)
+    register("gemma3", Gemma3Adapter)

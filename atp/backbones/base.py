@@ -93,6 +93,15 @@ class BackboneAdapter:
             and getattr(text, "use_sliding_window", True) is not False
         )
 
+    def layer_type(self, layer: int) -> str | None:
+        """The attention type of decoder layer ``layer`` when layers differ (each type gets its own
+        mask and rotary cos / sin, e.g. Gemma 3's sliding and full layers); None when all are alike."""
+        return None
+
+    def sliding_window(self, layer: int) -> int | None:
+        """The window (in tokens, the query included) of a sliding-window layer atp follows, else None."""
+        return None
+
     def install(self, runtime) -> list:
         """Called when atp attaches, after its hooks: anything the family needs beyond them (e.g.
         a wrapped language-model method). Returns objects with ``remove()``, called on detach."""

@@ -22,7 +22,7 @@ class KeepPositions:
     name = "keep"
     from_layer_zero = False
     drop_only = False
-    positions = ("1d-rope", "mrope")
+    positions = ("1d-rope", "mrope", "1d-rope-per-layer-type")
 
     def __init__(self, adapter=None):
         self.adapter = adapter

@@ -1,0 +1,48 @@
+"""Gemma 3's own paths: the sliding window measured in original positions while decoding far past
+it, and what is refused. (The invariant suite covers the rest.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.testing import gemma3_batch, tiny_gemma3
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+SAMPLES = [[[1, 5, 6], 1, [7, 8, 9, 10]], [[1], 2, [4, 5, 6, 7, 8, 9, 10, 11]]]
+
+
+def test_decoding_past_the_window_equals_mask_mode_and_the_caches_hold_what_they_should():
+    """20 new tokens with a window of 8: every sliding layer's keys in decoding are the last 7
+    kept tokens (in drop mode far fewer visual tokens sit among them than in mask mode), and the
+    greedy continuation and its scores are the same in both modes."""
+    model = tiny_gemma3(6, 0, sliding_window=8)
+    batch = gemma3_batch([[[1, 5], 1, [7]], [[1], 2, [4, 5]]])  # images just before the question's end
+    visual = int((batch["input_ids"] == 152).sum(1).max())
+    first = torch.arange(visual) < 4  # the first 4 visual tokens of each sample: far behind the window
+    early = [first.expand(2, -1), (torch.arange(visual) < 2).expand(2, -1)]
+    out = {}
+    for mode in ("drop", "mask"):
+        with atp.attach(model, layers=[1, 4], policy="manual", keep_masks=early, prune_mode=mode):
+            generated = model.generate(
+                **batch, max_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        out[mode] = generated
+        cache = generated.cache if hasattr(generated, "cache") else generated.past_key_values
+        stored = [layer.keys.shape[2] for layer in cache.layers]
+        assert stored[0] == stored[1] == stored[3] == stored[4] == 7  # sliding: window - 1
+        if mode == "drop":
+            total = batch["input_ids"].shape[1] + 19
+            assert stored[2] < total and stored[5] < stored[2]  # global layers shrink by the pruned tokens
+    assert torch.equal(out["drop"].sequences, out["mask"].sequences)
+    for a, b in zip(out["drop"].scores, out["mask"].scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_renumbered_positions_are_refused_with_the_reason():
+    model = tiny_gemma3()
+    with pytest.raises(ValueError, match="positions='renumber' works with 1d-rope models"):
+        atp.attach(model, layers=[1], positions="renumber")
+    assert "atp" not in dict(model.named_children())
