@@ -375,6 +375,69 @@ def gemma3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
     return batch
 
 
+IDEFICS_IDS = {"image": 152, "fake": 140, "global": 143, "tile": (141, 142)}  # row / column markers
+
+
+def tiny_idefics3(num_layers: int = 4, seed: int = 0, smolvlm: bool = False):
+    """A random Idefics3 (``smolvlm``: SmolVLM): a 2-layer SigLIP tower on 32-px tiles of 4-px
+    patches, pixel shuffle by 2 (16 tokens, 4 x 4, per tile), a Llama LM of hidden 64."""
+    if smolvlm:
+        from transformers import SmolVLMConfig as Config
+        from transformers import SmolVLMForConditionalGeneration as Model
+    else:
+        from transformers import Idefics3Config as Config
+        from transformers import Idefics3ForConditionalGeneration as Model
+    text = {"model_type": "llama", **_TEXT, "num_hidden_layers": num_layers, "vocab_size": 160}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 4,
+    }
+    config = Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=IDEFICS_IDS["image"])
+    model = _build(Model, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def idefics3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Idefics3 / SmolVLM inputs. Each sample is a list of parts: text id lists and
+    ``("image", tiles)``: ``tiles`` 0 is the global image alone, ``n`` is n tiles in one row (each
+    ``<fake><row_1_col_j>`` + 16 tokens) then the global image (``<fake><global-img>`` + 16 tokens +
+    ``<fake>``), as the processor writes them. ``pixel_values`` (B, max tiles, 3, 32, 32), all-zero
+    tiles padding the samples with fewer; pixels of sample i from ``seeds[i]`` (default i)."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    ids_all, tiles_all = [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids, tiles = [], []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            _, count = part
+            for column in range(count):
+                ids += [IDEFICS_IDS["fake"], IDEFICS_IDS["tile"][column % 2]] + [IDEFICS_IDS["image"]] * 16
+            if count:
+                ids += [13]  # the newline after a row of tiles
+            ids += [IDEFICS_IDS["fake"], IDEFICS_IDS["global"]] + [IDEFICS_IDS["image"]] * 16 + [IDEFICS_IDS["fake"]]
+            tiles += [torch.randn(3, 32, 32, generator=generator) for _ in range(count + 1)]
+        ids_all.append(ids)
+        tiles_all.append(tiles)
+    input_ids, attention_mask = left_pad(ids_all)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    most = max(len(t) for t in tiles_all)
+    if most:
+        pixels = torch.zeros(len(samples), most, 3, 32, 32)
+        for row, tiles in enumerate(tiles_all):
+            for index, tile in enumerate(tiles):
+                pixels[row, index] = tile
+        batch["pixel_values"] = pixels
+    return batch
+
+
 def llava_batch(
     model, samples: list[tuple[list[int], list[int], int] | list], seeds: list[int] | None = None
 ) -> dict:

@@ -16,11 +16,13 @@ import torch
 from atp.attach import resolve_adapter
 from atp.testing import (
     gemma3_batch,
+    idefics3_batch,
     internvl_batch,
     llava_batch,
     llava_next_batch,
     mistral3_batch,
     tiny_gemma3,
+    tiny_idefics3,
     qwen_batch,
     tiny_internvl,
     tiny_llava,
@@ -192,5 +194,16 @@ FAMILIES.append(
         {"image": [1]},
     )
 )
+
+for _name, _smol in (("idefics3", False), ("smolvlm", True)):
+    FAMILIES.append(
+        Family(  # tiles in a row plus the global image; the global image alone
+            _name,
+            lambda num_layers, seed, smol=_smol: tiny_idefics3(num_layers, seed, smolvlm=smol),
+            [[[1, 5], ("image", 2), [7, 8, 9]], [[1], ("image", 0), [4, 5, 6, 7]]],
+            lambda model, specs, seeds: idefics3_batch(specs, seeds),
+            {"image": [("image", 0), ("image", 1), ("image", 2)]},
+        )
+    )
 
 BY_NAME_FAMILIES = {family.name: family for family in FAMILIES}

@@ -2,6 +2,7 @@
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
 from atp.backbones.gemma3 import Gemma3Adapter
+from atp.backbones.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from atp.backbones.internvl import InternVLAdapter
 from atp.backbones.llava import LlavaAdapter
 from atp.backbones.llava_next import LlavaNextAdapter
@@ -14,6 +15,7 @@ from atp.hookspecs import hookimpl
 __all__ = [
     "BackboneAdapter",
     "Gemma3Adapter",
+    "Idefics3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
     "LlavaOneVisionAdapter",
@@ -21,6 +23,7 @@ __all__ = [
     "Qwen2VLAdapter",
     "Qwen3VLAdapter",
     "Qwen3VLMoeAdapter",
+    "SmolVLMAdapter",
     "VisualLayout",
 ]
 
@@ -37,3 +40,5 @@ def atp_register_backbones(register):
     register("qwen3_vl", Qwen3VLAdapter)
     register("qwen3_vl_moe", Qwen3VLMoeAdapter)
     register("gemma3", Gemma3Adapter)
+    register("idefics3", Idefics3Adapter)
+    register("smolvlm", SmolVLMAdapter)
