@@ -465,9 +465,10 @@ def llava_batch(
     return batch
 
 
-def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False):
-    """A random LLaVA-NeXT (or LLaVA-OneVision) with 32 px tiles of 8 px patches (4 x 4 base grid),
-    pinpoints up to 64 x 64 and a Llama (NeXT) or Qwen2 (OneVision) LM of hidden 64."""
+def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False, video: bool = False):
+    """A random LLaVA-NeXT (``onevision``: LLaVA-OneVision, ``video``: LLaVA-NeXT-Video, frames pooled
+    by 2 to 2 x 2) with 32 px tiles of 8 px patches (4 x 4 base grid), pinpoints up to 64 x 64 and a
+    Llama (NeXT) or Qwen2 (OneVision) LM of hidden 64."""
     text = {**_TEXT, "num_hidden_layers": num_layers}
     vision = {
         "hidden_size": 32,
@@ -491,6 +492,20 @@ def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False)
             vision_aspect_ratio="anyres_max_9",
         )
         model_class = LlavaOnevisionForConditionalGeneration
+    elif video:
+        from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+        config = LlavaNextVideoConfig(
+            vision_config={"model_type": "clip_vision_model", **vision},
+            text_config={"model_type": "llama", **text},
+            image_token_index=127,
+            video_token_index=126,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            spatial_pool_stride=2,
+        )
+        model_class = LlavaNextVideoForConditionalGeneration
     else:
         from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -542,8 +557,13 @@ def llava_next_batch(
             else:
                 frames = shape[0]
                 videos.append(torch.randn(frames, 3, tile, tile, generator=generator))
-                side = -(-(tile // config.vision_config.patch_size) // 2)
-                ids += [config.video_token_id] * (frames * side * side + 1)
+                patches = tile // config.vision_config.patch_size
+                if config.model_type == "llava_next_video":  # pooled frames back to back, no newline
+                    side = patches // config.spatial_pool_stride
+                    ids += [config.video_token_id] * (frames * side * side)
+                else:  # OneVision: bilinear halving, one newline after the frames
+                    side = -(-patches // 2)
+                    ids += [config.video_token_id] * (frames * side * side + 1)
         prompts.append(ids)
     input_ids, attention_mask = left_pad(prompts)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -206,4 +206,14 @@ for _name, _smol in (("idefics3", False), ("smolvlm", True)):
         )
     )
 
+FAMILIES.append(
+    Family(
+        "llava_next_video",
+        lambda num_layers, seed: tiny_llava_next(num_layers, seed, video=True),
+        [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6], [("image", 40, 70), ("video", 3)])],
+        llava_next_batch,
+        {"image": NEXT_IMAGES, "video": [("video", 2)]},
+    )
+)
+
 BY_NAME_FAMILIES = {family.name: family for family in FAMILIES}

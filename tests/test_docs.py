@@ -125,3 +125,11 @@ def test_the_study_page_shows_the_recorded_run():
     tables = markdown(record).split("\n\n")
     for table in (t for t in tables if t.startswith("|")):
         assert table.strip() in page
+
+
+def test_every_supported_family_is_in_the_readme_and_the_backbones_page():
+    from atp.plugins import registry
+
+    readme, page = (ROOT / "README.md").read_text(), (ROOT / "docs/backbones.md").read_text()
+    for name in registry().names("backbone"):
+        assert f"`{name}`" in readme and f"`{name}`" in page, f"backbone {name!r} is not documented"

@@ -6,6 +6,7 @@ from atp.backbones.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from atp.backbones.internvl import InternVLAdapter
 from atp.backbones.llava import LlavaAdapter
 from atp.backbones.llava_next import LlavaNextAdapter
+from atp.backbones.llava_next_video import LlavaNextVideoAdapter
 from atp.backbones.llava_onevision import LlavaOneVisionAdapter
 from atp.backbones.mistral3 import Mistral3Adapter
 from atp.backbones.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
@@ -18,6 +19,7 @@ __all__ = [
     "Idefics3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaNextVideoAdapter",
     "LlavaOneVisionAdapter",
     "Qwen25VLAdapter",
     "Qwen2VLAdapter",
@@ -32,6 +34,7 @@ __all__ = [
 def atp_register_backbones(register):
     register("llava", LlavaAdapter)
     register("llava_next", LlavaNextAdapter)
+    register("llava_next_video", LlavaNextVideoAdapter)
     register("llava_onevision", LlavaOneVisionAdapter)
     register("internvl", InternVLAdapter)
     register("mistral3", Mistral3Adapter)
