@@ -80,7 +80,9 @@ def parse_options(pairs: list[str], policy: str | None = None) -> dict:
 def _flops_parser(sub) -> None:
     flops = sub.add_parser("flops", help="analytic FLOPs, KV cache and Token metric of a pruning schedule")
     source = flops.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=["llava-1.5-7b", "llava-1.5-13b", "qwen2-vl-7b"])
+    from atp.efficiency import PRESETS
+
+    source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--config", help="a local folder or config.json of a transformers model (no weights)")
     flops.add_argument("--layers", type=int, nargs="+", required=True, help="ATP layers, e.g. 4 14 24")
     flops.add_argument(

@@ -67,6 +67,10 @@ PRESETS = {
     "qwen3-vl-4b": ModelShape(
         "qwen3-vl-4b", 36, 2560, 9728, 32, 8, 128, 151936, 256, VisionShape(27, 1152, 4304, 1024)
     ),
+    # GLM-4.1V-9B: transformers' Glm4vTextConfig defaults (40 layers, GQA 32/2); a 448 x 448 image
+    # (patch 14, merge 2) -> 256 tokens. The language model only: the vision tower's MLP is not a
+    # 2-matrix one this table can describe
+    "glm-4.1v-9b": ModelShape("glm-4.1v-9b", 40, 4096, 13696, 32, 2, 128, 151552, 256),
     # google/gemma-3-4b-it: 34 layers, GQA 8/4, head 256; SigLIP 27 x 1152 at 896 px / 14 -> 4096 patches
     # pooled to 256 tokens. Attention FLOPs count every key: the sliding layers' 1024-token window
     # (5 of every 6 layers) is not taken off, so long prompts are overestimated.

@@ -211,6 +211,52 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
     return model
 
 
+GLM_IDS = {"image": 151, "video": 152, "start": 153, "end": 154, "video_start": 155, "video_end": 156}
+
+
+def tiny_glm4v(num_layers: int = 4, seed: int = 0):
+    """A random GLM-4.1V: a 2-layer vision tower (patch 2, merge 2: an (h x w)-patch image gives
+    h * w / 4 tokens), a GLM-4 LM of hidden 64 with 3D M-RoPE on half of each head (partial rotary)."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    text = {
+        **_TEXT,
+        "num_hidden_layers": num_layers,
+        "vocab_size": 160,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [1, 1, 2],
+            "partial_rotary_factor": 0.5,
+            "rope_theta": 10000.0,
+        },
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 2,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "image_size": 16,
+    }
+    config = Glm4vConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=GLM_IDS["image"],
+        video_token_id=GLM_IDS["video"],
+        image_start_token_id=GLM_IDS["start"],
+        image_end_token_id=GLM_IDS["end"],
+        video_start_token_id=GLM_IDS["video_start"],
+        video_end_token_id=GLM_IDS["video_end"],
+    )
+    model = _build(Glm4vForConditionalGeneration, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
 def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack: tuple[int, ...] = (0, 1), moe: bool = False):
     """A random Qwen3-VL (``moe``: Qwen3-VL-MoE, 4 experts, 2 per token): a 3-layer vision tower (patch 2, merge 2: an (h x w)-patch image gives
     h * w / 4 tokens) whose layers ``deepstack`` also feed the LM (DeepStack: added to the visual
@@ -263,12 +309,17 @@ def tiny_qwen3_vl(num_layers: int = 4, seed: int = 0, deepstack: tuple[int, ...]
     return model
 
 
-def qwen_batch(samples: list[list], seeds: list[int] | None = None, frame_blocks: bool = False) -> dict:
+def qwen_batch(
+    samples: list[list], seeds: list[int] | None = None, frame_blocks: bool = False, glm: bool = False
+) -> dict:
     """Left-padded Qwen2-VL inputs. Each sample is a list of parts: a list of text ids,
     ``("image", h, w)`` (h x w patches, even) or ``("video", frames, h, w)`` (frames even).
     The pixels of sample i come from ``seeds[i]`` (default i), so a sample alone gets the
     same pixels as in a batch. ``frame_blocks``: Qwen3-VL's video layout, each temporal patch of
-    frames its own ``<|vision_start|> ... <|vision_end|>`` block after a timestamp (text id 13)."""
+    frames its own ``<|vision_start|> ... <|vision_end|>`` block after a timestamp (text id 13).
+    ``glm``: GLM-4.1V's layout, a video's frames written as images (the image token in
+    ``<|begin_of_image|> ... <|end_of_image|>`` blocks after a timestamp) between the video's own
+    begin / end tokens (:data:`GLM_IDS`)."""
     seeds = list(range(len(samples))) if seeds is None else seeds
     prompts, types, images, image_grids, videos, video_grids = [], [], [], [], [], []
     for sample, seed in zip(samples, seeds):
@@ -282,11 +333,19 @@ def qwen_batch(samples: list[list], seeds: list[int] | None = None, frame_blocks
             kind, *shape = part
             t, h, w = (1, *shape) if kind == "image" else (shape[0] // 2, shape[1], shape[2])
             tokens = t * h * w // 4
-            blocks = t if kind == "video" and frame_blocks else 1
+            blocks = t if kind == "video" and (frame_blocks or glm) else 1
+            if glm and kind == "video":
+                ids.append(GLM_IDS["video_start"])
+                kinds.append(0)
             for _ in range(blocks):
-                stamp = [13] if kind == "video" and frame_blocks else []
-                ids += stamp + [QWEN_IDS["start"]] + [QWEN_IDS[kind]] * (tokens // blocks) + [QWEN_IDS["end"]]
+                stamp = [13] if kind == "video" and (frame_blocks or glm) else []
+                start, end = (GLM_IDS["start"], GLM_IDS["end"]) if glm else (QWEN_IDS["start"], QWEN_IDS["end"])
+                token = GLM_IDS["image"] if glm else QWEN_IDS[kind]
+                ids += stamp + [start] + [token] * (tokens // blocks) + [end]
                 kinds += [0] * len(stamp) + [0] + [1 if kind == "image" else 2] * (tokens // blocks) + [0]
+            if glm and kind == "video":
+                ids.append(GLM_IDS["video_end"])
+                kinds.append(0)
             patches = torch.randn(t * h * w, 3 * 2 * 2 * 2, generator=generator)
             (images if kind == "image" else videos).append(patches)
             (image_grids if kind == "image" else video_grids).append([t, h, w])

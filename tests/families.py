@@ -22,6 +22,7 @@ from atp.testing import (
     llava_next_batch,
     mistral3_batch,
     tiny_gemma3,
+    tiny_glm4v,
     tiny_idefics3,
     qwen_batch,
     tiny_internvl,
@@ -213,6 +214,16 @@ FAMILIES.append(
         [([1, 5], [7, 8, 9], [("image", 32, 32)]), ([1], [4, 5, 6], [("image", 40, 70), ("video", 3)])],
         llava_next_batch,
         {"image": NEXT_IMAGES, "video": [("video", 2)]},
+    )
+)
+
+FAMILIES.append(
+    Family(  # images only: transformers' GLM-4.1V cannot take images and videos in one forward
+        "glm4v",
+        tiny_glm4v,
+        [[[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]], [[1], ("image", 8, 12), [4, 5, 6, 7]]],
+        lambda model, specs, seeds: qwen_batch(specs, seeds, glm=True),
+        {"image": QWEN_MEDIA["image"]},
     )
 )
 

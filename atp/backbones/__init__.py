@@ -2,6 +2,7 @@
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
 from atp.backbones.gemma3 import Gemma3Adapter
+from atp.backbones.glm4v import Glm4vAdapter
 from atp.backbones.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from atp.backbones.internvl import InternVLAdapter
 from atp.backbones.llava import LlavaAdapter
@@ -16,6 +17,7 @@ from atp.hookspecs import hookimpl
 __all__ = [
     "BackboneAdapter",
     "Gemma3Adapter",
+    "Glm4vAdapter",
     "Idefics3Adapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
@@ -43,5 +45,6 @@ def atp_register_backbones(register):
     register("qwen3_vl", Qwen3VLAdapter)
     register("qwen3_vl_moe", Qwen3VLMoeAdapter)
     register("gemma3", Gemma3Adapter)
+    register("glm4v", Glm4vAdapter)
     register("idefics3", Idefics3Adapter)
     register("smolvlm", SmolVLMAdapter)

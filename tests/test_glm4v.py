@@ -1,0 +1,38 @@
+"""GLM-4.1V's videos: frames written as image blocks, told apart by ``mm_token_type_ids`` (the
+invariant suite runs images; transformers takes images and videos in separate forwards)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atp
+from atp.testing import qwen_batch, tiny_glm4v
+
+pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+
+VIDEOS = [[[1, 5], ("video", 4, 4, 8), [7, 8]], [[1], ("video", 2, 4, 4), [4, 5, 6]]]  # 2 frames of 8; 1 of 4
+
+
+def test_a_video_batch_has_one_grid_per_frame_and_drop_equals_mask():
+    model = tiny_glm4v()
+    batch = qwen_batch(VIDEOS, glm=True)
+    out = {}
+    for mode in ("drop", "mask"):
+        with atp.attach(model, layers=[1, 3], policy="fixed", keep=[6, 3], prune_mode=mode) as handle:
+            generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+            out[mode] = (generated, handle.stats.kept.tolist(), handle.stats.grids)
+    assert out["drop"][2] == [[(2, 4), (2, 4)], [(2, 2)]]
+    assert out["drop"][1] == out["mask"][1] == [[6, 3], [4, 3]]  # the short video keeps all it has
+    assert torch.equal(out["drop"][0], out["mask"][0])
+
+
+def test_a_video_without_token_types_is_refused_by_the_adapter():
+    """transformers 5.24 refuses it first; the adapter does not guess if a release lets it through."""
+    from atp.attach import resolve_adapter
+
+    model = tiny_glm4v()
+    batch = qwen_batch(VIDEOS, glm=True)
+    del batch["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="mm_token_type_ids .* to tell them from images"):
+        resolve_adapter(model).visual_layout(batch["input_ids"], batch, {})
