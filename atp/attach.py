@@ -48,6 +48,16 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted(layer for layer in scaled if layer < num_layers)
 
 
+# families looked at and left out, with the reason users get (docs/backbones.md)
+NOT_SUPPORTED = {
+    "gemma3n": "its decoder layers take per-layer inputs and AltUp hidden states (an extra leading axis), "
+    "and later layers reuse earlier layers' keys and values, which pruned and unpruned layers would mix",
+    "gemma4": "its decoder layers take per-layer inputs and share keys and values across layers, which "
+    "pruned and unpruned layers would mix",
+    "glm4v_moe": "it is not in atp's tested suite yet (GLM-4.1V, model_type 'glm4v', is)",
+}
+
+
 def resolve_adapter(model: nn.Module):
     components = registry()
     claimed = components.resolve_backbone(model)
@@ -58,6 +68,8 @@ def resolve_adapter(model: nn.Module):
             return entry.factory(model)
     config = getattr(model, "config", None)
     found = getattr(config, "model_type", None) if config is not None else None
+    if found in NOT_SUPPORTED:
+        raise ValueError(f"atp does not support {type(model).__name__} (model_type {found!r}): {NOT_SUPPORTED[found]}")
     families = ", ".join(f"{m['family']} ({', '.join(m['model_types'])})" for m in supported_models())
     raise ValueError(
         f"unsupported model {type(model).__name__} (config.model_type={found!r}). "

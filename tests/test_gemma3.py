@@ -46,3 +46,12 @@ def test_renumbered_positions_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="positions='renumber' works with 1d-rope models"):
         atp.attach(model, layers=[1], positions="renumber")
     assert "atp" not in dict(model.named_children())
+
+
+@pytest.mark.parametrize("model_type", ["gemma3n", "gemma4", "glm4v_moe"])
+def test_families_left_out_are_refused_with_the_reason(model_type):
+    model = tiny_gemma3()
+    model.config.model_type = model_type  # the refusal reads the config's model type only
+    with pytest.raises(ValueError, match=f"model_type '{model_type}'"):
+        atp.attach(model, layers=[1])
+    assert "atp" not in dict(model.named_children())
