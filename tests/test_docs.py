@@ -115,12 +115,12 @@ def test_every_page_is_in_the_site_navigation():
 
 
 def test_the_study_page_shows_the_recorded_run():
-    """docs/study.md's tables are the report of docs/images/study-seed0.json."""
+    """docs/study.md's tables are the report of docs/images/study.json."""
     import json
 
     from atp.study.report import markdown
 
-    record = json.loads((ROOT / "docs/images/study-seed0.json").read_text())
+    record = json.loads((ROOT / "docs/images/study.json").read_text())
     page = (ROOT / "docs/study.md").read_text()
     tables = markdown(record).split("\n\n")
     for table in (t for t in tables if t.startswith("|")):
