@@ -69,7 +69,9 @@ def resolve_adapter(model: nn.Module):
     config = getattr(model, "config", None)
     found = getattr(config, "model_type", None) if config is not None else None
     if found in NOT_SUPPORTED:
-        raise ValueError(f"atp does not support {type(model).__name__} (model_type {found!r}): {NOT_SUPPORTED[found]}")
+        raise ValueError(
+            f"atp does not support {type(model).__name__} (model_type {found!r}): {NOT_SUPPORTED[found]}"
+        )
     families = ", ".join(f"{m['family']} ({', '.join(m['model_types'])})" for m in supported_models())
     raise ValueError(
         f"unsupported model {type(model).__name__} (config.model_type={found!r}). "

@@ -24,7 +24,7 @@ from atp import compat
 from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
-from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
+from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.policies.base import Policy, PolicyInput
 from atp.prefill import Layout, Prefill
 from atp.scorers.base import AttentionView
@@ -555,11 +555,13 @@ class Runtime:
             return self.step_cache[key]
         p = self.prefill
         segment = p.segments[k]
-        window = self.adapter.sliding_window(layer)
+        window = self.adapter.sliding_window(layer)  # what the model attends to
+        stored = self._stored_window(kwargs, layer) if self.decoding else None  # what its cache layer keeps
         base = kwargs.get(compat.ATTENTION_MASK)
         if self.decoding and isinstance(segment, Layout) and (layer_type is not None or window):
             # transformers sizes each type's decode mask by one layer of that type, which may be pruned
-            return self._cache_step(key, self._decode_kwargs(k, kwargs, self._decode_base(kwargs, window), window))
+            base = self._decode_base(kwargs, window)
+            return self._cache_step(key, self._decode_kwargs(k, kwargs, base, stored))
         if self.decoding and self.layers[0] == 0 and isinstance(p.segments.get(0), Layout):
             base = self._decode_base(kwargs)  # transformers sized its mask for the pruned layer 0
         out = {}
@@ -568,8 +570,8 @@ class Runtime:
             if self.decoding:
                 query_len = _query_length(kwargs, self.seq_dim)
                 bias = torch.nn.functional.pad(bias, (0, self.step_past + query_len - p.length))
-                if window:  # a sliding-window cache layer returns its last window - 1 keys and the new ones
-                    bias = bias[:, -(min(self.step_past, window - 1) + query_len) :]
+                if stored:  # a sliding-window cache layer returns its last window - 1 keys and the new ones
+                    bias = bias[:, -(min(self.step_past, stored - 1) + query_len) :]
             query_len = bias.shape[1] if not self.decoding else _query_length(kwargs, self.seq_dim)
             dtype = kwargs[compat.POSITION_EMBEDDINGS][0].dtype
             out[compat.ATTENTION_MASK] = additive_mask(base, bias, query_len, dtype)
@@ -590,10 +592,19 @@ class Runtime:
         self.step_cache[key] = out
         return out
 
+    @staticmethod
+    def _stored_window(kwargs, layer: int) -> int | None:
+        """The window of the cache layer behind decoder layer ``layer`` (a sliding-window cache layer
+        keeps its last ``window - 1`` tokens), or None when it keeps every token (e.g. a
+        ``DynamicCache()`` built without the model's config)."""
+        cache = compat.find_cache((), kwargs)
+        layers = getattr(cache, "layers", None)
+        return getattr(layers[layer], "sliding_window", None) if layers and layer < len(layers) else None
+
     def _decode_kwargs(self, k: int, kwargs, base, window: int | None = None) -> dict:
         """A decode step in pruned segment ``k``: the keys the cache returns are the segment's kept
-        slots then the tokens decoded since (for a sliding-window layer, the last ``window - 1`` of
-        those before this step: what its cache layer keeps), ``base`` in original columns."""
+        slots then the tokens decoded since (for a cache layer with a ``window``, the last
+        ``window - 1`` of those before this step: what it keeps), ``base`` in original columns."""
         p = self.prefill
         segment = p.segments[k]
         out = dict(self.keeper.decode(kwargs, self._shift(k)[:, -1], self.step_past))

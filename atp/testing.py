@@ -339,7 +339,9 @@ def qwen_batch(
                 kinds.append(0)
             for _ in range(blocks):
                 stamp = [13] if kind == "video" and (frame_blocks or glm) else []
-                start, end = (GLM_IDS["start"], GLM_IDS["end"]) if glm else (QWEN_IDS["start"], QWEN_IDS["end"])
+                start, end = (
+                    (GLM_IDS["start"], GLM_IDS["end"]) if glm else (QWEN_IDS["start"], QWEN_IDS["end"])
+                )
                 token = GLM_IDS["image"] if glm else QWEN_IDS[kind]
                 ids += stamp + [start] + [token] * (tokens // blocks) + [end]
                 kinds += [0] * len(stamp) + [0] + [1 if kind == "image" else 2] * (tokens // blocks) + [0]
@@ -455,7 +457,9 @@ def tiny_idefics3(num_layers: int = 4, seed: int = 0, smolvlm: bool = False):
         "image_size": 32,
         "patch_size": 4,
     }
-    config = Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=IDEFICS_IDS["image"])
+    config = Config(
+        text_config=text, vision_config=vision, scale_factor=2, image_token_id=IDEFICS_IDS["image"]
+    )
     model = _build(Model, config, seed)
     model.generation_config.eos_token_id = 2
     return model
@@ -481,7 +485,11 @@ def idefics3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
                 ids += [IDEFICS_IDS["fake"], IDEFICS_IDS["tile"][column % 2]] + [IDEFICS_IDS["image"]] * 16
             if count:
                 ids += [13]  # the newline after a row of tiles
-            ids += [IDEFICS_IDS["fake"], IDEFICS_IDS["global"]] + [IDEFICS_IDS["image"]] * 16 + [IDEFICS_IDS["fake"]]
+            ids += (
+                [IDEFICS_IDS["fake"], IDEFICS_IDS["global"]]
+                + [IDEFICS_IDS["image"]] * 16
+                + [IDEFICS_IDS["fake"]]
+            )
             tiles += [torch.randn(3, 32, 32, generator=generator) for _ in range(count + 1)]
         ids_all.append(ids)
         tiles_all.append(tiles)

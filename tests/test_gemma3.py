@@ -55,3 +55,21 @@ def test_families_left_out_are_refused_with_the_reason(model_type):
     with pytest.raises(ValueError, match=f"model_type '{model_type}'"):
         atp.attach(model, layers=[1])
     assert "atp" not in dict(model.named_children())
+
+
+def test_a_cache_built_without_the_config_keeps_every_token_and_gives_the_same_continuation():
+    """A user's ``DynamicCache()`` has no sliding-window layers: its sliding layers keep every key,
+    the window still applies through the mask, and greedy decoding is the same as with the
+    model's own cache."""
+    from transformers import DynamicCache
+
+    from atp.testing import cache_kwargs
+
+    model = tiny_gemma3(6, 0, sliding_window=8)
+    batch = gemma3_batch([[[1, 5], 1, [7]], [[1], 2, [4, 5]]])
+    with atp.attach(model, layers=[1, 4], policy="fixed", keep=[4, 2]):
+        own = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        plain = model.generate(
+            **batch, **cache_kwargs(model, DynamicCache()), max_new_tokens=12, do_sample=False
+        )
+    assert torch.equal(own, plain)

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from atp.study.shapes import (
     BACKGROUNDS,
     COLOURS,
+    HARDER,
     IDS,
     IMAGE,
     SIZES,
-    HARDER,
     TYPES,
     VOCAB,
     ShapesCollator,
@@ -45,6 +45,7 @@ def recomputed_answer(e) -> str:
     size = words[4]
     (target,) = [s for s in e.shapes if s.size == size]
     return target.colour
+
 
 @settings(max_examples=150, deadline=None)
 @given(

@@ -17,6 +17,7 @@ import math
 import torch
 
 from atp.backbones.base import BackboneAdapter, VisualLayout
+from atp.backbones.llava import image_per_grid
 
 
 class Gemma3Adapter(BackboneAdapter):
@@ -68,9 +69,5 @@ class Gemma3Adapter(BackboneAdapter):
         self, inputs: dict, grids: list[list[tuple[int, int]]]
     ) -> list[list[torch.Tensor | None]]:
         """One ``pixel_values`` image per grid, in order (SigLIP: one square image per grid)."""
-        pixels = inputs.get("pixel_values")
-        total = sum(len(sample) for sample in grids)
-        if pixels is None or pixels.dim() != 4 or pixels.shape[0] != total:
-            return super().grid_pixels(inputs, grids)
-        images = iter(pixels)
-        return [[next(images) for _ in sample] for sample in grids]
+        found = image_per_grid(inputs.get("pixel_values"), grids)
+        return found if found is not None else super().grid_pixels(inputs, grids)

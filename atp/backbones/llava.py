@@ -62,9 +62,13 @@ class LlavaAdapter(BackboneAdapter):
         self, inputs: dict, grids: list[list[tuple[int, int]]]
     ) -> list[list[torch.Tensor | None]]:
         """One ``pixel_values`` image per grid, in order (CLIP: one square image per grid)."""
-        pixels = inputs.get("pixel_values")
-        total = sum(len(sample) for sample in grids)
-        if self.pixtral() or pixels is None or pixels.dim() != 4 or pixels.shape[0] != total:
-            return super().grid_pixels(inputs, grids)
-        images = iter(pixels)
-        return [[next(images) for _ in sample] for sample in grids]
+        found = None if self.pixtral() else image_per_grid(inputs.get("pixel_values"), grids)
+        return found if found is not None else super().grid_pixels(inputs, grids)
+
+
+def image_per_grid(pixels, grids: list[list[tuple[int, int]]]):
+    """``pixels`` (N, C, H, W) one image per grid in order, or None when the counts disagree."""
+    if pixels is None or pixels.dim() != 4 or pixels.shape[0] != sum(len(sample) for sample in grids):
+        return None
+    images = iter(pixels)
+    return [[next(images) for _ in sample] for sample in grids]

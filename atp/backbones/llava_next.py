@@ -87,8 +87,12 @@ class LlavaNextAdapter(BackboneAdapter):
         return vision.image_size // vision.patch_size
 
     def token_ids(self) -> dict[str, int]:
-        """Placeholder token id of each kind of visual input."""
-        return {"image": self.model.config.image_token_id}
+        """Placeholder token id of each kind of visual input (videos where the family takes them)."""
+        config = self.model.config
+        ids = {"image": config.image_token_id}
+        if "pixel_values_videos" in self.visual_inputs:
+            ids["video"] = config.video_token_id
+        return ids
 
     def run_grids(self, kind: str, is_newline: list[bool]) -> list[tuple[int, int]]:
         """The grids of one run of placeholder tokens (``is_newline`` per token)."""

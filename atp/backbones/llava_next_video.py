@@ -12,10 +12,6 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     model_types = ("llava_next_video",)
     visual_inputs = ("pixel_values", "pixel_values_videos")
 
-    def token_ids(self) -> dict[str, int]:
-        config = self.model.config
-        return {"image": config.image_token_id, "video": config.video_token_id}
-
     def run_grids(self, kind: str, is_newline: list[bool]) -> list[tuple[int, int]]:
         if kind == "image":
             return super().run_grids(kind, is_newline)

@@ -40,7 +40,9 @@ class StudyConfig:
     num_layers: int = 8  # deep enough that a quarter is reachable after layer 0
     hidden_size: int = 96
     vision_hidden_size: int = 64
-    init_std: float = 0.1  # about 1 / sqrt(width); transformers' 0.02 kept the model at chance for 1000s of steps
+    init_std: float = (
+        0.1  # about 1 / sqrt(width); transformers' 0.02 kept the model at chance for 1000s of steps
+    )
     layers: tuple[int, ...] = (1, 4, 6)  # the paper's 4 / 14 / 24 of 32, scaled
     fraction: float = 0.25  # the target Token metric, of the visual tokens
     batch_size: int = 32

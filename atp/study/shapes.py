@@ -137,7 +137,9 @@ def question(rng, kind: str, background: str, shapes: list[Shape]) -> tuple[list
         return ["are", "there", "any", "shapes", "?"], "yes" if shapes else "no"
     if kind == "exists":
         colour = str(rng.choice(list(COLOURS)))
-        return f"is there a {colour} shape ?".split(), "yes" if any(s.colour == colour for s in shapes) else "no"
+        return f"is there a {colour} shape ?".split(), "yes" if any(
+            s.colour == colour for s in shapes
+        ) else "no"
     if kind == "count":
         colour = str(rng.choice(list(COLOURS)))
         if shapes and rng.random() < 0.75:  # mostly about a colour that is there: counts 1-3 are common
@@ -151,7 +153,9 @@ def question(rng, kind: str, background: str, shapes: list[Shape]) -> tuple[list
             first = [s for s in shapes if s.colour == a]
             second = [s for s in shapes if s.colour == b]
             if len(first) == 1 and len(second) == 1 and first[0].x != second[0].x:
-                return f"is the {a} shape left of the {b} shape ?".split(), "yes" if first[0].x < second[0].x else "no"
+                return f"is the {a} shape left of the {b} shape ?".split(), "yes" if first[0].x < second[
+                    0
+                ].x else "no"
         return None
     if kind == "colour":
         for grain in rng.permutation(list(SIZES)):
