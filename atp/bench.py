@@ -1,7 +1,14 @@
 """``atp bench``: prefill latency, time to first token, decode speed and memory, pruned vs not.
 
-Methods run interleaved, round after round, on one model and one prompt, so the ratios come
-from one run (wall clock on a shared CPU is noisy; CUDA events after a warm-up on a GPU).
+Methods run interleaved, round after round, on one model and one prompt: every ratio is taken
+within a round (each method against the unpruned model of the same round), and reported as the
+median over rounds with a bootstrap interval, so that a machine that speeds up or slows down
+between rounds does not pass for a difference between methods. In each round a method is
+attached, one forward runs untimed-for-the-targets (the first forward after switching methods,
+reported as ``prefill_cold``), then the timed prefill and one ``generate`` call whose steps are
+time-stamped by a logits processor: its time to first token and decode tokens/s are what a
+user's ``generate`` sees.
+
 ``atp`` (untrained heads with fixed initial thresholds), ``fastv`` and ``fixed`` are set to the
 same average token count: ``atp`` runs first, ``fixed`` reuses its kept counts at the same
 layers, and ``fastv``'s ratio is solved for the same Token metric.
@@ -10,8 +17,6 @@ layers, and ``fastv``'s ratio is solved for the same Token metric.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +25,7 @@ import torch
 import atp
 from atp import compat
 from atp.efficiency import report_from_stats
+from atp.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, verdict
 
 
 @dataclass
@@ -31,12 +37,15 @@ class BenchConfig:
     patch_size: int = 14
     text_tokens: int = 48
     new_tokens: int = 8
-    repeats: int = 5
+    repeats: int = 10
     warmup: int = 1
     theta_r: float = 0.5
     theta_s: float = 0.9
     dtype: str = "float32"
     seed: int = 0
+    images: int = 1  # images in the prompt (video frames are images of a smaller size)
+    batch: int = 1  # prompts per forward (the same text, each its own random image)
+    threads: int | None = None  # torch threads on CPU (default: the cores this process may use)
 
 
 def build_model(config: BenchConfig, device: str):
@@ -78,33 +87,21 @@ def build_model(config: BenchConfig, device: str):
 
 
 def make_inputs(model, config: BenchConfig, device: str) -> dict:
+    """``config.batch`` prompts of ``config.text_tokens`` text tokens around ``config.images``
+    images back to back (8 text tokens before them); each prompt gets its own random pixels."""
     generator = torch.Generator().manual_seed(config.seed)
-    visual = model.config.image_seq_length
+    visual = model.config.image_seq_length * config.images
     before = torch.randint(3, 32000, (8,), generator=generator).tolist()
     after = torch.randint(3, 32000, (config.text_tokens - 8,), generator=generator).tolist()
-    ids = torch.tensor([[1, *before, *([model.config.image_token_id] * visual), *after]], device=device)
-    pixels = torch.randn(1, 3, config.image_size, config.image_size, generator=generator)
-    return {"input_ids": ids, "pixel_values": pixels.to(device=device, dtype=model.dtype)}
-
-
-class Clock:
-    """Wall clock on CPU, CUDA events on a GPU (after synchronising)."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
+    row = [1, *before, *([model.config.image_token_id] * visual), *after]
+    ids = torch.tensor([row] * config.batch, device=device)
+    size = config.image_size
+    pixels = torch.randn(config.batch * config.images, 3, size, size, generator=generator)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels.to(device=device, dtype=model.dtype),
+    }
 
 
 def _attach(model, method: dict):
@@ -138,12 +135,71 @@ def loaded_inputs(loaded, device: str) -> dict:
     }
 
 
-def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) -> dict:
+def _step_stamps(clock):
+    """A logits processor that time-stamps every step of ``generate`` (it runs once per new token,
+    right after that step's forward)."""
+    from transformers import LogitsProcessor
+
+    class StepStamps(LogitsProcessor):
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(clock.now())
+            return scores
+
+    return StepStamps()
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, clock) -> tuple[float, float]:
+    """Seconds to the first token and seconds for the ``new_tokens`` decode steps after it, of one
+    greedy ``generate`` call (``new_tokens + 1`` tokens, none stopping early)."""
+    from transformers import LogitsProcessorList
+
+    stamps = _step_stamps(clock)
+    begin = clock.now()
+    model.generate(
+        **inputs,
+        max_new_tokens=new_tokens + 1,
+        min_new_tokens=new_tokens + 1,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([stamps]),
+    )
+    if len(stamps.stamps) != new_tokens + 1:
+        raise RuntimeError(f"generate made {len(stamps.stamps)} steps, {new_tokens + 1} were asked for")
+    return stamps.stamps[0] - begin, stamps.stamps[-1] - stamps.stamps[0]
+
+
+TARGETS = {
+    "prefill_vs_flops": (
+        "atp prefill time ratio / its FLOPs ratio",
+        1.10,
+        "prefill time ratio within 1.10x of the FLOPs ratio",
+    ),
+    "scoring_overhead": ("keep_all prefill time / unpruned - 1", 0.02, "scoring + heads under 2% (keep_all)"),
+    "atp_share": (
+        "time inside atp's hooks, scoring and heads / atp prefill time (CPU clock)",
+        0.02,
+        "scoring + heads under 2% of prefill (timed)",
+    ),
+    "atp_vs_fastv": ("atp prefill time / fastv prefill time", 1.0, "atp no slower than FastV (same Token)"),
+    "decode_vs_unpruned": (
+        "atp decode step time / unpruned decode step time",
+        1.0,
+        "decoding on the pruned cache no slower than unpruned",
+    ),
+}
+
+
+def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, profile: bool = False) -> dict:
     """Every method on one prompt, interleaved round after round; ``loaded`` (a checkpoint from
     ``--model``) replaces the random LLaVA-1.5-shaped model and its prompt; ``atp_args`` (parsed
-    ``--policy``, ``--layers``, ``--option``, ``--atp-checkpoint``) define the ``atp`` row."""
+    ``--policy``, ``--layers``, ``--option``, ``--atp-checkpoint``) define the ``atp`` row;
+    ``profile`` adds op tables of one prefill per method (:func:`profile_prefill`)."""
     from atp.attach import resolve_adapter
 
+    threads = pin_threads(config.threads) if not device.startswith("cuda") else torch.get_num_threads()
+    config.threads = threads
     if loaded is None:
         model = build_model(config, device)
         inputs = make_inputs(model, config, device)
@@ -153,6 +209,111 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) ->
     num_layers = len(adapter.decoder_layers())
     config.num_layers, config.hidden_size = num_layers, adapter.text_config().hidden_size
     clock = Clock(device)
+    methods = bench_methods(model, inputs, config, num_layers, atp_args)
+    visual = methods.pop("_visual")
+    kinds = ("prefill", "prefill_cold", "hooks", "ttft", "decode")
+    times = {name: {kind: [] for kind in kinds} for name in methods}
+    results = {name: {} for name in methods}
+
+    def prefill():  # logits for the last position only, as generate's prefill
+        model(**inputs, use_cache=True, logits_to_keep=1)
+
+    names = list(methods)
+    with torch.no_grad():
+        for round_index in range(config.warmup + config.repeats):
+            shift = round_index % len(names)  # each method in every place of the order in turn
+            for name in names[shift:] + names[:shift]:
+                method = methods[name]
+                handle = _attach(model, method)
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                measured = {"prefill_cold": clock(prefill)}
+                with HookTime() as hooks:
+                    measured["prefill"] = clock(prefill)
+                measured["hooks"] = hooks.total
+                measured["ttft"], measured["decode"] = timed_generate(model, inputs, config.new_tokens, clock)
+                if round_index >= config.warmup:
+                    for kind, value in measured.items():
+                        times[name][kind].append(value)
+                if round_index == 0:
+                    results[name].update(_static(model, inputs, handle, visual))
+                    if device.startswith("cuda"):
+                        results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                if handle is not None:
+                    handle.remove()
+    text = inputs["input_ids"].shape[1] - visual
+    from atp.efficiency import layer_flops, shape_from_config
+
+    length = inputs["input_ids"].shape[1]
+    full_flops = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers
+    full_flops *= inputs["input_ids"].shape[0]
+    results["unpruned"]["flops"] = full_flops
+    base, base_kv = times["unpruned"], results["unpruned"]["kv_cache_bytes"]
+    seed = config.seed
+    for name, result in results.items():
+        own = times[name]
+        intervals = {
+            "prefill_ratio": summarize(paired_ratios(own["prefill"], base["prefill"]), seed=seed),
+            "ttft_ratio": summarize(paired_ratios(own["ttft"], base["ttft"]), seed=seed),
+            "decode_speedup": summarize(paired_ratios(base["decode"], own["decode"]), seed=seed),
+            "cold_penalty": summarize(
+                [c / w - 1 for c, w in zip(own["prefill_cold"], own["prefill"])], seed=seed
+            ),
+            "hooks_share": summarize(paired_ratios(own["hooks"], own["prefill"]), seed=seed),
+        }
+        prefill_ms = summarize([t * 1000 for t in own["prefill"]], seed=seed)
+        result.update(
+            prefill_ms=prefill_ms["median"],
+            prefill_ms_spread=[prefill_ms["min"], prefill_ms["max"]],
+            prefill_cold_ms=summarize([t * 1000 for t in own["prefill_cold"]])["median"],
+            ttft_ms=summarize([t * 1000 for t in own["ttft"]])["median"],
+            decode_tokens_per_s=config.new_tokens
+            * inputs["input_ids"].shape[0]
+            / summarize(own["decode"])["median"],
+            flops_ratio=result["flops"] / full_flops,
+            kv_ratio=result["kv_cache_bytes"] / base_kv,
+            prefill_ratio=intervals["prefill_ratio"]["median"],
+            ttft_ratio=intervals["ttft_ratio"]["median"],
+            decode_speedup=intervals["decode_speedup"]["median"],
+            intervals=intervals,
+            hooks_ms=summarize([t * 1000 for t in own["hooks"]])["median"],
+            samples={kind: [t * 1000 for t in values] for kind, values in own.items()},
+        )
+    targets = bench_targets(times, results, device=device)
+    counted = {}
+    for name in ("unpruned", "keep_all"):  # the same overhead in FLOPs: deterministic
+        handle = _attach(model, methods[name])
+        counter = compat.flop_counter(display=False)
+        with counter, torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        counted[name] = counter.get_total_flops()
+        if handle is not None:
+            handle.remove()
+    record = {
+        "model": loaded.name if loaded is not None else "LLaVA-1.5 shape, random weights",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": threads,
+        "config": dict(config.__dict__),
+        "visual_tokens": visual,
+        "text_tokens": text,
+        "batch": inputs["input_ids"].shape[0],
+        "flops_convention": "2flops-per-mac (decoder layers only; vision tower and LM head excluded)",
+        "timing": ("CUDA events" if device.startswith("cuda") else "wall clock (time.perf_counter)")
+        + f", median of {config.repeats} interleaved rounds after {config.warmup} warm-up",
+        "interval": "95% percentile bootstrap of the median of per-round ratios (2000 resamples, seeded)",
+        "scoring_overhead": results["keep_all"]["prefill_ratio"] - 1.0,
+        "scoring_overhead_flops": counted["keep_all"] / counted["unpruned"] - 1.0,
+        "targets": targets,
+        "methods": results,
+    }
+    if profile:
+        record["profile"] = profile_prefill(model, inputs, methods, device)
+    return record
+
+
+def bench_methods(model, inputs: dict, config: BenchConfig, num_layers: int, atp_args=None) -> dict:
+    """The methods to time, ``atp``'s counts calibrating ``fastv`` and ``fixed`` (and, under
+    ``"_visual"``, the prompt's visual tokens per sample)."""
     layers = atp.default_layers(num_layers)
     methods = {
         "unpruned": {"policy": None, "layers": None, "options": {}},
@@ -163,17 +324,14 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) ->
             "options": {"init_theta_r": config.theta_r, "init_theta_s": config.theta_s},
         },
     }
-    if atp_args is not None and (
-        atp_args.policy,
-        atp_args.layers,
-        atp_args.option,
-        atp_args.atp_checkpoint,
-    ) != (
-        None,
-        None,
-        [],
-        None,
-    ):
+    if config.images > 1:  # the paper's head reads one image's tokens; this one any count
+        methods["atp"]["options"]["threshold_head"] = "binned"
+    given = (
+        None
+        if atp_args is None
+        else (atp_args.policy, atp_args.layers, atp_args.option, atp_args.atp_checkpoint)
+    )
+    if given is not None and given != (None, None, [], None):
         methods["atp"] = {
             "policy": atp_args.policy,
             "layers": atp_args.layers,
@@ -184,7 +342,7 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) ->
         handle = _attach(model, methods["atp"])
         model(**inputs)
         layers = list(handle.layers)  # the baselines prune at the same layers
-        kept = handle.stats.kept[0].tolist()
+        kept = handle.stats.kept.float().mean(dim=0).round().long().tolist()
         avg = handle.stats.avg_tokens
         visual = int(handle.stats.num_visual[0])
         handle.remove()
@@ -196,143 +354,197 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None) ->
     }
     if 0 not in layers:  # a pre-LLM row (pool) has no layers to copy
         methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
-    times = {name: {"prefill": [], "first_token": [], "decode": []} for name in methods}
-    results = {name: {} for name in methods}
+    methods["_visual"] = visual
+    return methods
 
-    def prefill():  # logits for the last position only, as generate's prefill
-        model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def first_token():
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+def _static(model, inputs: dict, handle, visual: int) -> dict:
+    """What does not need a clock: kept counts, Token metric, FLOPs and KV-cache bytes."""
+    out = model(**inputs, use_cache=True)
+    result = {"kv_cache_bytes": atp.kv_cache_bytes(compat.output_cache(out))}
+    if handle is None:
+        result.update(kept=[], layers=[], avg_tokens=float(visual), kv_ratio_analytic=1.0)
+        return result
+    efficiency = report_from_stats(
+        handle.stats, model, text_tokens=inputs["input_ids"].shape[1] - visual, convention="2flops-per-mac"
+    )
+    result.update(
+        kept=handle.stats.kept[0].tolist(),
+        layers=list(handle.stats.layers),
+        avg_tokens=handle.stats.avg_tokens,
+        flops=efficiency.flops,
+        kv_ratio_analytic=efficiency.kv_ratio,
+    )
+    return result
 
-    state = {}
 
-    def start_decoding():  # untimed: a prefill whose cache the decode loop extends
-        state["cache"] = compat.output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
-
-    cache_name = compat.cache_argument(model)
-
-    def decode():  # decode steps with a fixed token: the same work for every method
-        length = inputs["input_ids"].shape[1]
-        token = torch.full((1, 1), 5, device=inputs["input_ids"].device)
-        for step in range(config.new_tokens):
-            # the embedded model's positions by hand; a checkpoint's model (M-RoPE too) derives its own
-            position = (
-                {}
-                if loaded is not None
-                else {"position_ids": torch.full((1, 1), length + step, device=token.device)}
-            )
-            model(input_ids=token, use_cache=True, **position, **{cache_name: state["cache"]})
-
-    with torch.no_grad():
-        for round_index in range(config.warmup + config.repeats):
-            for name, method in methods.items():
-                handle = _attach(model, method)
-                if device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                for kind, fn in (("prefill", prefill), ("first_token", first_token), ("decode", decode)):
-                    if kind == "decode":
-                        start_decoding()
-                    elapsed = clock(fn)
-                    if round_index >= config.warmup:
-                        times[name][kind].append(elapsed)
-                if round_index == 0:
-                    out = model(**inputs, use_cache=True)
-                    results[name]["kv_cache_bytes"] = atp.kv_cache_bytes(compat.output_cache(out))
-                    if handle is not None:
-                        results[name]["kept"] = handle.stats.kept[0].tolist()
-                        results[name]["layers"] = list(handle.stats.layers)
-                        results[name]["avg_tokens"] = handle.stats.avg_tokens
-                        efficiency = report_from_stats(
-                            handle.stats,
-                            model,
-                            text_tokens=inputs["input_ids"].shape[1] - visual,
-                            convention="2flops-per-mac",
-                        )
-                        results[name]["flops"] = efficiency.flops
-                        results[name]["kv_ratio_analytic"] = efficiency.kv_ratio
-                    else:
-                        results[name].update(
-                            kept=[], layers=[], avg_tokens=float(visual), kv_ratio_analytic=1.0
-                        )
-                    if device.startswith("cuda"):
-                        results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-                if handle is not None:
-                    handle.remove()
-    base = results["unpruned"]
-    text = inputs["input_ids"].shape[1] - visual
-    from atp.efficiency import layer_flops, shape_from_config
-
-    full_flops = layer_flops(text + visual, shape_from_config(model.config), "2flops-per-mac") * num_layers
-    base["flops"] = full_flops
-    for name, result in results.items():
-        prefill_s = statistics.median(times[name]["prefill"])
-        first_s = statistics.median(times[name]["first_token"])
-        decode_s = statistics.median(times[name]["decode"])
-        result.update(
-            prefill_ms=prefill_s * 1000,
-            ttft_ms=first_s * 1000,
-            decode_tokens_per_s=config.new_tokens / decode_s,
-            flops_ratio=result["flops"] / full_flops,
-            kv_ratio=result["kv_cache_bytes"] / base["kv_cache_bytes"],
+def bench_targets(times: dict, results: dict, seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Each target of the benchmark with its per-round samples summarised and a verdict
+    (:func:`atp.measure.verdict`): met, missed, or undecided within the noise."""
+    samples = {}
+    if "atp" in times:
+        flops = results["atp"]["flops_ratio"]
+        samples["prefill_vs_flops"] = [
+            r / flops for r in paired_ratios(times["atp"]["prefill"], times["unpruned"]["prefill"])
+        ]
+        samples["decode_vs_unpruned"] = paired_ratios(times["atp"]["decode"], times["unpruned"]["decode"])
+        if not device.startswith("cuda"):  # host time: a CPU measure
+            samples["atp_share"] = paired_ratios(times["atp"]["hooks"], times["atp"]["prefill"])
+        if "fastv" in times:
+            samples["atp_vs_fastv"] = paired_ratios(times["atp"]["prefill"], times["fastv"]["prefill"])
+    if "keep_all" in times:
+        samples["scoring_overhead"] = [
+            r - 1 for r in paired_ratios(times["keep_all"]["prefill"], times["unpruned"]["prefill"])
+        ]
+    targets = []
+    for name, (measure, limit, goal) in TARGETS.items():
+        if name not in samples:
+            continue
+        summary = summarize(samples[name], seed=seed)
+        targets.append(
+            {
+                "name": name,
+                "goal": goal,
+                "measure": measure,
+                "limit": limit,
+                **summary,
+                "status": verdict(summary, limit),
+            }
         )
-    for result in results.values():
-        result["prefill_ratio"] = result["prefill_ms"] / base["prefill_ms"]
-        result["decode_speedup"] = result["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-    overhead = results["keep_all"]["prefill_ms"] / base["prefill_ms"] - 1.0
-    counted = {}
-    for name in ("unpruned", "keep_all"):  # the same overhead in FLOPs: deterministic
+    return targets
+
+
+ATP_RANGES = (
+    "atp.model_input",
+    "atp.language_model_input",
+    "atp.layer_input",
+    "atp.last_output",
+    "atp.score",
+)
+
+
+def profile_prefill(
+    model, inputs: dict, methods: dict, device: str, forwards: int = 3, top: int = 12
+) -> dict:
+    """``torch.profiler`` on ``forwards`` prefills of each method (after one untimed): time by op
+    (self time, per forward) and atp's own share, the time inside its hooks and scoring (the
+    ranges :func:`atp.measure.traced` names, Python included) of the profiled forwards' wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    out = {}
+    for name in ("unpruned", "keep_all", "atp", "fastv"):
+        if name not in methods:
+            continue
         handle = _attach(model, methods[name])
-        counter = compat.flop_counter(display=False)
-        with counter, torch.no_grad():
+        with torch.no_grad():
             model(**inputs, use_cache=True, logits_to_keep=1)
-        counted[name] = counter.get_total_flops()
+            with torch_profile(activities=activities) as prof:
+                begin = Clock(device).now()
+                for _ in range(forwards):
+                    model(**inputs, use_cache=True, logits_to_keep=1)
+                wall_ms = (Clock(device).now() - begin) * 1000 / forwards
         if handle is not None:
             handle.remove()
-    return {
-        "model": loaded.name if loaded is not None else "LLaVA-1.5 shape, random weights",
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "threads": torch.get_num_threads(),
-        "config": config.__dict__,
-        "visual_tokens": visual,
-        "text_tokens": text,
-        "flops_convention": "2flops-per-mac (decoder layers only; vision tower and LM head excluded)",
-        "timing": "CUDA events"
-        if device.startswith("cuda")
-        else "wall clock (time.perf_counter), median of repeats",
-        "scoring_overhead": overhead,
-        "scoring_overhead_flops": counted["keep_all"] / counted["unpruned"] - 1.0,
-        "methods": results,
-    }
+        events = prof.key_averages()
+        ops = {
+            event.key: {
+                "calls": event.count / forwards,
+                "self_ms": event.self_cpu_time_total / 1000 / forwards,
+            }
+            for event in events
+            if not event.key.startswith("atp.")
+        }
+        ranges = {
+            event.key: event.cpu_time_total / 1000 / forwards
+            for event in events
+            if event.key.startswith("atp.")
+        }
+        atp_ms = sum(ms for key, ms in ranges.items() if key in ATP_RANGES)
+        out[name] = {
+            "wall_ms": wall_ms,
+            "ops_ms": sum(op["self_ms"] for op in ops.values()),
+            "atp_ms": atp_ms,
+            "atp_share": atp_ms / wall_ms,
+            "ranges": ranges,
+            "ops": dict(sorted(ops.items(), key=lambda item: -item[1]["self_ms"])[: top * 3]),
+        }
+    return out
+
+
+def format_profile(profile: dict, top: int = 12) -> str:
+    """The op table, unpruned vs atp (self time per prefill), and atp's share of each method."""
+    base, pruned = profile.get("unpruned", {}).get("ops", {}), profile.get("atp", {}).get("ops", {})
+    names = sorted(base, key=lambda op: -base[op]["self_ms"])[:top]
+    names += [op for op in sorted(pruned, key=lambda op: -pruned[op]["self_ms"])[:top] if op not in names]
+    rows = [f"{'op':>48} | {'unpruned ms':>11} | {'atp ms':>8} | {'ratio':>6} | {'calls':>11}"]
+    for op in names:
+        a, b = base.get(op, {"self_ms": 0.0, "calls": 0}), pruned.get(op, {"self_ms": 0.0, "calls": 0})
+        ratio = f"{b['self_ms'] / a['self_ms']:6.1%}" if a["self_ms"] else "   new"
+        rows.append(
+            f"{op[-48:]:>48} | {a['self_ms']:>11.2f} | {b['self_ms']:>8.2f} | {ratio} | "
+            f"{a['calls']:>5.0f} {b['calls']:>5.0f}"
+        )
+    rows.append("")
+    for name, entry in profile.items():
+        rows.append(
+            f"{name:>9}: {entry['wall_ms']:.1f} ms per prefill under the profiler, atp's hooks and scoring "
+            f"{entry['atp_ms']:.2f} ms ({entry['atp_share']:.2%})"
+        )
+    return "\n".join(rows)
+
+
+def _interval(summary: dict, percent: bool = True) -> str:
+    if percent:
+        return f"{summary['median']:.1%} [{summary['low']:.1%}, {summary['high']:.1%}]"
+    return f"{summary['median']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
 
 
 def format_table(record: dict) -> str:
+    config = record["config"]
     rows = [
         f"atp bench on {record['device']} ({record['threads']} threads), {record['timing']}",
-        f"model: {record.get('model', 'LLaVA-1.5 shape')}, {record['config']['num_layers']} layers x "
-        f"{record['config']['hidden_size']}, "
-        f"{record['visual_tokens']} visual + {record['text_tokens']} text tokens, {record['config']['dtype']}",
+        f"model: {record.get('model', 'LLaVA-1.5 shape')}, {config['num_layers']} layers x "
+        f"{config['hidden_size']}, batch {record.get('batch', 1)}, "
+        f"{record['visual_tokens']} visual + {record['text_tokens']} text tokens, {config['dtype']}",
         f"FLOPs: {record['flops_convention']}",
+        f"[low, high]: {record.get('interval', 'spread')}",
         "",
-        f"{'method':>9} | {'Token':>6} | {'FLOPs':>6} | {'prefill ms':>10} | {'ratio':>6} | {'TTFT ms':>8} | "
-        f"{'decode tok/s':>12} | {'KV':>6}",
+        f"{'method':>9} | {'Token':>6} | {'FLOPs':>6} | {'prefill ms':>10} | {'prefill ratio [95% CI]':>23} | "
+        f"{'TTFT ms':>8} | {'decode tok/s':>12} | {'KV':>6} | {'cold +':>6} | {'atp ms':>6}",
     ]
     for name, result in record["methods"].items():
+        intervals = result.get("intervals", {})
+        ratio = (
+            _interval(intervals["prefill_ratio"])
+            if "prefill_ratio" in intervals
+            else f"{result['prefill_ratio']:.1%}"
+        )
+        cold = f"{intervals['cold_penalty']['median']:+6.1%}" if "cold_penalty" in intervals else ""
         rows.append(
             f"{name:>9} | {result['avg_tokens']:>6.1f} | {result['flops_ratio']:>6.1%} | {result['prefill_ms']:>10.1f} | "
-            f"{result['prefill_ratio']:>6.1%} | {result['ttft_ms']:>8.1f} | {result['decode_tokens_per_s']:>12.1f} | "
-            f"{result['kv_ratio']:>6.1%}"
+            f"{ratio:>23} | {result['ttft_ms']:>8.1f} | {result['decode_tokens_per_s']:>12.1f} | "
+            f"{result['kv_ratio']:>6.1%} | {cold:>6} | {result.get('hooks_ms', 0.0):>6.1f}"
         )
     rows.append("")
     rows.append(
         f"scoring overhead (keep_all vs unpruned prefill): {record['scoring_overhead']:+.1%} time, "
         f"{record['scoring_overhead_flops']:+.2%} FLOPs (FlopCounterMode, whole forward)"
     )
-    atp_result = record["methods"]["atp"]
-    rows.append(
-        f"atp prefill ratio {atp_result['prefill_ratio']:.1%} vs FLOPs ratio {atp_result['flops_ratio']:.1%} "
-        f"(gap {atp_result['prefill_ratio'] - atp_result['flops_ratio']:+.1%})"
-    )
+    if record.get("targets"):
+        rows += ["", f"{'target':>52} | {'measured [95% CI]':>28} | {'limit':>6} | status"]
+        for target in record["targets"]:
+            rows.append(
+                f"{target['goal']:>52} | {_interval(target, percent=False):>28} | {target['limit']:>6.2f} | "
+                f"{target['status']}"
+            )
+    if "profile" in record:
+        rows += [
+            "",
+            "profile of one prefill (torch.profiler, self time by op):",
+            format_profile(record["profile"]),
+        ]
     return "\n".join(rows)
 
 
@@ -354,6 +566,8 @@ def main(args) -> int:
         ("num_layers", 2),
         ("hidden_size", 16),
         ("text_tokens", 9),
+        ("threads", 1),
+        ("warmup", 0),
     ):
         value = getattr(args, name, None)
         if value is not None and value < least:
@@ -367,7 +581,7 @@ def main(args) -> int:
         config = BenchConfig(
             num_layers=32, hidden_size=4096, heads=32, dtype="bfloat16", repeats=10, warmup=3
         )
-    for name in ("num_layers", "hidden_size", "repeats", "new_tokens", "text_tokens"):
+    for name in ("num_layers", "hidden_size", "repeats", "new_tokens", "text_tokens", "threads", "warmup"):
         if getattr(args, name, None) is not None:
             setattr(config, name, getattr(args, name))
     if args.dtype is not None:
@@ -375,7 +589,7 @@ def main(args) -> int:
     loaded = None
     if args.model is not None:
         loaded = load(args.model, config.dtype, device, args.attn_implementation)
-    record = run(config, device, loaded, args)
+    record = run(config, device, loaded, args, profile=args.profile)
     text = json.dumps(record)
     if args.output:
         with open(args.output, "w") as handle:

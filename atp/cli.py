@@ -148,7 +148,22 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
     bench.add_argument("--num-layers", type=int, default=None, help="decoder layers (CPU default 8, GPU 32)")
     bench.add_argument("--hidden-size", type=int, default=None, help="LM width (CPU default 1024, GPU 4096)")
-    bench.add_argument("--repeats", type=int, default=None, help="timed rounds, median reported (default 5)")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds, median and bootstrap interval reported (default 10)",
+    )
+    bench.add_argument("--warmup", type=int, default=None, help="untimed rounds first (CPU default 1, GPU 3)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default: the cores this process may use)",
+    )
+    bench.add_argument(
+        "--profile", action="store_true", help="add torch.profiler op tables of one prefill, unpruned vs atp"
+    )
     bench.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default 8)")
     bench.add_argument("--text-tokens", type=int, default=None, help="prompt text tokens (default 48)")
     bench.add_argument("--output", default=None, help="also write the JSON record to this file")

@@ -8,6 +8,8 @@ a sample which keeps fewer tokens than the largest one in the batch. Fillers sit
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -29,15 +31,20 @@ def mask_to_index(mask: torch.Tensor, align: str = "right") -> tuple[torch.Tenso
         raise ValueError(f"align must be 'left' or 'right', got {align!r}")
     batch, length = mask.shape
     counts = mask.sum(dim=1)
-    width = int(counts.max()) if batch and length else 0
-    positions = torch.arange(length, device=mask.device).expand(batch, length)
+    if not (batch and length):
+        return mask.new_zeros(batch, 0, dtype=torch.long), mask.new_zeros(batch, 0)
+    low, width = torch.stack(torch.aminmax(counts)).tolist()  # one device sync
+    if low == width:  # no padding either way: the True positions in order, row by row
+        return mask.nonzero()[:, 1].view(batch, width), torch.ones(
+            batch, width, dtype=torch.bool, device=mask.device
+        )
     if align == "right":  # True entries first, in order
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
         valid = torch.arange(width, device=mask.device) < counts[:, None]
     else:  # False entries first, True entries last, in order
         order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices[:, length - width :]
         valid = torch.arange(width, device=mask.device) >= (width - counts)[:, None]
-    index = torch.where(valid, positions.gather(1, order), torch.zeros_like(order))
+    index = torch.where(valid, order, torch.zeros_like(order))  # the sorted order is the positions
     return index, valid
 
 
@@ -55,6 +62,17 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     """
     dim = dim % x.dim()
     batch = index.shape[0]
+    row = math.prod(x.shape[dim + 1 :])
+    if row >= 16 and x.is_contiguous() and x.shape[0] in (1, batch):
+        # whole rows (a hidden state, a head's query): one index_select copies them, much faster
+        # than an element-wise gather
+        length, outer = x.shape[dim], math.prod(x.shape[1:dim])
+        start = torch.arange(batch * outer, device=index.device).view(batch, outer, 1) * length
+        if x.shape[0] != batch:  # one shared row block for every sample
+            start = start % (outer * length)
+        flat = (start + index[:, None, :]).reshape(-1)
+        picked = x.reshape(-1, row).index_select(0, flat)
+        return picked.view(batch, *x.shape[1:dim], index.shape[1], *x.shape[dim + 1 :])
     if x.shape[0] != batch:
         x = x.expand(batch, *x.shape[1:])
     shape = [1] * x.dim()
@@ -64,14 +82,25 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
 
 
 def scatter_seq(
-    full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor
+    full: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor, fillers: bool = True
 ) -> torch.Tensor:
-    """``full`` (B, L, D) with ``values`` (B, S, D) written at ``index`` where ``valid``; out of place."""
+    """``full`` (B, L, D) with ``values`` (B, S, D) written at ``index`` where ``valid``; out of place.
+    ``fillers=False`` promises that every slot is valid (a layout without fillers: no extra row)."""
     batch, length, width = full.shape
-    padded = torch.cat([full, full.new_zeros(batch, 1, width)], dim=1)  # column L takes the fillers
-    target = torch.where(valid, index, torch.full_like(index, length))
-    padded = padded.scatter(1, target[..., None].expand(-1, -1, width), values.to(full.dtype))
-    return padded[:, :length]
+    start = torch.arange(batch, device=index.device)[:, None] * length
+    if not fillers:
+        target = (start + index).reshape(-1)
+        return (
+            full.reshape(batch * length, width)
+            .index_copy(0, target, values.to(full.dtype).reshape(-1, width))
+            .view(batch, length, width)
+        )
+    rows = torch.cat(
+        [full.reshape(batch * length, width), full.new_zeros(1, width)]
+    )  # the last takes fillers
+    target = torch.where(valid, start + index, batch * length).reshape(-1)
+    rows = rows.index_copy(0, target, values.to(full.dtype).reshape(-1, width))
+    return rows[: batch * length].view(batch, length, width)
 
 
 def place(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, width: int, fill) -> torch.Tensor:

@@ -88,6 +88,44 @@ def bench_plot(record: dict, path) -> None:
         save(fig, path)
 
 
+def scaling_plot(record: dict, path) -> None:
+    """The scaling run: each pruned method's time ratio (with its interval) against its FLOPs
+    ratio, one point per shape; points on the diagonal run as fast as their FLOPs predict."""
+    markers = "os^Dv<>p*h"
+    with figure(1, width=5.2, height=4.2, option="--plot") as (fig, axes):
+        axis = axes[0]
+        top = 0.0
+        for index, shape in enumerate(record["shapes"]):
+            for method, row in shape["methods"].items():
+                if method == "unpruned":
+                    continue
+                ratio = row["time_ratio"]
+                top = max(top, ratio["high"], row["flops_ratio"])
+                axis.errorbar(
+                    row["flops_ratio"],
+                    ratio["median"],
+                    yerr=[[ratio["median"] - ratio["low"]], [ratio["high"] - ratio["median"]]],
+                    fmt=markers[index % len(markers)],
+                    color=colour(method),
+                    capsize=2,
+                    label=f"{method}, {shape['shape']}",
+                )
+        limit = max(1.0, top * 1.05)
+        axis.plot(
+            [0, limit], [0, limit], color="#999999", linewidth=0.8, linestyle="--", label="time = FLOPs"
+        )
+        axis.plot(
+            [0, limit], [0, 1.1 * limit], color="#cccccc", linewidth=0.8, linestyle=":", label="1.10x FLOPs"
+        )
+        axis.set_xlim(0, limit)
+        axis.set_ylim(0, limit)
+        axis.set_xlabel("FLOPs ratio (pruned / unpruned)")
+        axis.set_ylabel("time-to-first-token ratio")
+        axis.set_title(f"atp scaling ({record['device']}, {record['threads']} threads)")
+        axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, fontsize=7)
+        save(fig, path)
+
+
 def eval_plot(record: dict, path) -> None:
     """``atp eval --plot``: each score against the Token metric, one point per method (the
     paper's accuracy-vs-tokens view), one panel per score."""

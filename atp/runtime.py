@@ -25,6 +25,7 @@ from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
+from atp.measure import traced
 from atp.policies.base import Policy, PolicyInput
 from atp.prefill import Layout, Prefill
 from atp.scorers.base import AttentionView
@@ -151,6 +152,7 @@ class Runtime:
         self.prefill = None
 
     # multimodal model: prefill or decode? ------------------------------------------------
+    @traced("atp.model_input")
     def _on_model_forward(self, module, args, kwargs):
         if (
             torch.compiler.is_compiling()
@@ -264,6 +266,7 @@ class Runtime:
             return p.length + past - first.index.shape[1]
         return past
 
+    @traced("atp.language_model_input")
     def _on_language_model_forward(self, module, args, kwargs):
         """Prefill: the adapter reads the visual layout from the multimodal model's inputs and
         the language model's (``inputs_embeds``, M-RoPE ``position_ids``)."""
@@ -340,6 +343,7 @@ class Runtime:
         return prefill
 
     # decoder layers -------------------------------------------------------------------
+    @traced("atp.layer_input")
     def _on_layer_input(self, layer: int, module, args, kwargs):
         p = self.prefill
         if p is None:
@@ -403,6 +407,7 @@ class Runtime:
             kwargs[SCORE_REQUEST] = functools.partial(self._score, p, self.score_index[layer])
         return args, kwargs
 
+    @traced("atp.last_output")
     def _on_last_output(self, module, args, kwargs, output):
         p = self.prefill
         if p is None or self.decoding:
@@ -418,7 +423,7 @@ class Runtime:
         if p.layout is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        full = scatter_seq(p.full_hidden, p.layout.index, p.layout.valid, hidden)
+        full = scatter_seq(p.full_hidden, p.layout.index, p.layout.valid, hidden, p.layout.has_fillers)
         if not p.replays:
             p.full_hidden = None
         return (full, *output[1:]) if isinstance(output, tuple) else full
@@ -443,6 +448,7 @@ class Runtime:
         return output
 
     # scoring and deciding ---------------------------------------------------------------
+    @traced("atp.score")
     @torch.no_grad()  # scores are detached from the LM (and nothing is saved for a checkpoint recompute)
     def _score(self, p: Prefill, k: int, query, key, attention_mask, scale) -> None:
         if k in p.decided:  # a gradient-checkpointing recompute: the decision is already taken
@@ -470,6 +476,7 @@ class Runtime:
             for name, value in scores.items()
         }
 
+    @traced("atp.prune")
     def _prune(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
         p = self.prefill
         p.decided.add(k)
@@ -520,7 +527,7 @@ class Runtime:
             if old is None:
                 p.full_hidden = hidden
             else:
-                p.full_hidden = scatter_seq(p.full_hidden, old.index, old.valid, hidden)
+                p.full_hidden = scatter_seq(p.full_hidden, old.index, old.valid, hidden, old.has_fillers)
             p.layout = Layout(*mask_to_index(keep_sequence, align="left"))
             hidden = gather_seq(p.full_hidden, p.layout.index)
             p.update_view()

@@ -160,6 +160,43 @@ def test_bench_runs_and_its_numbers_are_consistent(capsys):
     assert "FLOPs: 2flops-per-mac" in format_table(record)
 
 
+def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_profile():
+    import statistics
+
+    from atp.bench import TARGETS, BenchConfig, format_table, run
+
+    config = BenchConfig(num_layers=4, hidden_size=64, heads=4, repeats=3, warmup=0, new_tokens=2, threads=1)
+    record = run(config, "cpu", profile=True)
+    assert record["threads"] == 1 and record["config"]["threads"] == 1
+    methods = record["methods"]
+    for result in methods.values():
+        samples = result["samples"]
+        assert {len(values) for values in samples.values()} == {3}
+        ratios = [a / b for a, b in zip(samples["prefill"], methods["unpruned"]["samples"]["prefill"])]
+        interval = result["intervals"]["prefill_ratio"]
+        assert interval["median"] == pytest.approx(statistics.median(ratios)) == pytest.approx(result["prefill_ratio"])
+        assert interval["low"] <= interval["median"] <= interval["high"]
+        assert result["prefill_ms"] == pytest.approx(statistics.median(samples["prefill"]))
+    assert methods["unpruned"]["intervals"]["prefill_ratio"]["median"] == 1.0
+    targets = {target["name"]: target for target in record["targets"]}
+    assert set(targets) == set(TARGETS)
+    for target in targets.values():
+        assert target["status"] in {"met", "missed", "undecided"} and target["n"] == 3
+    atp_ratios = [
+        a / b / methods["atp"]["flops_ratio"]
+        for a, b in zip(methods["atp"]["samples"]["prefill"], methods["unpruned"]["samples"]["prefill"])
+    ]
+    assert targets["prefill_vs_flops"]["median"] == pytest.approx(statistics.median(atp_ratios))
+    profile = record["profile"]
+    assert profile["unpruned"]["atp_ms"] == 0.0 and not profile["unpruned"]["ranges"]
+    for name in ("keep_all", "atp"):  # the hooks and scoring of every attached method are timed
+        assert {"atp.score", "atp.prune", "atp.layer_input"} <= set(profile[name]["ranges"])
+        assert 0 < profile[name]["atp_share"] < 1
+    assert "aten::mm" in profile["unpruned"]["ops"]
+    table = format_table(record)
+    assert "prefill time ratio within 1.10x of the FLOPs ratio" in table and "atp's hooks and scoring" in table
+
+
 def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     import builtins
 

@@ -64,3 +64,39 @@ def additive_rows(mask: torch.Tensor | None, rows: torch.Tensor, key_len: int) -
     if picked.dtype == torch.bool:
         return torch.zeros(picked.shape, device=rows.device).masked_fill(~picked, float("-inf"))
     return picked.float()
+
+
+def row_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    rows: torch.Tensor,
+    row_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention (B, H, R, L) float32 of the query slots ``rows`` (B, R) over every key,
+    with the layer's mask (None = causal). Grouped keys (GQA) are not repeated: the queries of a
+    group are stacked instead; the scale multiplies the R queries, not the R x L logits. Rows
+    where ``row_valid`` (B, R) is False (padding) are left unmasked, so they stay finite."""
+    from atp.layout import gather_seq
+
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    count = rows.shape[1]
+    picked = gather_seq(query, rows, dim=2).float() * scale  # (B, H, R, d)
+    picked = picked.reshape(batch, kv_heads, (heads // kv_heads) * count, dim)
+    logits = torch.matmul(picked, key.float().transpose(-1, -2)).view(batch, heads, count, length)
+    padding = None if row_valid is None else ~row_valid[:, None, :, None]
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        if attention_mask is None:  # plain causal attention over the current slots
+            keys = torch.arange(length, device=rows.device)
+            blocked = keys[None, None, None, :] > rows[:, None, :, None]
+        else:
+            mask = attention_mask.expand(batch, *attention_mask.shape[1:])
+            index = rows[:, None, :, None].expand(batch, mask.shape[1], count, mask.shape[-1])
+            blocked = ~mask.gather(2, index)
+        logits = logits.masked_fill_(blocked if padding is None else blocked & ~padding, float("-inf"))
+    else:
+        bias = additive_rows(attention_mask, rows, length)
+        logits = logits.add_(bias if padding is None else bias.masked_fill(padding, 0.0))
+    return torch.softmax(logits, dim=-1)

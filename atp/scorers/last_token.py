@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from atp.layout import gather_seq
-from atp.scorers.base import AttentionView, Scorer, additive_rows
+from atp.scorers.base import AttentionView, Scorer, row_attention
 
 
 def last_token_attention(
@@ -18,16 +17,8 @@ def last_token_attention(
 ) -> torch.Tensor:
     """Softmax attention of the query at ``last_slot`` (B,) over all keys, averaged over heads,
     at the visual slots (B, N). One query row per sample: O(L d), no L x L matrix. float32."""
-    heads = query.shape[1]
-    groups = heads // key.shape[1]
-    rows = last_slot[:, None]  # (B, 1)
-    q_last = gather_seq(query.float(), rows, dim=2)  # (B, H, 1, d)
-    keys = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
-    logits = torch.einsum("bhqd,bhld->bhql", q_last, keys) * scale
-    probs = torch.softmax(logits + additive_rows(attention_mask, rows, keys.shape[2]), dim=-1).mean(
-        1
-    )  # (B, 1, L)
-    return gather_seq(probs, visual_slots, dim=2)[:, 0]
+    probs = row_attention(query, key, attention_mask, scale, last_slot[:, None]).mean(1)  # (B, 1, L)
+    return probs[:, 0].gather(1, visual_slots)
 
 
 class LastTokenScorer(Scorer):

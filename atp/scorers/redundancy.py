@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from einops import reduce
 
-from atp.layout import gather_seq
-from atp.scorers.base import AttentionView, Scorer, additive_rows
+from atp.scorers.base import AttentionView, Scorer, row_attention
 
 
 def self_scores(
@@ -14,7 +13,8 @@ def self_scores(
 ) -> torch.Tensor:
     """S_self (Eq. 3): mean over visual queries m of q_m . k_n * scale, averaged over heads.
 
-    A mean of dot products is the dot product with the mean query, so this costs O(N d).
+    A mean of dot products is the dot product with the mean query, so this costs O(L d): two
+    matrix-vector products over the whole sequence, no gathered copy of the queries or keys.
 
     Parameters
     ----------
@@ -25,13 +25,16 @@ def self_scores(
     -------
     (B, N) float32
     """
-    heads, kv_heads = query.shape[1], key.shape[1]
+    batch, heads, length, _ = query.shape
+    kv_heads = key.shape[1]
     weight = weight.float()
-    q_visual = gather_seq(query.float(), slots, dim=2)  # (B, H, N, d)
-    q_mean = torch.einsum("bhnd,bn->bhd", q_visual, weight) / weight.sum(1).clamp_min(1e-6)[:, None, None]
+    # the weights at their slots (an absent slot adds 0 wherever it points)
+    per_slot = torch.zeros(batch, length, device=query.device).scatter_add(1, slots, weight)
+    per_slot = per_slot / weight.sum(1, keepdim=True).clamp_min(1e-6)
+    q_mean = torch.matmul(per_slot[:, None, None, :], query.float()).squeeze(2)  # (B, H, d)
     q_mean = reduce(q_mean, "b (g r) d -> b g d", "sum", g=kv_heads)  # GQA: sum each group
-    k_visual = gather_seq(key.float(), slots, dim=2)  # (B, H_kv, N, d)
-    return torch.einsum("bgd,bgnd->bn", q_mean, k_visual) * (scale / heads)
+    per_key = torch.matmul(key.float(), q_mean[..., None]).squeeze(-1).sum(1)  # (B, L)
+    return per_key.gather(1, slots) * (scale / heads)
 
 
 def cross_scores(
@@ -45,23 +48,20 @@ def cross_scores(
 ) -> torch.Tensor:
     """S_cross (Eq. 4): attention each visual token receives, averaged over instruction queries and heads.
 
-    Only the (T x L) block of instruction queries is formed, with the layer's real mask.
+    Only the (T x L) block of instruction queries is formed, with the layer's real mask; with
+    grouped keys (GQA) the queries are grouped instead of the keys repeated.
 
     Returns
     -------
     (B, N) float32; zero for a sample without instruction tokens.
     """
-    batch, heads, _, _ = query.shape
-    groups = heads // key.shape[1]
-    q_text = gather_seq(query.float(), instruction_slots, dim=2)  # (B, H, T, d)
-    keys = key.float().repeat_interleave(groups, dim=1) if groups > 1 else key.float()
-    logits = torch.einsum("bhtd,bhld->bhtl", q_text, keys) * scale
-    bias = additive_rows(attention_mask, instruction_slots, keys.shape[2])
-    bias = bias.masked_fill(~instruction_valid[:, None, :, None], 0.0)  # padding rows: finite, weight 0
-    probs = torch.softmax(logits + bias, dim=-1).mean(1)  # (B, T, L)
-    probs = gather_seq(probs, visual_slots, dim=2)  # (B, T, N)
+    probs = row_attention(query, key, attention_mask, scale, instruction_slots, instruction_valid)
     weight = instruction_valid.float()
-    return torch.einsum("btn,bt->bn", probs, weight) / weight.sum(1).clamp_min(1.0)[:, None]
+    # mean over heads and the instruction queries in one pass, then the visual columns
+    per_key = (
+        torch.einsum("bhtl,bt->bl", probs, weight) / (query.shape[1] * weight.sum(1).clamp_min(1.0))[:, None]
+    )
+    return per_key.gather(1, visual_slots)
 
 
 class RedundancyScorer(Scorer):
