@@ -123,6 +123,8 @@ def test_option_values_are_json_and_plain_text_only_for_string_options():
     [
         (["demo", "--image", "/nonexistent/picture.png"], "atp demo: error"),
         (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["bench", "--threads", "0"], "--threads must be at least 1"),
+        (["bench", "--warmup", "-1"], "--warmup must be at least 0"),
         (["bench", "--device", "cuda"], "no CUDA device is available"),
         (
             ["train", "--model", "tiny", "--data", "/nonexistent.json", "--output-dir", "/tmp/x"],

@@ -174,7 +174,11 @@ def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_p
         assert {len(values) for values in samples.values()} == {3}
         ratios = [a / b for a, b in zip(samples["prefill"], methods["unpruned"]["samples"]["prefill"])]
         interval = result["intervals"]["prefill_ratio"]
-        assert interval["median"] == pytest.approx(statistics.median(ratios)) == pytest.approx(result["prefill_ratio"])
+        assert (
+            interval["median"]
+            == pytest.approx(statistics.median(ratios))
+            == pytest.approx(result["prefill_ratio"])
+        )
         assert interval["low"] <= interval["median"] <= interval["high"]
         assert result["prefill_ms"] == pytest.approx(statistics.median(samples["prefill"]))
     assert methods["unpruned"]["intervals"]["prefill_ratio"]["median"] == 1.0
@@ -191,10 +195,13 @@ def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_p
     assert profile["unpruned"]["atp_ms"] == 0.0 and not profile["unpruned"]["ranges"]
     for name in ("keep_all", "atp"):  # the hooks and scoring of every attached method are timed
         assert {"atp.score", "atp.prune", "atp.layer_input"} <= set(profile[name]["ranges"])
+        assert 0 < methods[name]["hooks_ms"] < methods[name]["prefill_ms"]
         assert 0 < profile[name]["atp_share"] < 1
     assert "aten::mm" in profile["unpruned"]["ops"]
     table = format_table(record)
-    assert "prefill time ratio within 1.10x of the FLOPs ratio" in table and "atp's hooks and scoring" in table
+    assert (
+        "prefill time ratio within 1.10x of the FLOPs ratio" in table and "atp's hooks and scoring" in table
+    )
 
 
 def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):

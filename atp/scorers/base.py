@@ -86,17 +86,7 @@ def row_attention(
     picked = gather_seq(query, rows, dim=2).float() * scale  # (B, H, R, d)
     picked = picked.reshape(batch, kv_heads, (heads // kv_heads) * count, dim)
     logits = torch.matmul(picked, key.float().transpose(-1, -2)).view(batch, heads, count, length)
-    padding = None if row_valid is None else ~row_valid[:, None, :, None]
-    if attention_mask is None or attention_mask.dtype == torch.bool:
-        if attention_mask is None:  # plain causal attention over the current slots
-            keys = torch.arange(length, device=rows.device)
-            blocked = keys[None, None, None, :] > rows[:, None, :, None]
-        else:
-            mask = attention_mask.expand(batch, *attention_mask.shape[1:])
-            index = rows[:, None, :, None].expand(batch, mask.shape[1], count, mask.shape[-1])
-            blocked = ~mask.gather(2, index)
-        logits = logits.masked_fill_(blocked if padding is None else blocked & ~padding, float("-inf"))
-    else:
-        bias = additive_rows(attention_mask, rows, length)
-        logits = logits.add_(bias if padding is None else bias.masked_fill(padding, 0.0))
-    return torch.softmax(logits, dim=-1)
+    bias = additive_rows(attention_mask, rows, length)  # (B, 1, R, L): small, unlike the logits
+    if row_valid is not None:
+        bias = bias.masked_fill(~row_valid[:, None, :, None], 0.0)
+    return torch.softmax(logits.add_(bias), dim=-1)  # a broadcast add: faster than a masked fill

@@ -58,9 +58,8 @@ def cross_scores(
     probs = row_attention(query, key, attention_mask, scale, instruction_slots, instruction_valid)
     weight = instruction_valid.float()
     # mean over heads and the instruction queries in one pass, then the visual columns
-    per_key = (
-        torch.einsum("bhtl,bt->bl", probs, weight) / (query.shape[1] * weight.sum(1).clamp_min(1.0))[:, None]
-    )
+    per_key = torch.matmul(weight[:, None, None, :], probs).sum(1)[:, 0]  # (B, L)
+    per_key = per_key / (query.shape[1] * weight.sum(1).clamp_min(1.0))[:, None]
     return per_key.gather(1, visual_slots)
 
 
