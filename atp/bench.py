@@ -24,7 +24,7 @@ import torch
 
 import atp
 from atp import compat
-from atp.efficiency import report_from_stats
+from atp.efficiency import report, report_from_stats, shape_from_config
 from atp.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, verdict
 
 
@@ -251,11 +251,10 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
                 if handle is not None:
                     handle.remove()
     text = inputs["input_ids"].shape[1] - visual
-    from atp.efficiency import layer_flops, shape_from_config
+    from atp.efficiency import layer_flops
 
     length = inputs["input_ids"].shape[1]
     full_flops = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers
-    full_flops *= inputs["input_ids"].shape[0]
     results["unpruned"]["flops"] = full_flops
     base, base_kv = times["unpruned"], results["unpruned"]["kv_cache_bytes"]
     seed = config.seed
@@ -374,15 +373,30 @@ def _static(model, inputs: dict, handle, visual: int) -> dict:
     if handle is None:
         result.update(kept=[], layers=[], avg_tokens=float(visual), kv_ratio_analytic=1.0)
         return result
-    efficiency = report_from_stats(
-        handle.stats, model, text_tokens=inputs["input_ids"].shape[1] - visual, convention="2flops-per-mac"
+    stats, text = handle.stats, inputs["input_ids"].shape[1] - visual
+    batch = stats.kept.shape[0]
+    reports = [
+        report_from_stats(stats, model, text_tokens=text, sample=b, convention="2flops-per-mac")
+        for b in range(batch)
+    ]
+    # in a batch, drop mode computes every layer at the longest sample's length (the others are
+    # padded with fillers): the FLOPs of that padded batch, per sample
+    padded = report(
+        shape_from_config(model.config),
+        list(stats.layers),
+        stats.kept.max(dim=0).values.tolist(),
+        visual_tokens=float(stats.num_visual.max()),
+        text_tokens=text,
+        convention="2flops-per-mac",
     )
     result.update(
-        kept=handle.stats.kept[0].tolist(),
-        layers=list(handle.stats.layers),
-        avg_tokens=handle.stats.avg_tokens,
-        flops=efficiency.flops,
-        kv_ratio_analytic=efficiency.kv_ratio,
+        kept=stats.kept[0].tolist(),
+        kept_per_sample=stats.kept.tolist(),
+        layers=list(stats.layers),
+        avg_tokens=stats.avg_tokens,
+        flops=sum(r.flops for r in reports) / batch,  # the mean over the samples, per sample
+        flops_padded=padded.flops,
+        kv_ratio_analytic=sum(r.kv_ratio for r in reports) / batch,
     )
     return result
 
@@ -397,7 +411,9 @@ def bench_targets(times: dict, results: dict, seed: int = 0, device: str = "cpu"
             r / flops for r in paired_ratios(times["atp"]["prefill"], times["unpruned"]["prefill"])
         ]
         samples["decode_vs_unpruned"] = paired_ratios(times["atp"]["decode"], times["unpruned"]["decode"])
-        if not device.startswith("cuda"):  # host time (kernels run asynchronously on a GPU): CPU only
+        # host time (kernels run asynchronously on a GPU): CPU only; and only where the hooks were
+        # timed at all (an attached method whose hooks report no time would pass for free)
+        if not device.startswith("cuda") and any(times["atp"]["hooks"]):
             samples["atp_share"] = paired_ratios(times["atp"]["hooks"], times["atp"]["prefill"])
         if "fastv" in times:
             samples["atp_vs_fastv"] = paired_ratios(times["atp"]["prefill"], times["fastv"]["prefill"])
@@ -405,7 +421,7 @@ def bench_targets(times: dict, results: dict, seed: int = 0, device: str = "cpu"
         samples["scoring_overhead"] = [
             r - 1 for r in paired_ratios(times["keep_all"]["prefill"], times["unpruned"]["prefill"])
         ]
-        if not device.startswith("cuda"):
+        if not device.startswith("cuda") and any(times["keep_all"]["hooks"]):
             samples["scoring_share"] = paired_ratios(times["keep_all"]["hooks"], times["keep_all"]["prefill"])
     targets = []
     for name, (measure, limit, goal) in TARGETS.items():
@@ -609,3 +625,84 @@ def main(args) -> int:
         plot(record, args.plot)
     print(text if args.json else format_table(record))
     return 0
+
+
+def _md_interval(summary: dict, percent: bool = True) -> str:
+    if percent:
+        return f"{summary['median']:.1%} [{summary['low']:.1%}, {summary['high']:.1%}]"
+    return f"{summary['median']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
+
+
+def markdown(record: dict, top: int = 12) -> str:
+    """The record as markdown tables (docs/benchmarks.md shows these, checked by its tests):
+    methods, targets, and, when profiled, ops and atp's share; tables apart by blank lines."""
+    rows = [
+        "| method | Token | FLOPs | prefill ms | prefill ratio [95% CI] | first forward after switching | "
+        "TTFT ms | decode tok/s | KV cache | atp's own ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in record["methods"].items():
+        intervals = result["intervals"]
+        rows.append(
+            f"| {name} | {result['avg_tokens']:.1f} | {result['flops_ratio']:.1%} | {result['prefill_ms']:.1f} | "
+            f"{_md_interval(intervals['prefill_ratio'])} | {intervals['cold_penalty']['median']:+.1%} | "
+            f"{result['ttft_ms']:.1f} | {result['decode_tokens_per_s']:.1f} | {result['kv_ratio']:.1%} | "
+            f"{result['hooks_ms']:.1f} |"
+        )
+    tables = ["\n".join(rows)]
+    rows = ["| target | measured as | median [95% CI] | limit | status |", "|---|---|---|---|---|"]
+    for target in record["targets"]:
+        rows.append(
+            f"| {target['goal']} | {target['measure']} | {_md_interval(target, percent=False)} | "
+            f"{target['limit']:.2f} | **{target['status']}** |"
+        )
+    tables.append("\n".join(rows))
+    if "profile" in record:
+        profile = record["profile"]
+        base, pruned = profile["unpruned"]["ops"], profile["atp"]["ops"]
+        names = sorted(base, key=lambda op: -base[op]["self_ms"])[:top]
+        names += [op for op in sorted(pruned, key=lambda op: -pruned[op]["self_ms"])[:top] if op not in names]
+        rows = [
+            "| op | unpruned ms | atp ms | atp / unpruned | calls (unpruned, atp) |",
+            "|---|---|---|---|---|",
+        ]
+        for op in names:
+            a, b = base.get(op, {"self_ms": 0.0, "calls": 0}), pruned.get(op, {"self_ms": 0.0, "calls": 0})
+            ratio = f"{b['self_ms'] / a['self_ms']:.1%}" if a["self_ms"] else "atp only"
+            rows.append(
+                f"| `{op}` | {a['self_ms']:.2f} | {b['self_ms']:.2f} | {ratio} | {a['calls']:.0f}, {b['calls']:.0f} |"
+            )
+        tables.append("\n".join(rows))
+        rows = [
+            "| method | prefill ms (profiled) | atp's hooks ms | share | scoring | pruning (decide, layouts) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, entry in profile.items():
+            ranges = entry["ranges"]
+            rows.append(
+                f"| {name} | {entry['wall_ms']:.1f} | {entry['atp_ms']:.2f} | {entry['atp_share']:.2%} | "
+                f"{ranges.get('atp.score', 0.0):.2f} | {ranges.get('atp.prune', 0.0):.2f} |"
+            )
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables)
+
+
+def width_markdown(records: list[dict]) -> str:
+    """One row per bench record (e.g. several ``--hidden-size``): how the ratios and atp's own
+    share move with the width of the language model."""
+    rows = [
+        "| LM width | unpruned prefill ms | atp prefill ratio [95% CI] | FLOPs ratio | ratio / FLOPs ratio | "
+        "atp's own ms | atp's share | scoring share (keep_all) | atp / FastV |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in sorted(records, key=lambda r: r["config"]["hidden_size"]):
+        methods, targets = record["methods"], {t["name"]: t for t in record["targets"]}
+        atp_row = methods["atp"]
+        rows.append(
+            f"| {record['config']['hidden_size']} | {methods['unpruned']['prefill_ms']:.1f} | "
+            f"{_md_interval(atp_row['intervals']['prefill_ratio'])} | {atp_row['flops_ratio']:.1%} | "
+            f"{_md_interval(targets['prefill_vs_flops'], percent=False)} | {atp_row['hooks_ms']:.1f} | "
+            f"{_md_interval(targets['atp_share'])} | {_md_interval(targets['scoring_share'])} | "
+            f"{_md_interval(targets['atp_vs_fastv'], percent=False)} |"
+        )
+    return "\n".join(rows)

@@ -83,8 +83,8 @@ def measure_shape(name: str, base: BenchConfig, methods=METHODS, device: str = "
     from atp.efficiency import layer_flops, shape_from_config
 
     length = inputs["input_ids"].shape[1]
-    full = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers * config.batch
-    static["unpruned"]["flops"] = full
+    full = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers  # per sample
+    static["unpruned"]["flops"] = static["unpruned"]["flops_padded"] = full
     base_times, base_kv = times["unpruned"], static["unpruned"]["kv_cache_bytes"]
     rows = {}
     for method in chosen:
@@ -94,6 +94,7 @@ def measure_shape(name: str, base: BenchConfig, methods=METHODS, device: str = "
         rows[method] = {
             "avg_tokens": static[method]["avg_tokens"],
             "flops_ratio": static[method]["flops"] / full,
+            "flops_ratio_padded": static[method]["flops_padded"] / full,
             "kv_cache_bytes": static[method]["kv_cache_bytes"],
             "kv_ratio": static[method]["kv_cache_bytes"] / base_kv,
             "ttft_ms": ttft["median"] * 1000,
@@ -205,7 +206,7 @@ def format_table(record: dict) -> str:
         f"FLOPs: {record['flops_convention']}",
         f"memory: {record['memory']}",
         "",
-        f"{'shape':>11} | {'visual':>6} | {'batch':>5} | {'method':>8} | {'Token':>6} | {'FLOPs':>6} | "
+        f"{'shape':>11} | {'visual':>6} | {'batch':>5} | {'method':>8} | {'Token':>6} | {'FLOPs':>6} | {'padded':>6} | "
         f"{'time ratio [95% CI]':>22} | {'TTFT ms':>8} | {'decode tok/s':>12} | {'KV':>6} | {'peak rise':>10}",
     ]
     for shape in record["shapes"]:
@@ -215,7 +216,7 @@ def format_table(record: dict) -> str:
             rise = f"{memory['rise_bytes'] / 2**20:>7.0f} MiB" if memory else f"{'-':>10}"
             rows.append(
                 f"{shape['shape']:>11} | {shape['visual_tokens']:>6} | {shape['batch']:>5} | {method:>8} | "
-                f"{row['avg_tokens']:>6.1f} | {row['flops_ratio']:>6.1%} | "
+                f"{row['avg_tokens']:>6.1f} | {row['flops_ratio']:>6.1%} | {row['flops_ratio_padded']:>6.1%} | "
                 f"{ratio['median']:>6.1%} [{ratio['low']:.1%}, {ratio['high']:.1%}] | {row['ttft_ms']:>8.1f} | "
                 f"{row['decode_tokens_per_s']:>12.1f} | {row['kv_ratio']:>6.1%} | {rise}"
             )
@@ -285,3 +286,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def markdown(record: dict) -> str:
+    """The scaling record as one markdown table (docs/benchmarks.md shows it, checked by its tests)."""
+    rows = [
+        "| shape | visual tokens | batch | method | Token | FLOPs | FLOPs as padded | TTFT ratio [95% CI] | TTFT ms | "
+        "prefill samples/s | decode tok/s | KV cache | peak memory rise | peak ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in record["shapes"]:
+        for method, row in shape["methods"].items():
+            ratio = row["time_ratio"]
+            memory = row.get("memory")
+            rise = f"{memory['rise_bytes'] / 2**20:.0f} MiB" if memory else "-"
+            peak = f"{row['memory_ratio']:.1%}" if row.get("memory_ratio") is not None else "-"
+            rows.append(
+                f"| {shape['shape']} | {shape['visual_tokens']} | {shape['batch']} | {method} | "
+                f"{row['avg_tokens']:.1f} | {row['flops_ratio']:.1%} | {row['flops_ratio_padded']:.1%} | "
+                f"{ratio['median']:.1%} [{ratio['low']:.1%}, {ratio['high']:.1%}] | {row['ttft_ms']:.1f} | "
+                f"{row['prefill_samples_per_s']:.2f} | {row['decode_tokens_per_s']:.1f} | {row['kv_ratio']:.1%} | "
+                f"{rise} | {peak} |"
+            )
+    return "\n".join(rows)

@@ -133,3 +133,23 @@ def test_every_supported_family_is_in_the_readme_and_the_backbones_page():
     readme, page = (ROOT / "README.md").read_text(), (ROOT / "docs/backbones.md").read_text()
     for name in registry().names("backbone"):
         assert f"`{name}`" in readme and f"`{name}`" in page, f"backbone {name!r} is not documented"
+
+
+def test_the_benchmarks_page_shows_the_recorded_runs():
+    """docs/benchmarks.md's measured tables are the reports of the JSON records beside them."""
+    import json
+
+    from atp import bench, scaling
+
+    page = (ROOT / "docs/benchmarks.md").read_text()
+    images = ROOT / "docs/images"
+    record = json.loads((images / "bench.json").read_text())
+    tables = bench.markdown(record).split("\n\n")
+    assert len(tables) == 4  # methods, targets, ops, atp's share: the run was profiled
+    widths = [json.loads((images / f"bench-{w}.json").read_text()) for w in (512, 2048)]
+    tables += [
+        bench.width_markdown([widths[0], record, widths[1]]),
+        scaling.markdown(json.loads((images / "scaling.json").read_text())),
+    ]
+    for table in tables:
+        assert table.strip() in page, table.splitlines()[0]

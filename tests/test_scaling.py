@@ -27,6 +27,13 @@ def test_the_scaling_record_holds_every_shape_with_ratios_from_its_rounds(tmp_pa
             ratio = rows[method]["time_ratio"]
             assert ratio["n"] == 2 and ratio["low"] <= ratio["median"] <= ratio["high"]
         assert abs(rows["atp"]["avg_tokens"] - rows["fastv"]["avg_tokens"]) < 2  # the same Token metric
+        for method in ("atp", "fastv"):  # FLOPs per sample; a padded batch computes at least those
+            assert rows[method]["flops_ratio"] <= rows[method]["flops_ratio_padded"] + 1e-12
+            if shape["batch"] == 1:
+                assert rows[method]["flops_ratio"] == pytest.approx(rows[method]["flops_ratio_padded"])
+    # FastV keeps one count in every sample: its batch needs no padding; FLOPs stay per sample
+    four = shapes["batch-4"]["methods"]["fastv"]
+    assert four["flops_ratio"] == pytest.approx(four["flops_ratio_padded"]) and four["flops_ratio"] < 1
     text = format_table(record)
     assert "video" in text and "2flops-per-mac" in text
 
