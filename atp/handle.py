@@ -106,13 +106,16 @@ class AttachHandle:
         """Write the ATP part only: ``atp_config.json`` and ``atp_model.safetensors``.
 
         ``state_dict`` (keys relative to the policy) replaces the live weights, e.g. a
-        gathered copy under DeepSpeed ZeRO-3 or FSDP.
+        gathered copy under DeepSpeed ZeRO-3 or FSDP. Weights sharded by FSDP2 (``fully_shard``:
+        DTensors) are gathered first, which is a collective: every rank calls this, and the
+        first rank alone writes the full weights.
         """
         from atp.checkpoint import save_checkpoint
 
-        save_checkpoint(
-            path, self.config(), state_dict if state_dict is not None else self.policy.state_dict()
-        )
+        state = state_dict if state_dict is not None else self.policy.state_dict()
+        state, writer = _gathered(state)
+        if writer:
+            save_checkpoint(path, self.config(), state)
 
     def remove(self) -> None:
         """Remove hooks, the ATP modules and the attention function; the model is as before."""
@@ -144,3 +147,22 @@ class AttachHandle:
             f"AttachHandle({self.runtime.adapter.family}, layers={list(self.layers)}, "
             f"policy={type(self.policy).__name__}, prune_mode={self.runtime.prune_mode!r}, {state})"
         )
+
+
+def _gathered(state: dict) -> tuple[dict, bool]:
+    """``state`` with every DTensor (an FSDP2 shard) gathered into a full tensor, and whether this
+    process writes it: the first rank when weights were sharded, every process otherwise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():  # a torch built without distributed support has no shards
+        return state, True
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(value, DTensor) for value in state.values()):
+        return state, True
+
+    full = {
+        name: value.full_tensor().detach().cpu() if isinstance(value, DTensor) else value
+        for name, value in state.items()
+    }
+    return full, not dist.is_initialized() or dist.get_rank() == 0
