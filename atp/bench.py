@@ -218,8 +218,7 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
     num_layers = len(adapter.decoder_layers())
     config.num_layers, config.hidden_size = num_layers, adapter.text_config().hidden_size
     clock = Clock(device)
-    methods = bench_methods(model, inputs, config, num_layers, atp_args)
-    visual = methods.pop("_visual")
+    methods, visual = bench_methods(model, inputs, config, num_layers, atp_args)
     kinds = ("prefill", "prefill_cold", "hooks", "ttft", "decode")
     times = {name: {kind: [] for kind in kinds} for name in methods}
     results = {name: {} for name in methods}
@@ -267,7 +266,12 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
             "cold_penalty": summarize(
                 [c / w - 1 for c, w in zip(own["prefill_cold"], own["prefill"])], seed=seed
             ),
-            "hooks_share": summarize(paired_ratios(own["hooks"], own["prefill"]), seed=seed),
+            # host time (kernels run asynchronously on a GPU): a CPU measure only
+            **(
+                {}
+                if clock.cuda
+                else {"hooks_share": summarize(paired_ratios(own["hooks"], own["prefill"]), seed=seed)}
+            ),
         }
         prefill_ms = summarize([t * 1000 for t in own["prefill"]], seed=seed)
         result.update(
@@ -284,7 +288,7 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
             ttft_ratio=intervals["ttft_ratio"]["median"],
             decode_speedup=intervals["decode_speedup"]["median"],
             intervals=intervals,
-            hooks_ms=summarize([t * 1000 for t in own["hooks"]])["median"],
+            hooks_ms=None if clock.cuda else summarize([t * 1000 for t in own["hooks"]])["median"],
             samples={kind: [t * 1000 for t in values] for kind, values in own.items()},
         )
     targets = bench_targets(times, results, device=device)
@@ -320,8 +324,8 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
 
 
 def bench_methods(model, inputs: dict, config: BenchConfig, num_layers: int, atp_args=None) -> dict:
-    """The methods to time, ``atp``'s counts calibrating ``fastv`` and ``fixed`` (and, under
-    ``"_visual"``, the prompt's visual tokens per sample)."""
+    """The methods to time (``atp``'s counts calibrating ``fastv`` and ``fixed``) and the prompt's
+    visual tokens per sample."""
     layers = atp.default_layers(num_layers)
     methods = {
         "unpruned": {"policy": None, "layers": None, "options": {}},
@@ -362,8 +366,7 @@ def bench_methods(model, inputs: dict, config: BenchConfig, num_layers: int, atp
     }
     if 0 not in layers:  # a pre-LLM row (pool) has no layers to copy
         methods["fixed"] = {"policy": "fixed", "layers": layers, "options": {"keep": [int(k) for k in kept]}}
-    methods["_visual"] = visual
-    return methods
+    return methods, visual
 
 
 def _static(model, inputs: dict, handle, visual: int) -> dict:
@@ -460,6 +463,7 @@ def profile_prefill(
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    clock = Clock(device)
     out = {}
     for name in ("unpruned", "keep_all", "atp", "fastv"):
         if name not in methods:
@@ -468,10 +472,10 @@ def profile_prefill(
         with torch.no_grad():
             model(**inputs, use_cache=True, logits_to_keep=1)
             with torch_profile(activities=activities) as prof:
-                begin = Clock(device).now()
+                begin = clock.now()
                 for _ in range(forwards):
                     model(**inputs, use_cache=True, logits_to_keep=1)
-                wall_ms = (Clock(device).now() - begin) * 1000 / forwards
+                wall_ms = (clock.now() - begin) * 1000 / forwards
         if handle is not None:
             handle.remove()
         events = prof.key_averages()
@@ -500,14 +504,19 @@ def profile_prefill(
     return out
 
 
-def format_profile(profile: dict, top: int = 12) -> str:
-    """The op table, unpruned vs atp (self time per prefill), and atp's share of each method."""
+def _op_rows(profile: dict, top: int):
+    """(op, unpruned entry, atp entry) for the ``top`` ops of each, the unpruned ones first."""
     base, pruned = profile.get("unpruned", {}).get("ops", {}), profile.get("atp", {}).get("ops", {})
     names = sorted(base, key=lambda op: -base[op]["self_ms"])[:top]
     names += [op for op in sorted(pruned, key=lambda op: -pruned[op]["self_ms"])[:top] if op not in names]
+    absent = {"self_ms": 0.0, "calls": 0}
+    return [(op, base.get(op, absent), pruned.get(op, absent)) for op in names]
+
+
+def format_profile(profile: dict, top: int = 12) -> str:
+    """The op table, unpruned vs atp (self time per prefill), and atp's share of each method."""
     rows = [f"{'op':>48} | {'unpruned ms':>11} | {'atp ms':>8} | {'ratio':>6} | {'calls':>11}"]
-    for op in names:
-        a, b = base.get(op, {"self_ms": 0.0, "calls": 0}), pruned.get(op, {"self_ms": 0.0, "calls": 0})
+    for op, a, b in _op_rows(profile, top):
         ratio = f"{b['self_ms'] / a['self_ms']:6.1%}" if a["self_ms"] else "   new"
         rows.append(
             f"{op[-48:]:>48} | {a['self_ms']:>11.2f} | {b['self_ms']:>8.2f} | {ratio} | "
@@ -520,6 +529,11 @@ def format_profile(profile: dict, top: int = 12) -> str:
             f"{entry['atp_ms']:.2f} ms ({entry['atp_share']:.2%})"
         )
     return "\n".join(rows)
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds, or "-" where not measured (atp's host time on a GPU)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _interval(summary: dict, percent: bool = True) -> str:
@@ -552,7 +566,7 @@ def format_table(record: dict) -> str:
         rows.append(
             f"{name:>9} | {result['avg_tokens']:>6.1f} | {result['flops_ratio']:>6.1%} | {result['prefill_ms']:>10.1f} | "
             f"{ratio:>23} | {result['ttft_ms']:>8.1f} | {result['decode_tokens_per_s']:>12.1f} | "
-            f"{result['kv_ratio']:>6.1%} | {cold:>6} | {result.get('hooks_ms', 0.0):>6.1f}"
+            f"{result['kv_ratio']:>6.1%} | {cold:>6} | {_ms(result.get('hooks_ms')):>6}"
         )
     rows.append("")
     rows.append(
@@ -627,12 +641,6 @@ def main(args) -> int:
     return 0
 
 
-def _md_interval(summary: dict, percent: bool = True) -> str:
-    if percent:
-        return f"{summary['median']:.1%} [{summary['low']:.1%}, {summary['high']:.1%}]"
-    return f"{summary['median']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
-
-
 def markdown(record: dict, top: int = 12) -> str:
     """The record as markdown tables (docs/benchmarks.md shows these, checked by its tests):
     methods, targets, and, when profiled, ops and atp's share; tables apart by blank lines."""
@@ -645,29 +653,25 @@ def markdown(record: dict, top: int = 12) -> str:
         intervals = result["intervals"]
         rows.append(
             f"| {name} | {result['avg_tokens']:.1f} | {result['flops_ratio']:.1%} | {result['prefill_ms']:.1f} | "
-            f"{_md_interval(intervals['prefill_ratio'])} | {intervals['cold_penalty']['median']:+.1%} | "
+            f"{_interval(intervals['prefill_ratio'])} | {intervals['cold_penalty']['median']:+.1%} | "
             f"{result['ttft_ms']:.1f} | {result['decode_tokens_per_s']:.1f} | {result['kv_ratio']:.1%} | "
-            f"{result['hooks_ms']:.1f} |"
+            f"{_ms(result.get('hooks_ms'))} |"
         )
     tables = ["\n".join(rows)]
     rows = ["| target | measured as | median [95% CI] | limit | status |", "|---|---|---|---|---|"]
     for target in record["targets"]:
         rows.append(
-            f"| {target['goal']} | {target['measure']} | {_md_interval(target, percent=False)} | "
+            f"| {target['goal']} | {target['measure']} | {_interval(target, percent=False)} | "
             f"{target['limit']:.2f} | **{target['status']}** |"
         )
     tables.append("\n".join(rows))
     if "profile" in record:
         profile = record["profile"]
-        base, pruned = profile["unpruned"]["ops"], profile["atp"]["ops"]
-        names = sorted(base, key=lambda op: -base[op]["self_ms"])[:top]
-        names += [op for op in sorted(pruned, key=lambda op: -pruned[op]["self_ms"])[:top] if op not in names]
         rows = [
             "| op | unpruned ms | atp ms | atp / unpruned | calls (unpruned, atp) |",
             "|---|---|---|---|---|",
         ]
-        for op in names:
-            a, b = base.get(op, {"self_ms": 0.0, "calls": 0}), pruned.get(op, {"self_ms": 0.0, "calls": 0})
+        for op, a, b in _op_rows(profile, top):
             ratio = f"{b['self_ms'] / a['self_ms']:.1%}" if a["self_ms"] else "atp only"
             rows.append(
                 f"| `{op}` | {a['self_ms']:.2f} | {b['self_ms']:.2f} | {ratio} | {a['calls']:.0f}, {b['calls']:.0f} |"
@@ -700,9 +704,9 @@ def width_markdown(records: list[dict]) -> str:
         atp_row = methods["atp"]
         rows.append(
             f"| {record['config']['hidden_size']} | {methods['unpruned']['prefill_ms']:.1f} | "
-            f"{_md_interval(atp_row['intervals']['prefill_ratio'])} | {atp_row['flops_ratio']:.1%} | "
-            f"{_md_interval(targets['prefill_vs_flops'], percent=False)} | {atp_row['hooks_ms']:.1f} | "
-            f"{_md_interval(targets['atp_share'])} | {_md_interval(targets['scoring_share'])} | "
-            f"{_md_interval(targets['atp_vs_fastv'], percent=False)} |"
+            f"{_interval(atp_row['intervals']['prefill_ratio'])} | {atp_row['flops_ratio']:.1%} | "
+            f"{_interval(targets['prefill_vs_flops'], percent=False)} | {_ms(atp_row['hooks_ms'])} | "
+            f"{_interval(targets['atp_share'])} | {_interval(targets['scoring_share'])} | "
+            f"{_interval(targets['atp_vs_fastv'], percent=False)} |"
         )
     return "\n".join(rows)

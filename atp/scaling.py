@@ -60,8 +60,7 @@ def measure_shape(name: str, base: BenchConfig, methods=METHODS, device: str = "
     model = build_model(config, device)
     inputs = make_inputs(model, config, device)
     num_layers = config.num_layers
-    every = bench_methods(model, inputs, config, num_layers)
-    visual = every.pop("_visual")
+    every, visual = bench_methods(model, inputs, config, num_layers)
     chosen = {method: every[method] for method in methods}
     clock = Clock(device)
     times = {method: {"ttft": [], "decode": []} for method in chosen}
@@ -254,9 +253,9 @@ def main(argv=None) -> int:
     if args.memory_worker is not None:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return 0
-    for name in ("repeats", "new_tokens", "num_layers"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (("repeats", 1), ("new_tokens", 1), ("num_layers", 1), ("warmup", 0)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}")
     if args.plot:
         from atp.plotting import require
 

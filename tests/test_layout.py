@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
@@ -80,3 +81,42 @@ def test_additive_mask_is_finite_and_matches_bias_where_allowed(q_len, extra):
     allowed = torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + extra
     assert torch.equal(out[1, 0][allowed], bias[1].expand(q_len, -1)[allowed])
     assert (out[:, 0][:, ~allowed] == torch.finfo(torch.float32).min).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])  # one source for every sample
+@pytest.mark.parametrize("width", [1, 3, 16, 40])  # rows below and above the index_select path
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@given(st.integers(1, 3), st.integers(2, 9), st.data())
+@settings(max_examples=15, deadline=None)
+def test_gather_seq_equals_an_element_wise_gather_on_every_layout(
+    batch, shared, width, transposed, heads, length, data
+):
+    source_batch = 1 if shared else batch
+    if transposed:
+        x = torch.randn(source_batch, width, heads, length).transpose(1, 3)
+    else:
+        x = torch.randn(source_batch, length, heads, width)
+    count = data.draw(st.integers(1, length))
+    rows = [
+        data.draw(st.lists(st.integers(0, length - 1), min_size=count, max_size=count)) for _ in range(batch)
+    ]
+    index = torch.tensor(rows, dtype=torch.long)
+    expected = torch.stack([x[0 if shared else b].index_select(0, index[b]) for b in range(batch)])
+    assert torch.equal(gather_seq(x, index, dim=1), expected)
+
+
+@given(st.integers(1, 3), st.integers(1, 8), st.data())
+@settings(max_examples=40, deadline=None)
+def test_scatter_seq_without_fillers_equals_the_general_path_and_carries_gradients(batch, length, data):
+    count = data.draw(st.integers(1, length))
+    index = torch.stack([torch.randperm(length)[:count].sort().values for _ in range(batch)])
+    valid = torch.ones_like(index, dtype=torch.bool)
+    full = torch.randn(batch, length, 5, requires_grad=True)
+    values = torch.randn(batch, count, 5, requires_grad=True)
+    fast = scatter_seq(full, index, valid, values, fillers=False)
+    assert torch.equal(fast, scatter_seq(full, index, valid, values))
+    fast.sum().backward()
+    assert torch.equal(values.grad, torch.ones_like(values))
+    kept = torch.zeros(batch, length, dtype=torch.bool).scatter(1, index, True)
+    assert torch.equal(full.grad[..., 0], (~kept).float())  # overwritten rows pass no gradient
