@@ -103,4 +103,14 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"the atp checkpoint {path} does not fit this policy: " + "; ".join(parts))
     with torch.no_grad():
         for name, tensor in expected.items():
-            tensor.copy_(state[name].to(tensor.dtype))
+            tensor.copy_(_placed(state[name].to(tensor.dtype), tensor))
+
+
+def _placed(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) laid out as ``like``: an FSDP2 parameter is a DTensor shard, and
+    each process keeps its own slice (every process read the same file: nothing is sent)."""
+    if type(like).__name__ != "DTensor":
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

@@ -354,6 +354,8 @@ class Runtime:
                         f"decoder layer {layer} continues a KV cache atp pruned, but atp took this forward "
                         "for a new prompt without images (the multimodal model received no cache it could see)"
                     )
+            if layer == self.layers[0] and module.training and torch.is_grad_enabled():
+                return self._join_backward(args, kwargs)
             return None
         segment = self.segment_of.get(layer)
         if self.decoding:
@@ -377,6 +379,32 @@ class Runtime:
                 p.cache = weakref.ref(cache)  # decoding must continue this very cache
                 self.pruned_caches.add(cache)
         return self._prefill_layer_input(layer, p, segment, args, kwargs)
+
+    def _join_backward(self, args, kwargs):
+        """A training batch without images: add a zero that depends on every trainable ATP
+        parameter and every trainable parameter outside the language model (the projector, a
+        vision tower that trains) to the hidden states entering the first ATP layer.
+
+        FSDP needs both: each sharded decoder layer gathers its weights again in the backward
+        pass, so every rank must run the backward through the same layers (in a batch with images
+        the soft masks reach them); and a sharded unit reduces the gradients its parameters have,
+        so a projector without a gradient on one rank only is a collective of another size. Either
+        way a rank would wait for a collective the others never start. The values are unchanged;
+        the unused parameters get a zero gradient instead of none (as under DeepSpeed ZeRO).
+        """
+        language = {id(param) for param in self.adapter.language_model().parameters()}
+        params = [param for param in self.policy.parameters() if param.requires_grad]
+        atp = {id(param) for param in params}
+        params += [  # a DTensor is a shard of another FSDP unit (one this forward does not gather)
+            param
+            for param in self.adapter.multimodal_model().parameters()
+            if param.requires_grad and id(param) not in language | atp and type(param).__name__ != "DTensor"
+        ]
+        if not params:
+            return None
+        hidden = compat.layer_hidden(args, kwargs)
+        zero = sum(param.sum() * 0.0 for param in params)
+        return compat.with_layer_hidden(args, kwargs, hidden + zero.to(hidden.dtype))
 
     def _replay(self, layer: int, p: Prefill, segment, args, kwargs):
         """Run a layer's prefill hook again on the state it first saw: the recompute performs the

@@ -106,3 +106,183 @@ def test_save_pretrained_gathers_fsdp2_shards_and_writes_them_once(tmp_path):
     expected = heads.policy.state_dict()
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     heads.remove()
+
+
+# FSDP2 through accelerate and the Trainer ----------------------------------------------------
+FSDP_RUN = ["--max-steps", "6", "--save-steps", "3"]
+
+
+def fsdp_config(tmp_path: Path) -> Path:
+    """The shipped FSDP config for two CPU processes in float32."""
+    text = (ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text()
+    assert "num_processes: 8" in text and "mixed_precision: bf16" in text
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(text.replace("num_processes: 8", "num_processes: 2").replace("bf16", '"no"'))
+    return path
+
+
+def launch_fsdp(tmp_path: Path, output: Path, data: Path, *flags: str) -> list[str]:
+    """``tests/scripts/fsdp_train.py`` on two CPU processes; returns each rank's modality string
+    (``I`` / ``T`` per micro-batch: with or without an image)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(fsdp_config(tmp_path)),
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "scripts" / "fsdp_train.py"),
+        str(output),
+        str(data),
+        str(data.parent / "images"),
+        *FSDP_RUN,
+        *flags,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    reports = dict(
+        re.findall(r"rank (\d) of 2 done, step 6, fsdp True, sharded True, images ([IT]+)", done.stdout)
+    )
+    assert sorted(reports) == ["0", "1"], done.stdout[-2000:]
+    return [reports["0"], reports["1"]]
+
+
+def one_process(output: Path, data: Path, *flags: str) -> dict[str, torch.Tensor]:
+    """The same run in this process with the same global batch: one sample per micro-batch and two
+    accumulated micro-batches per step (the two ranks' micro-batches, in the same order)."""
+    from atp.cli import build_parser
+    from atp.training.cli import run
+
+    args = build_parser().parse_args(
+        ["train", "--model", "tiny", "--data", str(data), "--image-folder", str(data.parent / "images")]
+        + ["--output-dir", str(output), "--batch-size", "1", "--grad-accum", "2", "--workers", "0"]
+        + ["--logging-steps", "1", "--lambda-target", "1.0", "--target-tokens", "6"]
+        + ["--learning-rate", "0.01", "--atp-learning-rate", "0.05", "--warmup", "0", *FSDP_RUN, *flags]
+    )
+    trainer = run(args)
+    handle = trainer.atp_handle
+    state = {f"atp.{k}": v.detach().clone() for k, v in handle.policy.state_dict().items()}
+    last = handle.runtime.adapter.decoder_layers()[-1]
+    for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        state[f"lm.{name}"] = last.get_parameter(name).detach().clone()
+    handle.remove()
+    return state
+
+
+def untrained() -> dict[str, torch.Tensor]:
+    import atp
+    from atp.testing import tiny_llava
+
+    model = tiny_llava(num_layers=4)
+    handle = atp.attach(model, layers=[1, 2, 3])
+    state = {f"atp.{k}": v.detach().clone() for k, v in handle.policy.state_dict().items()}
+    last = handle.runtime.adapter.decoder_layers()[-1]
+    for name in ("self_attn.q_proj.weight", "mlp.down_proj.weight"):
+        state[f"lm.{name}"] = last.get_parameter(name).detach().clone()
+    return state
+
+
+def assert_close(first: dict, second: dict, atol: float) -> None:
+    assert first.keys() == second.keys()
+    worst = {k: float((first[k] - second[k]).abs().max()) for k in first}
+    assert max(worst.values()) <= atol, worst
+
+
+@pytest.mark.parametrize(
+    "regime",
+    [["--freeze-lm"], ["--gradient-checkpointing"]],
+    ids=["frozen-lm", "full-finetune-checkpointing"],
+)
+def test_fsdp2_training_matches_one_process_resumes_and_saves_once(tmp_path, regime):
+    """FSDP2 through ``accelerate launch`` and ``atp train`` on two CPU processes: the ranks end
+    identical and equal to one process with the same global batch; a rank whose batch has no image
+    while the other's has one does not hang; resuming from the mid-run checkpoint in a new launch
+    ends where the uninterrupted run ended; the full ATP weights are written once."""
+    data = toy_dataset(tmp_path / "data", images=6, text_only=6)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    modalities = launch_fsdp(tmp_path, full, data, *regime)
+    assert any(a != b for a, b in zip(*modalities)), modalities  # one rank with an image, one without
+    first, second = load_file(full / "final-rank0.safetensors"), load_file(full / "final-rank1.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    start = untrained()
+    moved = {k for k in first if not torch.equal(first[k], start[k])}
+    assert {k for k in moved if k.startswith("atp.")}, "the ATP heads did not train"
+    assert bool({k for k in moved if k.startswith("lm.")}) == ("--freeze-lm" not in regime)
+
+    saved = load_file(full / "atp_model.safetensors")  # written once, by the first rank, gathered
+    assert all(torch.equal(saved[k], first[f"atp.{k}"]) for k in saved) and len(saved) == 18
+    assert (full / "checkpoint-3" / "atp_model.safetensors").is_file()
+
+    launch_fsdp(tmp_path, resumed, data, *regime, "--resume", str(full / "checkpoint-3"))
+    assert_close(load_file(resumed / "final-rank0.safetensors"), first, atol=1e-6)
+
+    reference = one_process(tmp_path / "single", data, *regime)
+    assert_close(reference, first, atol=5e-5)
+
+
+def backward_footprint(model, handle, images: int) -> tuple[list[int], set[str]]:
+    """The decoder layers a training backward runs through (outputs that need a gradient) and the
+    trainable parameters outside the language model that get a gradient."""
+    from atp.testing import llava_batch
+
+    layers, hooks = [], []
+    for index, layer in enumerate(handle.runtime.adapter.decoder_layers()):
+        hook = layer.register_forward_hook(
+            lambda module, args, output, index=index: (
+                layers.append(index)
+                if (output[0] if isinstance(output, tuple) else output).requires_grad
+                else None
+            )
+        )
+        hooks.append(hook)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    batch = llava_batch(model, [([5, 6], [7, 8, 9], images), ([5], [7, 8, 10, 11], images)])
+    labels = batch["input_ids"].clone()
+    labels[(labels == model.config.image_token_id) | (batch["attention_mask"] == 0)] = -100
+    model(**batch, labels=labels).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    language = {id(p) for p in handle.runtime.adapter.language_model().parameters()}
+    outside = {
+        name
+        for name, p in handle.runtime.adapter.multimodal_model().named_parameters()
+        if p.requires_grad and id(p) not in language and not name.startswith("atp.") and p.grad is not None
+    }
+    return layers, outside
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-lm", "full-finetune"])
+def test_batches_with_and_without_images_run_the_same_backward(frozen):
+    """What FSDP needs from every rank: a text-only batch runs the backward through the same
+    decoder layers as a batch with images, and the trainable parameters outside the language model
+    (the projector) get a gradient (zero) even when no image used them."""
+    import atp
+    from atp.testing import tiny_llava
+
+    model = tiny_llava(num_layers=4)
+    handle = atp.attach(model, layers=[2, 3], init_theta_r=0.3)
+    model.model.vision_tower.requires_grad_(False)
+    if frozen:
+        handle.freeze_base_model()
+    with_images, used = backward_footprint(model, handle, images=1)
+    without, touched = backward_footprint(model, handle, images=0)
+    assert with_images == without == ([2, 3] if frozen else [0, 1, 2, 3])
+    assert (
+        touched
+        == used
+        == (
+            set()
+            if frozen
+            else {
+                n
+                for n, _ in model.model.multi_modal_projector.named_parameters(prefix="multi_modal_projector")
+            }
+        )
+    )
+    if not frozen:
+        assert all(float(p.grad.abs().max()) == 0.0 for p in model.model.multi_modal_projector.parameters())
+    assert all(p.grad is not None for p in handle.parameters())
+    handle.remove()

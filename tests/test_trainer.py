@@ -237,7 +237,7 @@ def test_shipped_accelerate_configs_load(name):
         )
     if name == "fsdp":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-        assert config.fsdp_config["fsdp_use_orig_params"] is True
+        assert config.fsdp_config["fsdp_version"] == 2  # FSDP1 is deprecated in transformers 5
 
 
 def test_gradient_accumulation_gives_the_gradients_of_the_full_batch(tmp_path):
