@@ -25,7 +25,7 @@ import torch
 import atp
 from atp import compat
 from atp.efficiency import report, report_from_stats, shape_from_config
-from atp.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, verdict
+from atp.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, threads_restored, verdict
 
 
 @dataclass
@@ -200,6 +200,7 @@ TARGETS = {
 }
 
 
+@threads_restored
 def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, profile: bool = False) -> dict:
     """Every method on one prompt, interleaved round after round; ``loaded`` (a checkpoint from
     ``--model``) replaces the random LLaVA-1.5-shaped model and its prompt; ``atp_args`` (parsed

@@ -83,7 +83,14 @@ def check_identity(saved: dict, current: dict, path) -> None:
 
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load ``atp_model.safetensors`` into ``module`` strictly, naming offending keys."""
+    from atp.handle import zero3_gathered
+
     state = load_file(str(Path(path) / WEIGHTS_NAME))
+    with zero3_gathered(module, write=True):  # DeepSpeed ZeRO-3: full shapes inside, every rank loads
+        _load_strict(module, state, path)
+
+
+def _load_strict(module: torch.nn.Module, state: dict, path) -> None:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from atp.runtime import Runtime
@@ -107,13 +109,19 @@ class AttachHandle:
 
         ``state_dict`` (keys relative to the policy) replaces the live weights, e.g. a
         gathered copy under DeepSpeed ZeRO-3 or FSDP. Weights sharded by FSDP2 (``fully_shard``:
-        DTensors) are gathered first, which is a collective: every rank calls this, and the
-        first rank alone writes the full weights.
+        DTensors) or partitioned by DeepSpeed ZeRO-3 are gathered first, which is a collective:
+        every rank calls this, and the first rank alone writes the full weights.
         """
         from atp.checkpoint import save_checkpoint
 
-        state = state_dict if state_dict is not None else self.policy.state_dict()
+        if state_dict is not None:
+            state = state_dict
+        else:
+            with zero3_gathered(self.policy, write=False):  # DeepSpeed ZeRO-3: every rank calls this
+                state = {name: value.detach().clone() for name, value in self.policy.state_dict().items()}
         state, writer = _gathered(state)
+        if any(_is_zero3(value) for value in self.policy.parameters()) and torch.distributed.is_initialized():
+            writer = writer and torch.distributed.get_rank() == 0
         if writer:
             save_checkpoint(path, self.config(), state)
 
@@ -166,3 +174,23 @@ def _gathered(state: dict) -> tuple[dict, bool]:
         for name, value in state.items()
     }
     return full, not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _is_zero3(param) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (its data is an empty placeholder)."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def zero3_gathered(module: torch.nn.Module, write: bool):
+    """Inside, ``module``'s ZeRO-3-partitioned parameters hold their full values (a collective:
+    every rank enters); with ``write``, what the first rank writes into them is partitioned
+    again on exit. Nothing happens for parameters DeepSpeed does not manage."""
+    params = [param for param in module.parameters() if _is_zero3(param)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None):
+        yield

@@ -8,6 +8,7 @@ between rounds moves every method alike and the per-round ratios stay comparable
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import statistics
@@ -58,6 +59,21 @@ def pin_threads(threads: int | None) -> int:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def threads_restored(function):
+    """``function`` with torch's intra-op thread count put back afterwards (a benchmark pins it;
+    the caller's process keeps its own)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
+
+    return wrapper
 
 
 def bootstrap_interval(

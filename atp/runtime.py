@@ -32,6 +32,39 @@ from atp.scorers.base import AttentionView
 from atp.stats import PruningStats, empty_stats
 
 
+def joinable(params):
+    """The parameters a zero term may read outside their module's forward: not a DTensor (a shard
+    of another FSDP unit, one this forward does not gather) and not partitioned by DeepSpeed
+    ZeRO-3 (an empty placeholder outside its module's forward; ZeRO-3 reduces a missing gradient
+    as zero by itself)."""
+    return (p for p in params if type(p).__name__ != "DTensor" and not hasattr(p, "ds_id"))
+
+
+def zero3_params(module: torch.nn.Module) -> list:
+    """``module``'s parameters partitioned by DeepSpeed ZeRO-3."""
+    return [param for param in module.parameters() if hasattr(param, "ds_id")]
+
+
+def check_zero3_modalities(has_images: bool, input_ids) -> None:
+    """Under ZeRO-3 every module gathers its weights with a collective when it runs, so a rank
+    whose micro-batch has images (the vision tower and ATP heads run) and one without would wait
+    in different collectives. Agree on it first (two tiny all-reduces) and raise instead."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flags = torch.tensor([float(has_images), -float(has_images)], device=input_ids.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] != -flags[1]:
+        raise RuntimeError(
+            "under DeepSpeed ZeRO-3 the ranks' micro-batches of one step must all have images or all have "
+            "none (each module gathers its partitioned weights with a collective when it runs, so mixed "
+            "steps would hang); group batches by modality: `atp train --group-by-modality-length` or "
+            "AtpTrainer(group_by_modality_length=True), or use FSDP (configs/accelerate/fsdp.yaml), "
+            "which trains mixed steps"
+        )
+
+
 class Runtime:
     """Hooks and state for one attached model."""
 
@@ -160,6 +193,8 @@ class Runtime:
         ):
             raise RuntimeError(COMPILE_MESSAGE)
         self.pending = None  # whatever an earlier, failed call left
+        if module.training and torch.is_grad_enabled() and zero3_params(self.policy):
+            check_zero3_modalities(kwargs.get("pixel_values") is not None, kwargs.get("input_ids"))
         labels, self.labels = self.labels, None  # from the outer model's forward (the loss reads them)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = compat.find_cache(args, kwargs)
@@ -393,12 +428,12 @@ class Runtime:
         the unused parameters get a zero gradient instead of none (as under DeepSpeed ZeRO).
         """
         language = {id(param) for param in self.adapter.language_model().parameters()}
-        params = [param for param in self.policy.parameters() if param.requires_grad]
+        params = [param for param in joinable(self.policy.parameters()) if param.requires_grad]
         atp = {id(param) for param in params}
-        params += [  # a DTensor is a shard of another FSDP unit (one this forward does not gather)
+        params += [
             param
-            for param in self.adapter.multimodal_model().parameters()
-            if param.requires_grad and id(param) not in language | atp and type(param).__name__ != "DTensor"
+            for param in joinable(self.adapter.multimodal_model().parameters())
+            if param.requires_grad and id(param) not in language | atp
         ]
         if not params:
             return None
@@ -468,7 +503,11 @@ class Runtime:
         losses = self.last_stats.losses
         weighted = self.budget.lambda_atp * losses["atp"] + self.budget.lambda_target * losses["target"]
         # every ATP parameter joins the graph, also in batches without images (DDP needs it)
-        touch = sum((param.sum() * 0.0 for param in self.policy.parameters()), loss.new_zeros(()))
+        touch = sum((param.sum() * 0.0 for param in joinable(self.policy.parameters())), loss.new_zeros(()))
+        if zero3_params(self.policy) and loss.grad_fn is None:
+            # ZeRO-3 reduces missing gradients as zeros by itself, but its engine refuses a loss
+            # without a graph (a text-only batch with the language model frozen): give it one
+            touch = touch + loss.new_zeros((), requires_grad=True)
         total = loss + (weighted * self.budget_scale + touch).to(loss.dtype)
         if as_tuple:
             return (total, *output[1:])

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from atp.bench import BenchConfig, _attach, _static, bench_methods, build_model, make_inputs, timed_generate
-from atp.measure import Clock, current_rss, paired_ratios, peak_rss, pin_threads, reset_peak_rss, summarize
+from atp.measure import (
+    Clock,
+    current_rss,
+    paired_ratios,
+    peak_rss,
+    pin_threads,
+    reset_peak_rss,
+    summarize,
+    threads_restored,
+)
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,7 @@ def measure_memory(name: str, method: str, options: dict, base: BenchConfig, dev
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@threads_restored
 def run(
     base: BenchConfig,
     shapes=tuple(SHAPES),

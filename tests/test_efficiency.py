@@ -166,7 +166,13 @@ def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_p
     from atp.bench import TARGETS, BenchConfig, format_table, run
 
     config = BenchConfig(num_layers=4, hidden_size=64, heads=4, repeats=3, warmup=0, new_tokens=2, threads=1)
-    record = run(config, "cpu", profile=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        record = run(config, "cpu", profile=True)
+        assert torch.get_num_threads() == 2  # pinned for the run, the caller's count put back
+    finally:
+        torch.set_num_threads(before)
     assert record["threads"] == 1 and record["config"]["threads"] == 1
     methods = record["methods"]
     for result in methods.values():

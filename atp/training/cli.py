@@ -3,14 +3,17 @@
 One process: ``atp train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix665k.json
 --image-folder data --output-dir out``. Many: the same under ``accelerate launch`` with one of
 the configs in ``configs/accelerate/`` (docs/training.md). ``--model tiny`` trains the embedded
-tiny random model on a CPU (a toy run, nothing downloaded).
+tiny random model on a CPU (a toy run, nothing downloaded). ``--config recipe.yaml`` reads the
+options from a recipe (``configs/recipes/``; flags given too override it), ``--dry-run`` prints the
+resolved plan without loading weights (atp/training/recipe.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import os
+import sys
 
 
 def add_parser(sub) -> None:
@@ -18,6 +21,12 @@ def add_parser(sub) -> None:
     from atp.loading import ATTENTION, DTYPES
 
     train = sub.add_parser("train", help="train ATP modules on LLaVA-format conversations")
+    train.add_argument(
+        "--config", default=None, metavar="FILE", help="a recipe (YAML of these options); flags override it"
+    )
+    train.add_argument(
+        "--dry-run", action="store_true", help="print the resolved plan as JSON without loading weights"
+    )
     train.add_argument(
         "--model",
         default="tiny",
@@ -29,9 +38,17 @@ def add_parser(sub) -> None:
     train.add_argument("--attn-implementation", choices=ATTENTION, default="sdpa", help="the vision tower's")
     train.add_argument("--policy", default=None, help="policy name (default atp; fixed ratios train nothing)")
     add_option_argument(train)
-    train.add_argument("--data", required=True, help="LLaVA-format conversation JSON (llava_v1_5_mix665k)")
+    train.add_argument(
+        "--data", default=None, help="LLaVA-format conversation JSON (llava_v1_5_mix665k); required"
+    )
     train.add_argument("--image-folder", default=".", help="folder the records' image paths are relative to")
-    train.add_argument("--output-dir", required=True)
+    train.add_argument(
+        "--missing-images",
+        choices=("error", "skip"),
+        default="error",
+        help="records whose image file is missing: stop before training (default) or skip them",
+    )
+    train.add_argument("--output-dir", default=None, help="required")
     train.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (default 4 14 24)")
     train.add_argument("--lambda-atp", type=float, default=0.05, help="weight of L_ATP (paper 0.01-0.1)")
     train.add_argument("--lambda-target", type=float, default=0.2, help="weight of L_target (paper 0.2)")
@@ -64,6 +81,11 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--max-length", type=int, default=2048)
+    train.add_argument(
+        "--group-by-modality-length",
+        action="store_true",
+        help="LLaVA's sampler: text-only and image batches apart, lengths grouped",
+    )
     train.add_argument("--warmup", type=float, default=0.03, help="warm-up steps, or a ratio in [0, 1)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
@@ -75,6 +97,39 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to resume from")
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="FILE",
+        help="the accelerate config the run is launched with (world size and checks of --dry-run)",
+    )
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="world size for --dry-run (default: the accelerate config's)",
+    )
+    _read_recipes(train)
+
+
+def _read_recipes(train: argparse.ArgumentParser) -> None:
+    """Let ``--config FILE`` set the defaults before the command line is parsed (flags win)."""
+    from atp.training.recipe import read_recipe
+
+    parse = train.parse_known_args
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+
+    def parse_with_recipe(args=None, namespace=None):
+        config = first.parse_known_args(args)[0].config
+        if config is not None:
+            try:
+                train.set_defaults(**read_recipe(config, train))
+            except (OSError, ValueError) as error:  # a usage error, as argparse reports its own
+                train.error(str(error))
+        return parse(args, namespace)
+
+    train.parse_known_args = parse_with_recipe
 
 
 def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementation: str = "sdpa"):
@@ -87,33 +142,42 @@ def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementat
 
         return tiny_llava(num_layers=4).to(DTYPES[dtype]), TinyTokenizer(), TinyImageProcessor(32)
     loaded = load(name, dtype, "cpu", attn_implementation)
-    if loaded.model.config.model_type != "llava":
-        raise ValueError(
-            f"atp train's data pipeline is LLaVA-1.5's (one <image> expanded to image_seq_length tokens); "
-            f"{name} is a {loaded.model.config.model_type!r} model. Train other families with AtpTrainer "
-            "and the family's processor (docs/training.md)"
-        )
+    check_llava(loaded.model.config, name)
     return loaded.model, loaded.processor.tokenizer, loaded.processor.image_processor
 
 
-def run(args: argparse.Namespace):
-    """Build everything from the parsed arguments, train, save; returns the trainer."""
-    import torch
-    from transformers import TrainingArguments
+def check_llava(config, name: str) -> None:
+    if config.model_type != "llava":
+        raise ValueError(
+            f"atp train's data pipeline is LLaVA-1.5's (one <image> expanded to image_seq_length tokens); "
+            f"{name} is a {config.model_type!r} model. Train other families with AtpTrainer "
+            "and the family's processor (docs/training.md)"
+        )
 
-    from atp import compat
+
+def dataset_from_args(args: argparse.Namespace, quiet: bool = False):
+    """The indexed dataset; records with a missing image raise or are skipped (``--missing-images``)."""
+    from atp.training.data import ConversationDataset
+
+    for option in ("data", "output_dir"):
+        if getattr(args, option) is None:
+            raise ValueError(
+                f"atp train needs --{option.replace('_', '-')} (on the command line or in --config)"
+            )
+    dataset = ConversationDataset(args.data, args.image_folder, args.missing_images)
+    if dataset.skipped and not quiet and int(os.environ.get("RANK", "0")) == 0:
+        examples = [path for _, _, path in dataset.missing[:3]]
+        print(
+            f"atp train: skipped {dataset.skipped} records with missing images (e.g. {examples})",
+            file=sys.stderr,
+        )
+    return dataset
+
+
+def attach_atp(model, args: argparse.Namespace):
+    """atp attached as the recipe says, CLIP frozen, and the LM too with ``--freeze-lm``."""
     from atp.loading import attach_from_args
-    from atp.training.data import ConversationDataset, LlavaCollator
-    from atp.training.trainer import AtpTrainer
 
-    dataset = ConversationDataset(args.data)
-    folder = Path(args.image_folder)
-    missing = [r["image"] for r in dataset.records if r.get("image") and not (folder / r["image"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images not found under {folder}, e.g. {missing[:3]}")
-    model, tokenizer, image_processor = load_model(
-        args.model, args.bf16, args.dtype, args.attn_implementation
-    )
     visual = int(model.config.image_seq_length)
     policy = args.policy or ("atp" if args.atp_checkpoint is None else None)
     options = (
@@ -130,6 +194,41 @@ def run(args: argparse.Namespace):
     model.model.vision_tower.requires_grad_(False)  # LLaVA-1.5 fine-tuning keeps CLIP frozen
     if args.freeze_lm:
         handle.freeze_base_model()
+    return handle
+
+
+def check_images_per_record(handle, dataset, visual: int) -> None:
+    """Records with several images give ``images x visual`` visual tokens in one sample: refuse,
+    before training, threshold heads built for fewer (the paper's head takes a fixed count)."""
+    most = int(dataset.image_counts.max()) if len(dataset) else 0
+    fixed = [getattr(head, "num_visual_tokens", None) for head in getattr(handle.policy, "heads", ())]
+    fixed = [count for count in fixed if count is not None and count < most * visual]
+    if fixed:
+        several = int((dataset.image_counts > 1).sum())
+        raise ValueError(
+            f"{several} records have several images (up to {most}, {most * visual} visual tokens per sample) "
+            f"but the threshold heads take at most {fixed[0]} (the paper's fixed-size head); pass "
+            "--option threshold_head=binned (size-agnostic), or drop those records"
+        )
+
+
+def run(args: argparse.Namespace):
+    """Build everything from the parsed arguments, train, save; returns the trainer."""
+    import torch
+    from transformers import TrainingArguments
+
+    from atp import compat
+    from atp.training.data import LlavaCollator
+    from atp.training.recipe import check_launch, launch_settings
+    from atp.training.trainer import AtpTrainer
+
+    dataset = dataset_from_args(args)
+    check_launch(args, launch_settings(args))
+    model, tokenizer, image_processor = load_model(
+        args.model, args.bf16, args.dtype, args.attn_implementation
+    )
+    visual = int(model.config.image_seq_length)
+    check_images_per_record(attach_atp(model, args), dataset, visual)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -165,6 +264,7 @@ def run(args: argparse.Namespace):
         train_dataset=dataset,
         data_collator=collator,
         atp_learning_rate=args.atp_learning_rate,
+        group_by_modality_length=args.group_by_modality_length,
     )
     resume = True if args.resume == "latest" else args.resume
     result = trainer.train(resume_from_checkpoint=resume)
@@ -172,12 +272,19 @@ def run(args: argparse.Namespace):
     trainer.atp_summary = {
         "output_dir": args.output_dir,
         "global_step": trainer.state.global_step,
+        "records": len(dataset),
+        "skipped_missing_images": dataset.skipped,
         **result.metrics,
     }
     return trainer
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from atp.training.recipe import dry_run
+
+        print(json.dumps(dry_run(args), indent=2))
+        return 0
     trainer = run(args)
     if trainer.is_world_process_zero():
         print(json.dumps(trainer.atp_summary))

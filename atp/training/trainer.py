@@ -43,11 +43,14 @@ class AtpTrainer(Trainer):
       dict), plus the full model when the base model is trained; resumes from them.
     """
 
-    def __init__(self, *args, atp_learning_rate: float = 1e-4, **kwargs):
+    def __init__(
+        self, *args, atp_learning_rate: float = 1e-4, group_by_modality_length: bool = False, **kwargs
+    ):
         compat.check_trainer(Trainer)
         super().__init__(*args, **kwargs)
         self.atp_handle = find_handle(self.model)
         self.atp_learning_rate = atp_learning_rate
+        self.group_by_modality_length = group_by_modality_length
         self._atp_sums = torch.zeros(4, dtype=torch.float64)  # atp loss, target loss, tokens, count
 
     def create_optimizer(self, model=None):
@@ -151,3 +154,44 @@ class AtpTrainer(Trainer):
             load_weights(self.atp_handle.policy, resume_from_checkpoint)
         elif not self._trains_base_model():
             raise FileNotFoundError(f"no {CONFIG_NAME} / {WEIGHTS_NAME} in {resume_from_checkpoint}")
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``group_by_modality_length=True``, LLaVA's sampler: each optimizer step's records
+        (processes x batch x accumulation) are all text-only or all with images, grouped by length
+        (:class:`~atp.training.data.ModalityLengthGroupedSampler`, reshuffled every epoch through
+        ``set_epoch``); otherwise the Trainer's own."""
+        from atp.training.data import ModalityLengthGroupedSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length:
+            self._check_zero3_data(dataset)
+            return super()._get_train_sampler(train_dataset)
+        if not hasattr(dataset, "image_counts") or not hasattr(dataset, "lengths"):
+            raise ValueError(
+                "group_by_modality_length needs a dataset with per-record image_counts and lengths "
+                f"(atp.training.ConversationDataset), got {type(dataset).__name__}"
+            )
+        return ModalityLengthGroupedSampler(
+            dataset.image_counts,
+            dataset.lengths,
+            self.args.train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+            complete=self.is_deepspeed_enabled,  # ZeRO-3 cannot train a step of mixed modalities
+        )
+
+    def _check_zero3_data(self, dataset) -> None:
+        """Before the first step: ZeRO-3 cannot train a step whose ranks disagree on images (see
+        :func:`atp.runtime.check_zero3_modalities`), so mixed data needs modality grouping."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3:
+            return
+        counts = getattr(dataset, "image_counts", None)
+        if counts is not None and self.args.world_size > 1 and 0 < int((counts > 0).sum()) < len(counts):
+            raise ValueError(
+                f"DeepSpeed ZeRO-3 on {self.args.world_size} processes with data that mixes records with "
+                "and without images: a step where one rank has images and another none would hang (every "
+                "module gathers its weights with a collective when it runs). Group batches by modality: "
+                "`atp train --group-by-modality-length` or AtpTrainer(group_by_modality_length=True); or "
+                "train with FSDP (configs/accelerate/fsdp.yaml)"
+            )
