@@ -290,6 +290,12 @@ def test_batches_with_and_without_images_run_the_same_backward(frozen):
 
 
 # DeepSpeed ZeRO-3 through the Trainer --------------------------------------------------------
+# atp supports ZeRO-3 from torch 2.14 (docs/training.md): with torch 2.13 these runs hung in CI
+zero3_torch = pytest.mark.skipif(
+    __import__("atp.training.trainer", fromlist=["x"])._torch_version()
+    < __import__("atp.training.trainer", fromlist=["x"]).ZERO3_TORCH,
+    reason="ZeRO-3 is supported from torch 2.14 (its runs hung with torch 2.13)",
+)
 # Five steps: with this data and seed the one text-only step is the first. A text-only step after
 # steps with images differs by design: ZeRO-3 gives the (unused) heads no gradient and AdamW leaves
 # them, DDP / FSDP / one process give them a zero gradient and AdamW's momentum moves them (seen:
@@ -339,6 +345,7 @@ def zero3_reports(done: subprocess.CompletedProcess) -> list[str]:
     return [reports["0"], reports["1"]]
 
 
+@zero3_torch
 @pytest.mark.parametrize("regime", [["--freeze-lm"], []], ids=["frozen-lm", "full-finetune"])
 def test_zero3_training_matches_one_process_resumes_and_saves(tmp_path, regime):
     """DeepSpeed ZeRO-3 (CPU accelerator, gloo) on two processes with ``atp train --deepspeed``:
@@ -371,6 +378,7 @@ def test_zero3_training_matches_one_process_resumes_and_saves(tmp_path, regime):
     assert_close(reference, first, atol=5e-4 if not regime else 5e-5)
 
 
+@zero3_torch
 def test_zero3_refuses_mixed_modality_steps_before_training(tmp_path):
     """Without modality grouping a step could give one rank images and the other none, which
     ZeRO-3 cannot run (the ranks would wait in different collectives): refused up front."""

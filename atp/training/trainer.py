@@ -19,6 +19,12 @@ from atp.checkpoint import (
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 
 POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
+ZERO3_TORCH = (2, 14)  # the oldest torch ZeRO-3 training was seen to work with (two CPU processes)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def find_handle(model: torch.nn.Module) -> AttachHandle:
@@ -186,6 +192,12 @@ class AtpTrainer(Trainer):
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3:
             return
+        if _torch_version() < ZERO3_TORCH:
+            raise RuntimeError(
+                f"DeepSpeed ZeRO-3 training with atp is tested from torch {'.'.join(map(str, ZERO3_TORCH))} on; "
+                f"with torch {torch.__version__} a two-process run hung (not diagnosed). Upgrade torch, "
+                "or train with FSDP (configs/accelerate/fsdp.yaml) or DDP"
+            )
         counts = getattr(dataset, "image_counts", None)
         if counts is not None and self.args.world_size > 1 and 0 < int((counts > 0).sum()) < len(counts):
             raise ValueError(
