@@ -290,12 +290,6 @@ def test_batches_with_and_without_images_run_the_same_backward(frozen):
 
 
 # DeepSpeed ZeRO-3 through the Trainer --------------------------------------------------------
-# atp supports ZeRO-3 from torch 2.14 (docs/training.md): with torch 2.13 these runs hung in CI
-zero3_torch = pytest.mark.skipif(
-    __import__("atp.training.trainer", fromlist=["x"])._torch_version()
-    < __import__("atp.training.trainer", fromlist=["x"]).ZERO3_TORCH,
-    reason="ZeRO-3 is supported from torch 2.14 (its runs hung with torch 2.13)",
-)
 # Five steps: with this data and seed the one text-only step is the first. A text-only step after
 # steps with images differs by design: ZeRO-3 gives the (unused) heads no gradient and AdamW leaves
 # them, DDP / FSDP / one process give them a zero gradient and AdamW's momentum moves them (seen:
@@ -314,7 +308,10 @@ def zero3_config(tmp_path: Path) -> Path:
     return path
 
 
-def launch_zero3(tmp_path: Path, output: Path, data: Path, *flags: str) -> subprocess.CompletedProcess:
+def launch_zero3(
+    tmp_path: Path, output: Path, data: Path, *flags: str, **env: str
+) -> subprocess.CompletedProcess:
+    env.setdefault("TORCH_EXTENSIONS_DIR", extension_cache())
     command = [
         sys.executable,
         "-m",
@@ -331,21 +328,30 @@ def launch_zero3(tmp_path: Path, output: Path, data: Path, *flags: str) -> subpr
         *ZERO3_RUN,
         *flags,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", **env}
     return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
 
 
-def zero3_reports(done: subprocess.CompletedProcess) -> list[str]:
+def extension_cache() -> str:
+    """DeepSpeed's ops built once per torch: a build by torch >= 2.14 leaves a lock file that an
+    older torch in another environment would wait on forever (see ``check_extension_locks``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return str(Path(get_default_build_root()) / f"atp-tests-torch-{torch.__version__}")
+
+
+def zero3_reports(done: subprocess.CompletedProcess, loaded_partitioned: bool = False) -> list[str]:
+    """Each rank's modalities, one letter per micro-batch (I: images, T: text only)."""
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     pattern = (
-        r"rank (\d) of 2 done, step \d+, deepspeed True, partitioned True, reloaded True, images ([IT]+)"
+        rf"rank (\d) of 2 done, step \d+, deepspeed True, loaded partitioned {loaded_partitioned}, "
+        r"partitioned True, reloaded True, images ([IT]+)"
     )
     reports = dict(re.findall(pattern, done.stdout))
     assert sorted(reports) == ["0", "1"], done.stdout[-2000:]
     return [reports["0"], reports["1"]]
 
 
-@zero3_torch
 @pytest.mark.parametrize("regime", [["--freeze-lm"], []], ids=["frozen-lm", "full-finetune"])
 def test_zero3_training_matches_one_process_resumes_and_saves(tmp_path, regime):
     """DeepSpeed ZeRO-3 (CPU accelerator, gloo) on two processes with ``atp train --deepspeed``:
@@ -378,7 +384,6 @@ def test_zero3_training_matches_one_process_resumes_and_saves(tmp_path, regime):
     assert_close(reference, first, atol=5e-4 if not regime else 5e-5)
 
 
-@zero3_torch
 def test_zero3_refuses_mixed_modality_steps_before_training(tmp_path):
     """Without modality grouping a step could give one rank images and the other none, which
     ZeRO-3 cannot run (the ranks would wait in different collectives): refused up front."""
@@ -389,3 +394,53 @@ def test_zero3_refuses_mixed_modality_steps_before_training(tmp_path):
     assert "mixes records with and without images" in done.stderr
     assert "--group-by-modality-length" in done.stderr
     assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_zero3_refuses_a_stale_extension_lock_before_deepspeed_starts(tmp_path):
+    """Every rank of a DeepSpeed run with torch 2.13 hung in ``deepspeed.initialize`` on the
+    lock file a torch 2.14 build of its op had left in a shared cache (as in CI, whose newest stage
+    runs first): the trainer names the file and stops before DeepSpeed starts."""
+    pytest.importorskip("deepspeed")
+    data = toy_dataset(tmp_path / "data", images=2, text_only=0)
+    cache = tmp_path / "torch_extensions"
+    (cache / "deepspeed_shm_comm").mkdir(parents=True)
+    (cache / "deepspeed_shm_comm" / "lock").touch()  # as torch >= 2.14 leaves it, before the library
+    (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    done = launch_zero3(
+        tmp_path,
+        tmp_path / "out",
+        data,
+        "--freeze-lm",
+        TORCH_EXTENSIONS_DIR=str(cache),
+        ATP_TEST_TORCH="2.13",
+    )
+    assert done.returncode != 0
+    assert "stale lock file(s)" in done.stderr and str(cache / "deepspeed_shm_comm" / "lock") in done.stderr
+    assert "deepspeed_shm_comm_op built" not in done.stdout + done.stderr  # stopped before DeepSpeed's build
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+
+
+def test_zero3_partitions_a_checkpoint_as_it_loads_and_trains_like_one_process(tmp_path):
+    """``atp train --deepspeed`` with a checkpoint folder: the Trainer's arguments come first, so
+    ``from_pretrained`` runs under ``deepspeed.zero.Init`` and no process holds the whole model; the
+    ATP heads, attached after, are partitioned by ``deepspeed.initialize``. Full fine-tuning then
+    ends on both ranks where one process ends."""
+    pytest.importorskip("deepspeed")
+    from atp.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "model", "llava", num_layers=4)
+    data = toy_dataset(tmp_path / "data", images=8, text_only=6)
+    flags = ["--model", str(folder), "--group-by-modality-length"]
+    modalities = zero3_reports(
+        launch_zero3(tmp_path, tmp_path / "out", data, *flags), loaded_partitioned=True
+    )
+    assert modalities[0] == modalities[1] and "I" in modalities[0]
+    first = load_file(tmp_path / "out" / "final-rank0.safetensors")
+    second = load_file(tmp_path / "out" / "final-rank1.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    reference = one_process(tmp_path / "single", data, *flags, *ZERO3_RUN)
+    (loaded,) = [
+        v for k, v in load_file(folder / "model.safetensors").items() if "layers.3.self_attn.q_proj" in k
+    ]
+    assert not torch.equal(first["lm.self_attn.q_proj.weight"], loaded)  # the partitioned LM trained
+    assert_close(reference, first, atol=5e-4)

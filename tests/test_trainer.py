@@ -221,6 +221,32 @@ def test_atp_train_cli_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "run" / "atp_config.json").is_file()
 
 
+def test_atp_train_initialises_the_heads_from_its_seed(tmp_path, monkeypatch):
+    """The heads start from ``--seed``, not from whatever the model's loading drew from torch's
+    generator (it differs between a folder, a ZeRO-3 partitioned load and the tiny model)."""
+    from atp.cli import build_parser
+    from atp.training.cli import run
+
+    class Started(Exception):
+        pass
+
+    def started(self, *args, **kwargs):
+        raise Started({k: v.clone() for k, v in self.atp_handle.policy.state_dict().items()})
+
+    monkeypatch.setattr(AtpTrainer, "train", started)
+    data = toy_dataset(tmp_path, images=2, text_only=0)
+    heads = []
+    for seed, draws in (("1", 0), ("1", 5), ("2", 0)):
+        torch.rand(draws)  # what loading a model might draw
+        args = ["train", "--model", "tiny", "--data", str(data), "--image-folder", str(tmp_path / "images")]
+        args += ["--output-dir", str(tmp_path / "run"), "--seed", seed]
+        with pytest.raises(Started) as start:
+            run(build_parser().parse_args(args))
+        heads.append(start.value.args[0])
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in ((heads[0], heads[1]), (heads[0], heads[2]))]
+    assert same == [True, False]
+
+
 @pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp"])
 def test_shipped_accelerate_configs_load(name):
     from pathlib import Path
@@ -330,3 +356,37 @@ def test_a_policy_without_parameters_gives_only_the_base_group():
         with atp.attach(model, layers=[1], policy=policy, **options) as handle:
             groups = handle.param_groups(lr=1e-3, atp_lr=5e-3)
             assert [g["lr"] for g in groups] == [1e-3] and all(g["params"] for g in groups)
+
+
+@pytest.mark.parametrize("where", ["default", "TORCH_EXTENSIONS_DIR"])
+def test_stale_extension_locks_are_named_for_torch_before_2_14(tmp_path, monkeypatch, where):
+    import os
+
+    from torch.utils import cpp_extension
+
+    import atp.training.trainer as trainer
+
+    if where == "default":
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+        assert trainer.extension_root().parent == tmp_path  # py<version>_<accelerator>, as torch names it
+    else:
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    op = trainer.extension_root() / "deepspeed_shm_comm"
+    for folder in (op, tmp_path / "py39_other" / "cpu_adam"):  # the second is not torch's: ignored
+        folder.mkdir(parents=True)
+        (folder / "lock").touch()
+        (folder / f"{folder.name}.so").write_bytes(b"")
+        os.utime(folder / "lock", (1_000, 1_000))  # older than the library it guarded: left by torch >= 2.14
+    monkeypatch.setattr(trainer, "_torch_version", lambda: (2, 14))
+    trainer.check_extension_locks()  # torch 2.14 locks with the OS: the file is harmless
+    monkeypatch.setattr(trainer, "_torch_version", lambda: (2, 13))
+    with pytest.raises(ValueError, match="1 stale lock file") as error:
+        trainer.check_extension_locks()
+    assert str(op / "lock") in str(error.value) and "TORCH_EXTENSIONS_DIR" in str(error.value)
+    os.utime(op / "lock")  # newer than the library: a rebuild in progress, which torch 2.13 awaits
+    trainer.check_extension_locks()
+    (op / "lock").unlink()
+    (op / "lock").touch()
+    (op / f"{op.name}.so").unlink()  # a first build in progress
+    trainer.check_extension_locks()

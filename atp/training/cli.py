@@ -11,6 +11,7 @@ resolved plan without loading weights (atp/training/recipe.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -220,15 +221,21 @@ def run(args: argparse.Namespace):
     from atp import compat
     from atp.training.data import LlavaCollator
     from atp.training.recipe import check_launch, launch_settings
-    from atp.training.trainer import AtpTrainer
+    from atp.training.trainer import AtpTrainer, check_extension_locks
 
     dataset = dataset_from_args(args)
-    check_launch(args, launch_settings(args))
-    model, tokenizer, image_processor = load_model(
-        args.model, args.bf16, args.dtype, args.attn_implementation
-    )
-    visual = int(model.config.image_seq_length)
-    check_images_per_record(attach_atp(model, args), dataset, visual)
+    settings = launch_settings(args)
+    check_launch(args, settings)
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"  # by accelerate launch
+    if args.deepspeed or launched or settings.get("distributed_type") == "DEEPSPEED":
+        check_extension_locks()  # before DeepSpeed's processes start (they load its ops)
+    if args.model == "tiny":  # built directly (no from_pretrained), before ZeRO-3's zero.Init is set up
+        model, tokenizer, image_processor = load_model(
+            "tiny", args.bf16, args.dtype, args.attn_implementation
+        )
+    # a checkpoint after the arguments: under DeepSpeed ZeRO-3 its weights are then partitioned as
+    # they load (deepspeed.zero.Init), so no process holds the whole model; the ATP heads, created
+    # after, are partitioned by deepspeed.initialize
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -255,6 +262,14 @@ def run(args: argparse.Namespace):
         # ATP parameters always join the graph, so a frozen base needs no search
         ddp_find_unused_parameters=not args.freeze_lm,
     )
+    start_zero3_processes(training_args)
+    if args.model != "tiny":
+        model, tokenizer, image_processor = load_model(
+            args.model, args.bf16, args.dtype, args.attn_implementation
+        )
+    visual = int(model.config.image_seq_length)
+    torch.manual_seed(args.seed)  # the heads' initialisation follows --seed, whatever loading drew
+    check_images_per_record(attach_atp(model, args), dataset, visual)
     collator = LlavaCollator(
         tokenizer, image_processor, model.config.image_token_id, visual, args.image_folder, args.max_length
     )
@@ -279,11 +294,30 @@ def run(args: argparse.Namespace):
     return trainer
 
 
+def start_zero3_processes(training_args) -> None:
+    """Under ZeRO-3, set up the processes and DeepSpeed's communication now: ``from_pretrained``
+    partitions the weights as they load (``deepspeed.zero.Init``), which reads the world size
+    from DeepSpeed (a run on CPU processes initialises it only in ``deepspeed.initialize``)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    import deepspeed
+
+    training_args.device  # noqa: B018 (the property sets up the process group)
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed()
+
+
 def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         from atp.training.recipe import dry_run
 
-        print(json.dumps(dry_run(args), indent=2))
+        # the plan alone on stdout (`atp train --dry-run > plan.json`): what libraries print while
+        # it is resolved (DeepSpeed announces its accelerator on import) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = dry_run(args)
+        print(json.dumps(plan, indent=2))
         return 0
     trainer = run(args)
     if trainer.is_world_process_zero():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -19,12 +21,53 @@ from atp.checkpoint import (
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 
 POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
-ZERO3_TORCH = (2, 14)  # the oldest torch ZeRO-3 training was seen to work with (two CPU processes)
+FILELOCK_TORCH = (2, 14)  # torch's JIT extension builds lock with an OS-level file lock from here on
 
 
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int(minor)
+
+
+def extension_root() -> Path:
+    """The folder torch's ``cpp_extension`` builds JIT ops in, one subfolder per op (as torch
+    chooses it: ``TORCH_EXTENSIONS_DIR``, else ``py<version>_<accelerator>`` in the user's cache)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils import cpp_extension
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(cpp_extension.get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def check_extension_locks() -> None:
+    """``ValueError`` naming the stale JIT-build lock files a torch older than 2.14 would wait on
+    forever. DeepSpeed builds its ops (the CPU accelerator's ``deepspeed_shm_comm``, ``cpu_adam``,
+    ...) with torch's ``cpp_extension`` into a cache shared by every environment of the user. From
+    torch 2.14 that build holds an OS-level lock on ``<op>/lock`` and leaves the file; torch 2.13
+    takes the file's existence for a build in progress and waits for it to go, so every rank of a
+    run in an older environment hangs in ``deepspeed.initialize``. A lock no newer than the built
+    library it guards is such a leftover (an older torch removes its lock when its build ends)."""
+    if _torch_version() >= FILELOCK_TORCH:
+        return
+    stale = []
+    for lock in extension_root().glob("*/lock"):
+        built = [so.stat().st_mtime for so in lock.parent.glob("*.so")]
+        if built and lock.stat().st_mtime <= max(built):
+            stale.append(str(lock))
+    if stale:
+        raise ValueError(
+            f"torch {torch.__version__} would wait forever on {len(stale)} stale lock file(s) of its extension "
+            f"cache: {', '.join(sorted(stale))}. torch >= 2.14 leaves these files after building an op "
+            "(DeepSpeed's, in a cache shared with another environment); older torch takes them for a build "
+            "in progress. Delete them, or give each environment its own cache with TORCH_EXTENSIONS_DIR"
+        )
 
 
 def find_handle(model: torch.nn.Module) -> AttachHandle:
@@ -55,6 +98,8 @@ class AtpTrainer(Trainer):
         compat.check_trainer(Trainer)
         super().__init__(*args, **kwargs)
         self.atp_handle = find_handle(self.model)
+        if self.is_deepspeed_enabled:
+            check_extension_locks()  # before deepspeed.initialize builds or loads its ops
         self.atp_learning_rate = atp_learning_rate
         self.group_by_modality_length = group_by_modality_length
         self._atp_sums = torch.zeros(4, dtype=torch.float64)  # atp loss, target loss, tokens, count
@@ -186,18 +231,15 @@ class AtpTrainer(Trainer):
             complete=self.is_deepspeed_enabled,  # ZeRO-3 cannot train a step of mixed modalities
         )
 
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
     def _check_zero3_data(self, dataset) -> None:
         """Before the first step: ZeRO-3 cannot train a step whose ranks disagree on images (see
         :func:`atp.runtime.check_zero3_modalities`), so mixed data needs modality grouping."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3:
+        if not self._zero3():
             return
-        if _torch_version() < ZERO3_TORCH:
-            raise RuntimeError(
-                f"DeepSpeed ZeRO-3 training with atp is tested from torch {'.'.join(map(str, ZERO3_TORCH))} on; "
-                f"with torch {torch.__version__} a two-process run hung (not diagnosed). Upgrade torch, "
-                "or train with FSDP (configs/accelerate/fsdp.yaml) or DDP"
-            )
         counts = getattr(dataset, "image_counts", None)
         if counts is not None and self.args.world_size > 1 and 0 < int((counts > 0).sum()) < len(counts):
             raise ValueError(

@@ -1,13 +1,16 @@
 """Run by tests/test_distributed.py under ``torch.distributed.run`` with DeepSpeed ZeRO-3 on two
 CPU processes (DeepSpeed's CPU accelerator, gloo).
 
-``atp train --deepspeed configs/deepspeed/zero3.json`` on the tiny model (``atp.training.cli.run``).
+``atp train --deepspeed configs/deepspeed/zero3.json`` on the tiny model (``atp.training.cli.run``;
+``--model FOLDER`` among the extra arguments loads a checkpoint instead, which ZeRO-3 partitions as
+it loads). Each rank reports whether the base model's weights were partitioned at loading.
 Each rank then gathers the partitioned weights and writes its full ATP weights (and a few LM
 weights) to ``OUTPUT/final-rank{N}.safetensors``; it also calls ``handle.save_pretrained`` on the
 partitioned model (into ``OUTPUT/direct``) and loads that back, to check saving and loading
 outside the Trainer.
 """
 
+import os
 import sys
 import warnings
 
@@ -15,11 +18,16 @@ import deepspeed
 import torch
 from safetensors.torch import save_file
 
+import atp.training.cli
 from atp.cli import build_parser
 from atp.training.cli import finish_distributed, run
 from atp.training.data import LlavaCollator
 
 warnings.simplefilter("ignore")
+if "ATP_TEST_TORCH" in os.environ:  # run as if this torch were installed (the lock check's test)
+    import atp.training.trainer
+
+    atp.training.trainer._torch_version = lambda: tuple(map(int, os.environ["ATP_TEST_TORCH"].split(".")))
 output, data, images, config, *extra = sys.argv[1:]
 modalities = []  # per micro-batch of this rank: did it hold an image?
 collate = LlavaCollator.__call__
@@ -32,6 +40,17 @@ def counting(self, records):
 
 
 LlavaCollator.__call__ = counting
+loaded_partitioned = []  # were the base model's weights partitioned as they loaded (zero.Init)?
+load_model = atp.training.cli.load_model
+
+
+def loading(*args, **kwargs):
+    model, *rest = load_model(*args, **kwargs)
+    loaded_partitioned.append(all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()))
+    return (model, *rest)
+
+
+atp.training.cli.load_model = loading
 args = build_parser().parse_args(
     ["train", "--model", "tiny", "--data", data, "--image-folder", images, "--output-dir", output]
     + ["--batch-size", "1", "--workers", "0", "--logging-steps", "1", "--lambda-target", "1.0"]
@@ -61,7 +80,8 @@ with deepspeed.zero.GatheredParameters(list(handle.policy.parameters())):
     reloaded = all(torch.equal(v, state[f"atp.{k}"]) for k, v in handle.policy.state_dict().items())
 print(
     f"rank {rank} of {trainer.args.world_size} done, step {trainer.state.global_step}, "
-    f"deepspeed {trainer.is_deepspeed_enabled}, partitioned {partitioned}, reloaded {reloaded}, "
+    f"deepspeed {trainer.is_deepspeed_enabled}, loaded partitioned {loaded_partitioned[0]}, "
+    f"partitioned {partitioned}, reloaded {reloaded}, "
     f"images {''.join('I' if m else 'T' for m in modalities)}",
     flush=True,
 )
