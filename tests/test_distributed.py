@@ -399,7 +399,7 @@ def test_zero3_refuses_mixed_modality_steps_before_training(tmp_path):
 def test_zero3_refuses_a_stale_extension_lock_before_deepspeed_starts(tmp_path):
     """Every rank of a DeepSpeed run with torch 2.13 hung in ``deepspeed.initialize`` on the
     lock file a torch 2.14 build of its op had left in a shared cache (as in CI, whose newest stage
-    runs first): the trainer names the file and stops before DeepSpeed starts."""
+    runs first): ``atp train`` names the file and stops before DeepSpeed starts."""
     pytest.importorskip("deepspeed")
     data = toy_dataset(tmp_path / "data", images=2, text_only=0)
     cache = tmp_path / "torch_extensions"
@@ -422,8 +422,8 @@ def test_zero3_refuses_a_stale_extension_lock_before_deepspeed_starts(tmp_path):
 
 def test_zero3_partitions_a_checkpoint_as_it_loads_and_trains_like_one_process(tmp_path):
     """``atp train --deepspeed`` with a checkpoint folder: the Trainer's arguments come first, so
-    ``from_pretrained`` runs under ``deepspeed.zero.Init`` and no process holds the whole model; the
-    ATP heads, attached after, are partitioned by ``deepspeed.initialize``. Full fine-tuning then
+    ``from_pretrained`` runs under ``deepspeed.zero.Init`` and partitions the weights as they load;
+    the ATP heads, attached after, are partitioned by ``deepspeed.initialize``. Full fine-tuning then
     ends on both ranks where one process ends."""
     pytest.importorskip("deepspeed")
     from atp.tiny import write_tiny_checkpoint

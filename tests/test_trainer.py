@@ -361,6 +361,7 @@ def test_a_policy_without_parameters_gives_only_the_base_group():
 @pytest.mark.parametrize("where", ["default", "TORCH_EXTENSIONS_DIR"])
 def test_stale_extension_locks_are_named_for_torch_before_2_14(tmp_path, monkeypatch, where):
     import os
+    from pathlib import Path
 
     from torch.utils import cpp_extension
 
@@ -369,12 +370,13 @@ def test_stale_extension_locks_are_named_for_torch_before_2_14(tmp_path, monkeyp
     if where == "default":
         monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
         monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
-        assert trainer.extension_root().parent == tmp_path  # py<version>_<accelerator>, as torch names it
+        assert trainer.extension_root().parent == tmp_path  # py<version>_<accelerator>
     else:
         monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     op = trainer.extension_root() / "deepspeed_shm_comm"
+    assert Path(cpp_extension._get_build_directory(op.name, False)) == op  # where torch builds it
     for folder in (op, tmp_path / "py39_other" / "cpu_adam"):  # the second is not torch's: ignored
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "lock").touch()
         (folder / f"{folder.name}.so").write_bytes(b"")
         os.utime(folder / "lock", (1_000, 1_000))  # older than the library it guarded: left by torch >= 2.14

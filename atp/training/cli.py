@@ -234,8 +234,8 @@ def run(args: argparse.Namespace):
             "tiny", args.bf16, args.dtype, args.attn_implementation
         )
     # a checkpoint after the arguments: under DeepSpeed ZeRO-3 its weights are then partitioned as
-    # they load (deepspeed.zero.Init), so no process holds the whole model; the ATP heads, created
-    # after, are partitioned by deepspeed.initialize
+    # they load (deepspeed.zero.Init) instead of being built whole on every process; the ATP heads,
+    # created after, are partitioned by deepspeed.initialize
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,

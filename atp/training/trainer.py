@@ -231,14 +231,11 @@ class AtpTrainer(Trainer):
             complete=self.is_deepspeed_enabled,  # ZeRO-3 cannot train a step of mixed modalities
         )
 
-    def _zero3(self) -> bool:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
-
     def _check_zero3_data(self, dataset) -> None:
         """Before the first step: ZeRO-3 cannot train a step whose ranks disagree on images (see
         :func:`atp.runtime.check_zero3_modalities`), so mixed data needs modality grouping."""
-        if not self._zero3():
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3:
             return
         counts = getattr(dataset, "image_counts", None)
         if counts is not None and self.args.world_size > 1 and 0 < int((counts > 0).sum()) < len(counts):
