@@ -14,17 +14,22 @@ import sys
 
 
 def _demo_parser(sub) -> None:
+    from atp.arguments import COUNT, OPEN_FRACTION, SEED
     from atp.loading import add_atp_arguments, add_model_arguments
 
     demo = sub.add_parser("demo", help="prune a model's visual tokens on one image and print what was kept")
     add_model_arguments(demo, "a tiny random LLaVA-1.5-shaped model, offline")
     add_atp_arguments(demo)
-    demo.add_argument("--theta-r", type=float, default=0.5, help="initial redundancy threshold (atp policy)")
-    demo.add_argument("--theta-s", type=float, default=0.9, help="initial spatial threshold (atp policy)")
+    demo.add_argument(
+        "--theta-r", type=OPEN_FRACTION, default=0.5, help="initial redundancy threshold (atp policy)"
+    )
+    demo.add_argument(
+        "--theta-s", type=OPEN_FRACTION, default=0.9, help="initial spatial threshold (atp policy)"
+    )
     demo.add_argument("--image", default=None, help="an image file (default: a synthetic picture)")
     demo.add_argument("--prompt", default="Describe the image.", help="the question (with --model)")
-    demo.add_argument("--max-new-tokens", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0, help="the embedded model's weights")
+    demo.add_argument("--max-new-tokens", type=COUNT, default=8)
+    demo.add_argument("--seed", type=SEED, default=0, help="the embedded model's weights")
     demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
 
 
@@ -78,29 +83,31 @@ def parse_options(pairs: list[str], policy: str | None = None) -> dict:
 
 
 def _flops_parser(sub) -> None:
+    from atp.arguments import COUNT, LAYER, NON_NEGATIVE, POSITIVE
+
     flops = sub.add_parser("flops", help="analytic FLOPs, KV cache and Token metric of a pruning schedule")
     source = flops.add_mutually_exclusive_group(required=True)
     from atp.efficiency import PRESETS
 
     source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--config", help="a local folder or config.json of a transformers model (no weights)")
-    flops.add_argument("--layers", type=int, nargs="+", required=True, help="ATP layers, e.g. 4 14 24")
+    flops.add_argument("--layers", type=LAYER, nargs="+", required=True, help="ATP layers, e.g. 4 14 24")
     flops.add_argument(
         "--kept",
-        type=float,
+        type=NON_NEGATIVE,
         nargs="+",
         required=True,
         help="visual tokens kept after each ATP layer, never more than after the layer before; a value in "
         "(0, 1) is a fraction of those alive before it",
     )
-    flops.add_argument("--visual-tokens", type=float, default=None, help="visual tokens before pruning")
+    flops.add_argument("--visual-tokens", type=POSITIVE, default=None, help="visual tokens before pruning")
     flops.add_argument(
-        "--text-tokens", type=float, default=0, help="text tokens (default 0: visual only, as Table 6)"
+        "--text-tokens", type=NON_NEGATIVE, default=0, help="text tokens (default 0: visual only, as Table 6)"
     )
     flops.add_argument("--convention", choices=["paper", "2flops-per-mac"], default="paper")
     flops.add_argument("--include-vision", action="store_true", help="add the image encoder")
     flops.add_argument("--include-lm-head", action="store_true", help="add the LM head over the prompt")
-    flops.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2: bf16)")
+    flops.add_argument("--kv-bytes", type=COUNT, default=2, help="bytes per cached element (2: bf16)")
     flops.add_argument("--json", action="store_true")
 
 
@@ -138,6 +145,7 @@ def _flops_main(args) -> int:
 
 
 def _bench_parser(sub) -> None:
+    from atp.arguments import at_least
     from atp.loading import add_atp_arguments, add_model_arguments
 
     bench = sub.add_parser(
@@ -146,32 +154,41 @@ def _bench_parser(sub) -> None:
     add_model_arguments(bench, "a random LLaVA-1.5-shaped model sized by --num-layers / --hidden-size")
     add_atp_arguments(bench)
     bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
-    bench.add_argument("--num-layers", type=int, default=None, help="decoder layers (CPU default 8, GPU 32)")
-    bench.add_argument("--hidden-size", type=int, default=None, help="LM width (CPU default 1024, GPU 4096)")
+    bench.add_argument(
+        "--num-layers", type=at_least(2), default=None, help="decoder layers (CPU default 8, GPU 32)"
+    )
+    bench.add_argument(
+        "--hidden-size", type=at_least(16), default=None, help="LM width (CPU default 1024, GPU 4096)"
+    )
     bench.add_argument(
         "--repeats",
-        type=int,
+        type=at_least(1),
         default=None,
         help="timed rounds, median and bootstrap interval reported (default 10)",
     )
-    bench.add_argument("--warmup", type=int, default=None, help="untimed rounds first (CPU default 1, GPU 3)")
+    bench.add_argument(
+        "--warmup", type=at_least(0), default=None, help="untimed rounds first (CPU default 1, GPU 3)"
+    )
     bench.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         default=None,
         help="torch threads on CPU (default: the cores this process may use)",
     )
     bench.add_argument(
         "--profile", action="store_true", help="add torch.profiler op tables of one prefill, unpruned vs atp"
     )
-    bench.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default 8)")
-    bench.add_argument("--text-tokens", type=int, default=None, help="prompt text tokens (default 48)")
+    bench.add_argument("--new-tokens", type=at_least(1), default=None, help="decode steps timed (default 8)")
+    bench.add_argument(
+        "--text-tokens", type=at_least(9), default=None, help="prompt text tokens (default 48)"
+    )
     bench.add_argument("--output", default=None, help="also write the JSON record to this file")
     bench.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
 
 def _tiny_checkpoint_parser(sub) -> None:
+    from atp.arguments import COUNT, SEED
     from atp.tiny import FAMILIES
 
     tiny = sub.add_parser(
@@ -183,12 +200,12 @@ def _tiny_checkpoint_parser(sub) -> None:
     tiny.add_argument(
         "--num-layers",
         "--layers",
-        type=int,
+        type=COUNT,
         default=4,
         help="decoder layers of the language model (default 4)",
     )
     tiny.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="seed of the random weights (default 0)"
+        "--seed", type=SEED, default=0, metavar="S", help="seed of the random weights (default 0)"
     )
     tiny.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
 
@@ -317,8 +334,22 @@ COMMANDS = {
 }
 
 
+def library_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the stdout of its import, and announces its accelerator as it
+    is imported; transformers >= 5.25 imports it (when installed) on its own import. Imported here
+    with stdout pointed at stderr, it never mixes into a command's output (a dry run's JSON, the
+    commands of ``atp eval --dry-run``)."""
+    import contextlib
+    import importlib.util
+
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed.utils.logging  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    library_logs_to_stderr()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, OSError) as error:  # bad input: a message, not a traceback

@@ -49,12 +49,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = "the emb
 
 def add_atp_arguments(parser: argparse.ArgumentParser, policy: str = "atp") -> None:
     """``--policy``, ``--layers``, ``--option KEY=VALUE`` and ``--atp-checkpoint``."""
+    from atp.arguments import LAYER
     from atp.cli import add_option_argument
 
     parser.add_argument("--policy", default=None, help=f"policy name (default {policy}; see `atp plugins`)")
     parser.add_argument(
         "--layers",
-        type=int,
+        type=LAYER,
         nargs="+",
         default=None,
         help="ATP layers (default: 4 14 24 scaled to the depth)",
@@ -77,6 +78,12 @@ def device_of(args: argparse.Namespace) -> str:
     return device
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def load(name: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str = "sdpa") -> Loaded:
     """A checkpoint folder or hub id as ``AutoModelForImageTextToText`` and ``AutoProcessor`` load it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -97,6 +104,12 @@ def load(name: str, dtype: str = "float32", device: str = "cpu", attn_implementa
         )
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as error:
+        if "kernels" in str(error).lower():  # transformers >= 5.25 loads with hub kernels by default
+            raise ValueError(
+                f"could not load {name!r}: {error} (transformers {transformers_version()} switches hub kernels on "
+                "when loading: install the kernels release it names, or set USE_HUB_KERNELS=0 to load "
+                "without them)"
+            ) from error
         raise ValueError(
             f"could not load {name!r} as an image-text-to-text model with its processor: {error} "
             "(a folder needs config.json, model.safetensors and the processor files; a hub id needs the "

@@ -232,7 +232,9 @@ def format_table(record: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from atp.arguments import COUNT, NON_NEGATIVE_COUNT
+
     parser = argparse.ArgumentParser(prog="python -m atp.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
@@ -241,14 +243,16 @@ def main(argv=None) -> int:
         default=list(METHODS),
         choices=["unpruned", "keep_all", "atp", "fastv", "fixed"],
     )
-    parser.add_argument("--num-layers", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per shape (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="decode steps (default 8)")
+    parser.add_argument("--num-layers", type=COUNT, default=8)
+    parser.add_argument("--hidden-size", type=COUNT, default=1024)
+    parser.add_argument("--heads", type=COUNT, default=16)
+    parser.add_argument("--repeats", type=COUNT, default=3, help="timed rounds per shape (default 3)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads on CPU (default: available cores)"
+        "--warmup", type=NON_NEGATIVE_COUNT, default=1, help="untimed rounds first (default 1)"
+    )
+    parser.add_argument("--new-tokens", type=COUNT, default=8, help="decode steps (default 8)")
+    parser.add_argument(
+        "--threads", type=COUNT, default=None, help="torch threads on CPU (default: available cores)"
     )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
@@ -259,7 +263,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.memory_worker is not None:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return 0

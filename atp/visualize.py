@@ -199,6 +199,7 @@ def _font():
 
 # the command -----------------------------------------------------------------------------
 def add_parser(sub) -> None:
+    from atp.arguments import OPEN_FRACTION, SEED, at_least
     from atp.loading import add_atp_arguments, add_model_arguments
 
     parser = sub.add_parser(
@@ -231,12 +232,16 @@ def add_parser(sub) -> None:
     parser.add_argument(
         "--panels", default=None, metavar="DIR", help="with --images: also each image's panels here"
     )
-    parser.add_argument("--size", type=int, default=320, help="pixels of a grid's longer side (default 320)")
     parser.add_argument(
-        "--theta-r", type=float, default=0.5, help="initial redundancy threshold (atp policy)"
+        "--size", type=at_least(16), default=320, help="pixels of a grid's longer side (default 320)"
     )
-    parser.add_argument("--theta-s", type=float, default=0.9, help="initial spatial threshold (atp policy)")
-    parser.add_argument("--seed", type=int, default=0, help="the embedded model's weights")
+    parser.add_argument(
+        "--theta-r", type=OPEN_FRACTION, default=0.5, help="initial redundancy threshold (atp policy)"
+    )
+    parser.add_argument(
+        "--theta-s", type=OPEN_FRACTION, default=0.9, help="initial spatial threshold (atp policy)"
+    )
+    parser.add_argument("--seed", type=SEED, default=0, help="the embedded model's weights")
     parser.add_argument("--json", action="store_true", help="print the JSON record")
 
 

@@ -183,3 +183,20 @@ def test_without_lmms_eval_the_message_names_the_extra(tmp_path, capsys, monkeyp
     )
     assert main(["eval", "--output-dir", str(tmp_path), "--methods", "unpruned"]) == 2
     assert 'pip install "atp[eval]"' in capsys.readouterr().err
+
+
+def test_the_dry_run_s_stdout_is_the_commands_alone_in_a_new_process(tmp_path):
+    """As a user pipes it (``atp eval --dry-run > commands.txt``): libraries' messages (DeepSpeed
+    announces its accelerator when transformers >= 5.25 imports it) go to stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "atp", "eval", "--dry-run", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines and all(line.startswith("  ") or line.split(":")[0].isidentifier() for line in lines), lines[:3]

@@ -213,7 +213,7 @@ def test_options_that_cannot_be_saved_are_refused(tmp_path, model):
 def test_budget_options_are_validated(model):
     with pytest.raises(ValueError, match="lambda_target > 0 needs target_tokens"):
         atp.attach(model, layers=[1], lambda_target=0.2)
-    with pytest.raises(ValueError, match="lambda_atp must be a number >= 0"):
+    with pytest.raises(ValueError, match="lambda_atp must be a finite number >= 0"):
         atp.attach(model, layers=[1], lambda_atp=-1)
     assert "atp" not in dict(model.named_children())
 

@@ -288,6 +288,7 @@ def llava_7b_config_folder(folder: Path) -> Path:
 
 
 def dry_run(argv: list[str], capsys) -> dict:
+    capsys.readouterr()  # what the test printed before (DeepSpeed announces itself on import)
     assert main(["train", *argv, "--dry-run"]) == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out)
 

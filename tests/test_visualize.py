@@ -193,12 +193,16 @@ def test_several_images_give_the_distribution_of_kept_tokens(tmp_path, capsys):
         (["--images", "missing"], "neither an image file nor a folder"),
         (["--image", "a.png", "--images", "b"], "not both"),
         (["--panels", "p"], "--panels DIR goes with --images"),
-        (["--size", "4"], "--size must be at least 16"),
+        (["--size", "4"], "argument --size: must be an int >= 16, got 4"),
         (["--layers", "40"], "layers"),
     ],
 )
 def test_bad_input_is_refused_with_what_to_do(tmp_path, capsys, argv, message):
-    assert main(["visualize", "--output", str(tmp_path / "x.png"), *argv]) == 2
+    try:
+        status = main(["visualize", "--output", str(tmp_path / "x.png"), *argv])
+    except SystemExit as exit:  # argparse refuses a flag's value before the command runs
+        status = exit.code
+    assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 

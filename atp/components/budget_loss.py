@@ -16,7 +16,7 @@ class Budget:
     ----------
     lambda_atp : weight of L_ATP (paper: 0.01 to 0.1).
     lambda_target : weight of L_target (paper: 0.2).
-    target_tokens : N_target, the average token count to aim for (None: L_target = 0).
+    target_tokens : N_target, the average token count to aim for, > 0 (None: L_target = 0).
     add_to_loss : add the weighted terms to ``outputs.loss`` when the model is called with
         labels in training mode (otherwise read them from ``handle.stats.losses``).
     """
@@ -27,16 +27,13 @@ class Budget:
     add_to_loss: bool = True
 
     def __post_init__(self):
+        from atp.arguments import NON_NEGATIVE, POSITIVE  # the checks of --lambda-atp, ... and recipes
+
         for name in ("lambda_atp", "lambda_target"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if self.target_tokens is not None and (
-            isinstance(self.target_tokens, bool)
-            or not isinstance(self.target_tokens, (int, float))
-            or self.target_tokens < 0
-        ):
-            raise ValueError(f"target_tokens must be a number >= 0 or None, got {self.target_tokens!r}")
+            object.__setattr__(self, name, NON_NEGATIVE.check(getattr(self, name), name, text=False))
+        if self.target_tokens is not None:
+            target = POSITIVE.check(self.target_tokens, "target_tokens", text=False)
+            object.__setattr__(self, "target_tokens", target)
         if self.lambda_target > 0 and self.target_tokens is None:
             raise ValueError("lambda_target > 0 needs target_tokens (N_target, e.g. target_tokens=144)")
 
@@ -78,8 +75,10 @@ class PaperBudgetLoss:
     name = "paper"
 
     def __init__(self, target_tokens: float | None = None):
-        if target_tokens is not None and target_tokens < 0:
-            raise ValueError(f"target_tokens must be >= 0, got {target_tokens!r}")
+        from atp.arguments import POSITIVE
+
+        if target_tokens is not None:
+            target_tokens = POSITIVE.check(target_tokens, "target_tokens", text=False)
         self.target_tokens = target_tokens
 
     def __call__(

@@ -6,6 +6,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from atp.arguments import COUNT, LAYER
+
 OPTION_PREFIX = "option."
 
 
@@ -58,7 +60,7 @@ def parse_model_arguments(pretrained: str | None = None, **kwargs) -> ModelArgum
         kwargs["layers"] = _layers(kwargs["layers"])
     for name in ("batch_size", "max_new_tokens"):
         if kwargs.get(name) is not None:
-            kwargs[name] = int(kwargs[name])
+            kwargs[name] = COUNT.check(kwargs[name], name)  # as --batch-size: 2.7 is refused, not cut to 2
     return ModelArguments(str(pretrained), options=options, **kwargs)
 
 
@@ -69,14 +71,12 @@ def split_model_args(text: str) -> dict[str, str]:
 
 
 def _layers(value) -> list[int]:
-    if isinstance(value, int):
-        return [value]
+    """``4;14;24`` or one layer (lmms-eval has turned ``4`` into an int) -> ``[4, 14, 24]``."""
+    parts = [part for part in value.split(";") if part.strip()] if isinstance(value, str) else [value]
     try:
-        return [int(part) for part in str(value).split(";") if part.strip()]
-    except ValueError:
-        raise ValueError(
-            f"layers must be integers separated by ';' (e.g. layers=4;14;24), got {value!r}"
-        ) from None
+        return [LAYER.check(part, "layers") for part in parts]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{error}; give layers as ints separated by ';' (e.g. layers=4;14;24)") from None
 
 
 def _option_pair(key: str, value) -> str:

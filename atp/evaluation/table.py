@@ -24,6 +24,8 @@ TINY_FRACTION = 0.5  # the tiny model has 4 layers: a quarter of its tokens is o
 
 
 def add_parser(sub) -> None:
+    from atp.arguments import COUNT, OPEN_FRACTION, POSITIVE, at_least
+
     parser = sub.add_parser(
         "eval",
         help="run lmms-eval tasks for every method at one Token metric and write the Table 1 layout",
@@ -40,21 +42,21 @@ def add_parser(sub) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--fraction",
-        type=float,
+        type=OPEN_FRACTION,
         default=None,
         help="the Token metric as a fraction of the visual tokens (default 0.25, the paper's 144 of 576)",
     )
     target.add_argument(
         "--tokens",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="the Token metric as a count (needs the visual tokens per image from the config or --visual-tokens)",
     )
     parser.add_argument(
-        "--visual-tokens", type=int, default=None, help="visual tokens per image (for --tokens)"
+        "--visual-tokens", type=COUNT, default=None, help="visual tokens per image (for --tokens)"
     )
     parser.add_argument(
-        "--num-layers", type=int, default=None, help="decoder layers (default: from the config)"
+        "--num-layers", type=at_least(2), default=None, help="decoder layers (default: from the config)"
     )
     parser.add_argument(
         "--methods",
@@ -259,7 +261,10 @@ def main(args) -> int:
 
         require("--plot")  # before any run
     if args.from_table:
-        record = json.loads(Path(args.from_table).read_text())
+        from atp.arguments import read_json
+
+        record = read_json(args.from_table, "--from-table")
+        _check_table(record, args.from_table)
         _write_plot(record, args)
         print(json.dumps(record, indent=2) if args.json else markdown(record["rows"]), end="")
         return 0
@@ -304,6 +309,20 @@ def main(args) -> int:
     print(json.dumps(record, indent=2) if args.json else table, end="" if not args.json else "\n")
     print(f"wrote {output / 'table.md'} and {output / 'table.json'}", file=sys.stderr)
     return 0
+
+
+def _check_table(record: dict, path) -> None:
+    """A table.json as :func:`main` writes it: rows of dicts, each with a method and its model args."""
+    rows = record.get("rows")
+    if (
+        not rows
+        or not isinstance(rows, list)
+        or not all(isinstance(row, dict) and {"method", "model_args"} <= set(row) for row in rows)
+    ):
+        raise ValueError(
+            f"--from-table {path} has no 'rows' of methods (each with 'method' and 'model_args'); give a "
+            "table.json written by atp eval"
+        )
 
 
 def _write_plot(record: dict, args) -> None:

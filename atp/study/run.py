@@ -271,14 +271,16 @@ def run(config: StudyConfig, output, progress: bool = True, log=print) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     import argparse
+
+    from atp.arguments import SEED
 
     parser = argparse.ArgumentParser(prog="python -m atp.study", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--output", default="runs/study", help="folder of checkpoints, results and the report"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--seeds", type=SEED, nargs="+", default=None)
     parser.add_argument("--toy", action="store_true", help="seconds, not minutes: a smoke run of every stage")
     parser.add_argument(
         "--set",
@@ -287,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FIELD=VALUE",
         help="override a StudyConfig field (JSON value), e.g. --set base_steps=4000",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     config = toy_config() if args.toy else StudyConfig()
     for pair in args.set:

@@ -18,6 +18,16 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from atp.arguments import (
+        COUNT,
+        LAYER,
+        MAX_STEPS,
+        NON_NEGATIVE,
+        NON_NEGATIVE_COUNT,
+        POSITIVE,
+        SEED,
+        WARMUP,
+    )
     from atp.cli import add_option_argument
     from atp.loading import ATTENTION, DTYPES
 
@@ -50,17 +60,23 @@ def add_parser(sub) -> None:
         help="records whose image file is missing: stop before training (default) or skip them",
     )
     train.add_argument("--output-dir", default=None, help="required")
-    train.add_argument("--layers", type=int, nargs="+", default=None, help="ATP layers (default 4 14 24)")
-    train.add_argument("--lambda-atp", type=float, default=0.05, help="weight of L_ATP (paper 0.01-0.1)")
-    train.add_argument("--lambda-target", type=float, default=0.2, help="weight of L_target (paper 0.2)")
+    train.add_argument("--layers", type=LAYER, nargs="+", default=None, help="ATP layers (default 4 14 24)")
+    train.add_argument(
+        "--lambda-atp", type=NON_NEGATIVE, default=0.05, help="weight of L_ATP (paper 0.01-0.1)"
+    )
+    train.add_argument(
+        "--lambda-target", type=NON_NEGATIVE, default=0.2, help="weight of L_target (paper 0.2)"
+    )
     train.add_argument(
         "--target-tokens",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="N_target (default: a quarter of the visual tokens, 144)",
     )
-    train.add_argument("--lambda-sample", type=float, default=3.0, help="spatial score coefficient (paper 3)")
-    train.add_argument("--temperature", type=float, default=50.0, help="soft-mask temperature T")
+    train.add_argument(
+        "--lambda-sample", type=POSITIVE, default=3.0, help="spatial score coefficient (paper 3)"
+    )
+    train.add_argument("--temperature", type=POSITIVE, default=50.0, help="soft-mask temperature T")
     train.add_argument(
         "--atp-checkpoint",
         "--from-pretrained",
@@ -72,32 +88,34 @@ def add_parser(sub) -> None:
         "--freeze-lm", action="store_true", help="train only the ATP modules (Table 3, frozen)"
     )
     train.add_argument(
-        "--learning-rate", type=float, default=2e-5, help="language model / projector (paper 2e-5)"
+        "--learning-rate", type=NON_NEGATIVE, default=2e-5, help="language model / projector (paper 2e-5)"
     )
-    train.add_argument("--atp-learning-rate", type=float, default=1e-4, help="ATP modules (paper 1e-4)")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, default=-1)
     train.add_argument(
-        "--batch-size", type=int, default=16, help="per device (paper: 128 in total on 8 GPUs)"
+        "--atp-learning-rate", type=NON_NEGATIVE, default=1e-4, help="ATP modules (paper 1e-4)"
     )
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--max-length", type=int, default=2048)
+    train.add_argument("--epochs", type=POSITIVE, default=1.0)
+    train.add_argument("--max-steps", type=MAX_STEPS, default=-1, help="steps in all (-1: --epochs)")
+    train.add_argument(
+        "--batch-size", type=COUNT, default=16, help="per device (paper: 128 in total on 8 GPUs)"
+    )
+    train.add_argument("--grad-accum", type=COUNT, default=1)
+    train.add_argument("--max-length", type=COUNT, default=2048)
     train.add_argument(
         "--group-by-modality-length",
         action="store_true",
         help="LLaVA's sampler: text-only and image batches apart, lengths grouped",
     )
-    train.add_argument("--warmup", type=float, default=0.03, help="warm-up steps, or a ratio in [0, 1)")
+    train.add_argument("--warmup", type=WARMUP, default=0.03, help="warm-up steps, or a ratio in [0, 1)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--save-steps", type=int, default=500)
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--workers", type=int, default=4, help="data loader workers")
+    train.add_argument("--save-steps", type=COUNT, default=500)
+    train.add_argument("--logging-steps", type=COUNT, default=10)
+    train.add_argument("--workers", type=NON_NEGATIVE_COUNT, default=4, help="data loader workers")
     train.add_argument(
         "--deepspeed", default=None, help="a DeepSpeed JSON config (or use accelerate configs)"
     )
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to resume from")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=SEED, default=42)
     train.add_argument(
         "--accelerate-config",
         default=None,
@@ -106,7 +124,7 @@ def add_parser(sub) -> None:
     )
     train.add_argument(
         "--num-processes",
-        type=int,
+        type=COUNT,
         default=None,
         help="world size for --dry-run (default: the accelerate config's)",
     )
@@ -123,12 +141,20 @@ def _read_recipes(train: argparse.ArgumentParser) -> None:
 
     def parse_with_recipe(args=None, namespace=None):
         config = first.parse_known_args(args)[0].config
-        if config is not None:
-            try:
-                train.set_defaults(**read_recipe(config, train))
-            except (OSError, ValueError) as error:  # a usage error, as argparse reports its own
-                train.error(str(error))
-        return parse(args, namespace)
+        if config is None:
+            return parse(args, namespace)
+        try:
+            recipe = read_recipe(config, train)
+        except (OSError, ValueError) as error:  # a usage error, as argparse reports its own
+            train.error(str(error))
+        defaults = dict(train._defaults), [(action, action.default) for action in train._actions]
+        train.set_defaults(**recipe)
+        try:
+            return parse(args, namespace)
+        finally:  # the recipe is this command line's: a parser used again starts from its own defaults
+            train._defaults = defaults[0]
+            for action, default in defaults[1]:
+                action.default = default
 
     train.parse_known_args = parse_with_recipe
 
@@ -165,6 +191,7 @@ def dataset_from_args(args: argparse.Namespace, quiet: bool = False):
             raise ValueError(
                 f"atp train needs --{option.replace('_', '-')} (on the command line or in --config)"
             )
+    check_paths(args)
     dataset = ConversationDataset(args.data, args.image_folder, args.missing_images)
     if dataset.skipped and not quiet and int(os.environ.get("RANK", "0")) == 0:
         examples = [path for _, _, path in dataset.missing[:3]]
@@ -173,6 +200,30 @@ def dataset_from_args(args: argparse.Namespace, quiet: bool = False):
             file=sys.stderr,
         )
     return dataset
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The files and folders the run reads exist and are of the right kind (``ValueError`` naming
+    the path and its flag), before anything is indexed or loaded."""
+    from pathlib import Path
+
+    data, images = Path(args.data), Path(args.image_folder)
+    if not data.is_file():
+        found = "is a folder" if data.is_dir() else "does not exist"
+        raise ValueError(f"--data {data} {found}; give the LLaVA-format conversation JSON file")
+    if not images.is_dir():
+        found = "is a file" if images.exists() else "does not exist"
+        raise ValueError(
+            f"--image-folder {images} {found}; give the folder the records' image paths are relative to"
+        )
+    if args.atp_checkpoint is not None:
+        from atp.checkpoint import read_config
+
+        read_config(args.atp_checkpoint)  # names the folder and what it lacks
+    if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
+        raise ValueError(
+            f"--resume {args.resume} is not a folder; give 'latest' or a checkpoint-N folder of --output-dir"
+        )
 
 
 def attach_atp(model, args: argparse.Namespace):
@@ -309,13 +360,37 @@ def start_zero3_processes(training_args) -> None:
         deepspeed.init_distributed()
 
 
+@contextlib.contextmanager
+def output_to_stderr():
+    """``print`` and every logging handler that writes to a console stream other than stderr write
+    to stderr while the block runs. A handler keeps the stream it was made with: DeepSpeed's logs
+    to the stdout of its import, which transformers >= 5.25 does on its own import."""
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    moved = [
+        handler
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+        for handler in logger.handlers
+        if type(handler) is logging.StreamHandler and handler.stream not in (sys.stderr, sys.__stderr__)
+    ]
+    streams = [handler.setStream(sys.stderr) for handler in moved]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for handler, stream in zip(moved, streams):
+            handler.setStream(stream)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         from atp.training.recipe import dry_run
 
         # the plan alone on stdout (`atp train --dry-run > plan.json`): what libraries print while
-        # it is resolved (DeepSpeed announces its accelerator on import) goes to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        # it is resolved (DeepSpeed announces its accelerator) goes to stderr
+        with output_to_stderr():
             plan = dry_run(args)
         print(json.dumps(plan, indent=2))
         return 0

@@ -138,7 +138,13 @@ class _Reader:
             return False
         chunk = self.file.read(self.chunk_size)
         self.eof = not chunk
-        self.text = self.text[self.pos :] + self.utf8.decode(chunk, final=self.eof)
+        try:
+            text = self.utf8.decode(chunk, final=self.eof)
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{self.file.name}: not UTF-8 text after byte {self.offset}; save the conversations as UTF-8 JSON"
+            ) from None
+        self.text = self.text[self.pos :] + text
         self.pos = 0
         return True
 

@@ -19,24 +19,21 @@ NOT_IN_RECIPES = ("help", "config", "dry-run")
 
 
 def read_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, object]:
-    """The defaults a recipe file sets, as ``{dest: value}`` for ``parser.set_defaults``."""
-    import yaml
+    """The defaults a recipe file sets, as ``{dest: value}`` for ``parser.set_defaults``; each
+    value is checked as its flag's would be (``ValueError`` naming the file and the key)."""
+    from atp.arguments import read_yaml
 
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(
-            f"recipe {path}: expected a mapping of atp train options, got {type(values).__name__}"
-        )
+    values = read_yaml(path, "recipe")
     actions = {
         option[2:]: action
         for action in parser._actions
         for option in action.option_strings
         if option.startswith("--") and option[2:] not in NOT_IN_RECIPES
     }
-    unknown = sorted(key for key in values if str(key).replace("_", "-") not in actions)
+    unknown = sorted(str(key) for key in values if str(key).replace("_", "-") not in actions)
     if unknown:
         raise ValueError(
-            f"recipe {path}: unknown key(s) {', '.join(map(str, unknown))}; the keys are atp train's long "
+            f"recipe {path}: unknown key(s) {', '.join(unknown)}; the keys are atp train's long "
             f"options (see atp train --help), e.g. learning-rate or learning_rate"
         )
     return {
@@ -46,6 +43,8 @@ def read_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
 
 
 def _convert(path, key: str, value, action: argparse.Action):
+    """A recipe's value for ``action``, refused where the flag would refuse it: a YAML number goes
+    through the flag's own type (no truncating cast), and nothing but text is read as text."""
     where = f"recipe {path}: {key}"
     if action.nargs == 0:  # a flag
         if not isinstance(value, bool):
@@ -57,52 +56,102 @@ def _convert(path, key: str, value, action: argparse.Action):
         if isinstance(value, dict):
             return [f"{k}={json.dumps(v)}" for k, v in value.items()]
         return [str(item) for item in (value if isinstance(value, list) else [value])]
-    convert = action.type or str
+    if value is None:
+        if action.default is not None:
+            raise ValueError(
+                f"{where} has no value; give one (default {action.default}) or leave the key out"
+            )
+        return None
     try:
         if action.nargs in ("+", "*"):
-            converted = [convert(item) for item in (value if isinstance(value, list) else [value])]
+            items = value if isinstance(value, list) else [value]
+            if not items and action.nargs == "+":
+                raise ValueError(
+                    f"is empty; give at least one value, e.g. {key}: [{action.default or '...'}]"
+                )
+            converted = [_scalar(item, action) for item in items]
         else:
-            converted = None if value is None else convert(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{where}: {value!r} is not a valid {getattr(convert, '__name__', 'value')}"
-        ) from None
-    if action.choices is not None and converted is not None and converted not in action.choices:
+            converted = _scalar(value, action)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ValueError(f"{where} {error}") from None
+    if action.choices is not None and converted not in action.choices:
         raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     return converted
 
 
-def launch_settings(args) -> dict:
-    """World size, precision and DeepSpeed settings from ``--accelerate-config`` and ``--deepspeed``."""
-    import json
+def _scalar(value, action: argparse.Action):
+    """One YAML value as the flag's type reads it: a :class:`Number` takes numbers and text;
+    text options take text and numbers (``output-dir: 2024``), never a bool, list or mapping."""
+    from atp.arguments import Number
 
-    import yaml
+    if isinstance(action.type, Number):
+        return action.type.check(value)
+    if isinstance(value, bool):
+        raise TypeError(
+            f"must be text, got {str(value).lower()}; quote it ('{str(value).lower()}') if you mean the text"
+        )
+    if isinstance(value, (list, dict)):
+        raise TypeError(f"must be one value, got a {type(value).__name__} {value!r}")
+    return (action.type or str)(str(value))
+
+
+def launch_settings(args) -> dict:
+    """World size, precision and DeepSpeed settings from ``--accelerate-config`` and ``--deepspeed``
+    (``ValueError`` naming the file and the entry that is not what accelerate / DeepSpeed take)."""
+    from atp.arguments import COUNT, read_json, read_yaml
 
     settings = {"accelerate_config": args.accelerate_config, "num_processes": 1}
     if args.accelerate_config:
-        config = yaml.safe_load(Path(args.accelerate_config).read_text()) or {}
-        deepspeed = config.get("deepspeed_config") or {}
+        path = args.accelerate_config
+        config = read_yaml(path, "accelerate config")
+        deepspeed = _section(config, "deepspeed_config", path, "accelerate config")
         settings.update(
             distributed_type=config.get("distributed_type"),
-            num_processes=int(config.get("num_processes", 1)),
+            num_processes=_entry(COUNT, config.get("num_processes", 1), "num_processes", path),
             mixed_precision=config.get("mixed_precision"),
             zero_stage=deepspeed.get("zero_stage"),
-            deepspeed_gradient_accumulation_steps=deepspeed.get("gradient_accumulation_steps"),
+            deepspeed_gradient_accumulation_steps=_accumulation(deepspeed, path),
         )
     if args.deepspeed:
-        config = json.loads(Path(args.deepspeed).read_text())
-        settings["zero_stage"] = (config.get("zero_optimization") or {}).get("stage")
-        settings["deepspeed_gradient_accumulation_steps"] = config.get("gradient_accumulation_steps")
+        config = read_json(args.deepspeed, "DeepSpeed config")
+        settings["zero_stage"] = _section(
+            config, "zero_optimization", args.deepspeed, "DeepSpeed config"
+        ).get("stage")
+        settings["deepspeed_gradient_accumulation_steps"] = _accumulation(config, args.deepspeed)
     if args.num_processes is not None:
         settings["num_processes"] = args.num_processes
     return settings
+
+
+def _section(config: dict, key: str, path, what: str) -> dict:
+    """``config[key]``, a mapping (``{}`` when absent)."""
+    section = config.get(key) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{what} {path}: {key} must be a mapping of settings, got {section!r}")
+    return section
+
+
+def _entry(number, value, key: str, path):
+    """A number entry of a launch config, checked as the flag of the same meaning."""
+    try:
+        return number.check(value, key)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}; fix the file") from None
+
+
+def _accumulation(config: dict, path):
+    """A config's gradient_accumulation_steps: absent (None), "auto" or a count."""
+    from atp.arguments import COUNT
+
+    value = config.get("gradient_accumulation_steps")
+    return value if value in (None, "auto") else _entry(COUNT, value, "gradient_accumulation_steps", path)
 
 
 def check_launch(args, settings: dict) -> list[str]:
     """The consistency checks passed; ``ValueError`` naming every one that fails."""
     problems, passed = [], []
     accumulation = settings.get("deepspeed_gradient_accumulation_steps")
-    if accumulation not in (None, "auto") and int(accumulation) != args.grad_accum:
+    if accumulation not in (None, "auto") and accumulation != args.grad_accum:
         problems.append(
             f"DeepSpeed gradient_accumulation_steps is {accumulation} but --grad-accum is {args.grad_accum}; "
             "make them equal"
