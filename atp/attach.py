@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import warnings
 from collections.abc import Sequence
 
+import torch
+import transformers
 from torch import nn
 
 from atp import checkpoint, compat
@@ -65,7 +66,7 @@ def resolve_adapter(model: nn.Module):
         return components.get("backbone", claimed).factory(model)
     for entry in components.entries():
         if entry.kind == "backbone" and entry.factory.matches(model):
-            return entry.factory(model)
+            return _whole_model(entry.factory(model))
     config = getattr(model, "config", None)
     found = getattr(config, "model_type", None) if config is not None else None
     if found in NOT_SUPPORTED:
@@ -78,6 +79,39 @@ def resolve_adapter(model: nn.Module):
         f"atp supports: {families}. Pass the full vision-language model (e.g. LlavaForConditionalGeneration), "
         "or add a backbone adapter plugin for this family."
     )
+
+
+def _whole_model(adapter):
+    """``adapter`` when its model is a whole vision-language model. A part of one that carries its
+    config (the inner ``LlavaModel`` of ``LlavaForConditionalGeneration``, a projector) matches the
+    family too, but attached there atp would not see ``generate`` (its guards), the labels (kept
+    tokens that predict them) or ``outputs.loss`` (the budget loss) of the model it sits in."""
+    model = adapter.model
+    name = type(model).__name__
+    instead = f"pass the full vision-language model ({_full_model_name(model)}) instead"
+    if isinstance(model, transformers.PreTrainedModel) and not callable(getattr(model, "generate", None)):
+        raise ValueError(
+            f"{name} is the {adapter.family} model without its language-model head: attached to it, atp would "
+            f"not guard generate, see the labels or add the budget loss to the loss; {instead}"
+        )
+    try:
+        adapter.decoder_layers()
+    except AttributeError:
+        raise ValueError(
+            f"{name} is a part of a {adapter.family} model (it carries the model's config), not the model; {instead}"
+        ) from None
+    return adapter
+
+
+def _full_model_name(model: nn.Module) -> str:
+    """The class AutoModelForImageTextToText loads for ``model``'s config, e.g. LlavaForConditionalGeneration."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    except ImportError:  # a transformers without the mapping: name the loader only
+        names = {}
+    found = names.get(getattr(getattr(model, "config", None), "model_type", None))
+    loads = "as AutoModelForImageTextToText loads it"
+    return f"{found}, {loads}" if found else loads
 
 
 def validate_layers(layers: object, num_layers: int) -> tuple[int, ...]:
@@ -157,6 +191,7 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
+    compat.warn_if_untested()
     existing = model._modules.get(CONTAINER_NAME)
     if isinstance(existing, AtpModules):
         raise ValueError(
@@ -168,9 +203,15 @@ def attach(
         )
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise ValueError(COMPILE_MESSAGE)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile(model)'s wrapper
+        raise ValueError(
+            "atp.attach received a torch.compile wrapper; attach to the uncompiled model (model._orig_mod), "
+            "then call torch.compile on it if you want"
+        )
     _check_not_attached_elsewhere(model)
     adapter = resolve_adapter(model)
     adapter.check()
+    compat.check_hub_kernels(model)
     num_layers = len(adapter.decoder_layers())
     saved = None
     budget_given = {"lambda_atp": lambda_atp, "lambda_target": lambda_target, "target_tokens": target_tokens}
@@ -228,8 +269,9 @@ def attach(
         )
     if adapter.uses_sliding_window():
         raise ValueError(
-            f"this {adapter.family} model's language model uses sliding-window attention layers, "
-            "which atp does not support yet"
+            f"this {adapter.family} model's language model uses sliding-window attention layers, which atp "
+            "does not support yet for this family (Gemma 3's are supported); when prompt and answer fit in "
+            "the window, load the model with the window off (sliding_window=None, or use_sliding_window=False)"
         )
     loss_factory = registry().get("budget_loss", budget_loss).factory
     positions = "keep" if positions is None else positions
@@ -242,16 +284,16 @@ def attach(
     if keeper.drop_only and prune_mode == "mask":
         raise ValueError(f"positions={positions!r} needs prune_mode='drop' (or 'auto' in eval mode)")
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
-    policy_module = entry.factory(context, **options)
+    with torch.device("cpu"):  # weights that exist (under an ambient meta device there would be none)
+        policy_module = entry.factory(context, **options)
     if saved is not None:
         checkpoint.load_weights(policy_module, from_pretrained)
         policy_module.untrained = False
 
     # validated: from here on the model is modified ----------------------------------------
-    device = next(adapter.language_model().parameters()).device
-    policy_module.to(device)
-    policy_module.train(model.training)
     container = AtpModules(policy_module)
+    container.place(next(adapter.language_model().parameters()).device)  # meta: kept until to_empty
+    policy_module.train(model.training)
     observers = registry().observers() if observe else []
     runtime = Runtime(
         adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper, loss_factory
@@ -336,6 +378,7 @@ class GuardedGenerate:
     def __call__(self, *args, **kwargs):
         check_generation(self.model, args, kwargs)
         runtime = self.runtime
+        runtime.check_continuation(args, kwargs)  # before generate reads the cache's length
         runtime.generate_step = 0  # decode steps must find the cache (Runtime._check_new_prompt)
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
@@ -354,10 +397,9 @@ def check_generation(model: nn.Module, args: tuple, kwargs: dict) -> None:
         return
     given = {name: value for name, value in bound.items() if name not in ("self", "kwargs")}
     given.update(bound.get("kwargs", {}))
-    config = copy.deepcopy(given.get("generation_config") or getattr(model, "generation_config", None))
-    if config is None:
+    if given.get("generation_config") is None and getattr(model, "generation_config", None) is None:
         return
-    config.update(**{name: value for name, value in given.items() if hasattr(config, name)})
+    config = compat.resolved_generation_config(model, given)
     mode = compat.generation_mode(config, given.get("assistant_model"))
     if mode not in ("greedy_search", "sample"):
         raise ValueError(

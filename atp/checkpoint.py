@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "atp_config.json"
@@ -57,7 +58,9 @@ def read_config(path: str | os.PathLike) -> dict:
             f"{folder} is not an atp checkpoint: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(written by handle.save_pretrained)"
         )
-    config = json.loads(config_file.read_text())
+    from atp.arguments import read_json
+
+    config = read_json(config_file, "atp checkpoint config")
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads {FORMAT!r}")
     for key in ("layers", "policy", "options", "model"):
@@ -85,13 +88,35 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load ``atp_model.safetensors`` into ``module`` strictly, naming offending keys."""
     from atp.handle import zero3_gathered
 
-    state = load_file(str(Path(path) / WEIGHTS_NAME))
+    file = Path(path) / WEIGHTS_NAME
+    try:
+        state = load_file(str(file))
+    except (OSError, SafetensorError) as error:  # safetensors' own error has no path in it
+        raise ValueError(
+            f"the atp checkpoint weights {file} cannot be read ({error}); save the checkpoint again "
+            "with handle.save_pretrained"
+        ) from None
     with zero3_gathered(module, write=True):  # DeepSpeed ZeRO-3: full shapes inside, every rank loads
         _load_strict(module, state, path)
 
 
+def restore_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` (full tensors) into ``module`` strictly, as :func:`load_weights` does with a file."""
+    from atp.handle import zero3_gathered
+
+    with zero3_gathered(module, write=True):
+        _load_strict(module, state, source)
+
+
 def _load_strict(module: torch.nn.Module, state: dict, path) -> None:
     expected = module.state_dict()
+    if any(tensor.is_meta for tensor in expected.values()):
+        raise ValueError(
+            f"cannot load the atp weights {path}: the ATP heads are on the meta device (the model is not "
+            "materialised), so nothing would be kept. Materialise the model first (model.to_empty(device=...) "
+            "and load its weights), then load these; or attach with from_pretrained, which keeps the weights "
+            "until model.to_empty"
+        )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -107,7 +132,12 @@ def _load_strict(module: torch.nn.Module, state: dict, path) -> None:
             parts.append(f"unexpected keys {unexpected}")
         if shapes:
             parts.append(f"shape mismatches {shapes}")
-        raise ValueError(f"the atp checkpoint {path} does not fit this policy: " + "; ".join(parts))
+        raise ValueError(
+            f"the atp checkpoint {path} does not fit this policy: "
+            + "; ".join(parts)
+            + "; attach it with the options it was saved with (leave policy options out, they are read "
+            "from the checkpoint's atp_config.json)"
+        )
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(_placed(state[name].to(tensor.dtype), tensor))

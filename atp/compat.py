@@ -26,8 +26,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # the releases CI tests: lowest supported, first untested (keep pyproject.toml in step)
-TRANSFORMERS_RANGE = ("5.18.0", "5.25")
-TORCH_RANGE = ("2.13.0", "2.15")
+TRANSFORMERS_RANGE = ("5.18.0", "5.26")
+TORCH_RANGE = ("2.13.0", "2.16")
 
 # the keyword arguments a decoder layer receives from the language model's loop
 HIDDEN_STATES = "hidden_states"
@@ -39,15 +39,18 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")  # the cache's names in generate 
 
 # versions ------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
-    """Installed versions of python, torch, transformers and atp."""
+    """Versions of python, torch and transformers (as imported) and atp (as installed)."""
     import platform
 
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "atp"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
+    import transformers
+
+    # torch and transformers as imported (what runs), atp as installed
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["transformers"] = transformers.__version__
+    try:
+        out["atp"] = metadata.version("atp")
+    except metadata.PackageNotFoundError:
+        out["atp"] = "not installed"
     return out
 
 
@@ -70,10 +73,41 @@ def tested() -> dict[str, bool]:
 
 @functools.cache
 def version_note() -> str:
-    """``transformers 5.24.0, torch 2.14.1 (atp is tested with transformers >=5.18.0,<5.25)``."""
+    """``transformers 5.25.0, torch 2.15.0 (atp is tested with transformers >=5.18.0,<5.26 and torch
+    >=2.13.0,<2.16)``."""
     found = versions()
-    low, high = TRANSFORMERS_RANGE
-    return f"transformers {found['transformers']}, torch {found['torch']} (atp is tested with transformers >={low},<{high})"
+    return (
+        f"transformers {found['transformers']}, torch {found['torch']} (atp is tested with "
+        f"transformers {_bounds(TRANSFORMERS_RANGE)} and torch {_bounds(TORCH_RANGE)})"
+    )
+
+
+def _bounds(bounds: tuple[str, str]) -> str:
+    return f">={bounds[0]},<{bounds[1]}"
+
+
+class UntestedVersionWarning(UserWarning):
+    """An imported torch or transformers is outside the range atp is tested with."""
+
+
+def warn_if_untested() -> None:
+    """One line when the imported torch or transformers is outside the tested range: not an error
+    (the user may know the release works), but results are then not covered by atp's suite."""
+    import warnings
+
+    found = versions()
+    outside = [
+        f"{name} {found[name]} (tested {_bounds(bounds)})"
+        for name, bounds in (("transformers", TRANSFORMERS_RANGE), ("torch", TORCH_RANGE))
+        if not _in(found[name], bounds)
+    ]
+    if outside:
+        warnings.warn(
+            f"atp {found['atp']} is not tested with {' and '.join(outside)}; `atp doctor` checks this "
+            "environment, docs/compatibility.md says how a release is added",
+            UntestedVersionWarning,
+            stacklevel=3,
+        )
 
 
 class CompatibilityError(RuntimeError):
@@ -151,6 +185,27 @@ def cache_argument(model: torch.nn.Module) -> str:
 def generation_mode(config, assistant_model=None) -> str:
     """The decoding mode generate picks for a ``GenerationConfig`` ("greedy_search", "sample", ...)."""
     return str(config.get_generation_mode(assistant_model).value)
+
+
+# the generate arguments whose values are models, processors or tensors, not generation settings
+_GENERATE_OBJECTS = ("inputs", "generation_config", "logits_processor", "stopping_criteria", "streamer")
+
+
+def resolved_generation_config(model, given: dict):
+    """The ``GenerationConfig`` that ``generate`` will run with for the arguments ``given``, resolved
+    by transformers itself: the checkpoint's generation config, the global defaults, the keyword
+    arguments and the release's own rewrites (e.g. a hub config's ``cache_implementation="hybrid"``
+    means the default dynamic cache). atp must refuse what generate will do, not what a config
+    file says."""
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if not callable(prepare):
+        raise CompatibilityError(
+            f"{type(model).__name__} has no _prepare_generation_config; atp reads the generation settings "
+            "generate resolves through it"
+        )
+    settings = {name: value for name, value in given.items() if name not in _GENERATE_OBJECTS}
+    config, _ = prepare(given.get("generation_config"), **settings)
+    return config
 
 
 # forward arguments that carry already encoded images / videos (generate encodes them before the
@@ -294,3 +349,60 @@ def flop_counter(**kwargs):
 
         mapping[cpu_flash] = cpu_flash_flop
     return fc.FlopCounterMode(custom_mapping=mapping, **kwargs)
+
+
+# hub kernels ------------------------------------------------------------------------------
+# From 5.25 ``from_pretrained`` kernelizes a model when the ``kernels`` package is installed (a
+# required dependency from 5.25) unless ``USE_HUB_KERNELS=0``: layers and functions marked for the
+# hub get their forward swapped for a downloaded kernel (``model.train()`` / ``eval()`` swap again
+# for the new mode; on a CPU, or offline, every layer falls back to its own forward). In the
+# supported families the marked layers are RMSNorm, the rotary embedding, ``apply_rotary_pos_emb``
+# and the activations: elementwise work outside the decoder-layer hooks and the attention
+# function atp installs, whose outputs atp reads with the same layout (the rotary layout is
+# checked at every prefill), and which has no FLOPs in atp's convention (matmuls and attention).
+# Any other kernel could replace what atp hooks or counts, so it is refused.
+KERNELS_ATP_CHECKED = frozenset(
+    {
+        "RMSNorm",
+        "rotary_pos_emb",
+        "apply_rotary_pos_emb",
+        "SiLU",
+        "GeLU",
+        "GeluTanh",
+        "NewGELU",
+        "FastGELU",
+        "QuickGELU",
+    }
+)
+
+
+def hub_kernels(model: torch.nn.Module) -> dict[str, str]:
+    """Layers and functions of ``model`` marked for hub kernels that run a forward other than
+    their class's own: qualified name -> the kernel's layer name. Read from the modules, not from
+    the ``kernels`` package, so it holds for every release of it (and without it: empty)."""
+    found = {}
+    for name, module in model.named_modules():
+        functions = getattr(module, "_kernel_funcs", None) or {}
+        for where, target in [(name, module), *((f"{name}.{key}", f) for key, f in functions.items())]:
+            kernel = getattr(type(target), "kernel_layer_name", None)
+            forward = getattr(vars(target).get("forward"), "__func__", None)  # set on the instance
+            if kernel is not None and forward is not None and forward is not type(target).forward:
+                found[where.lstrip(".")] = str(kernel)
+    return found
+
+
+def check_hub_kernels(model: torch.nn.Module) -> None:
+    """Refuse hub kernels atp has not checked (see ``KERNELS_ATP_CHECKED``), naming them and how to
+    turn them off."""
+    unchecked = {
+        name: kernel for name, kernel in hub_kernels(model).items() if kernel not in KERNELS_ATP_CHECKED
+    }
+    if unchecked:
+        listed = ", ".join(f"{name} ({kernel})" for name, kernel in sorted(unchecked.items())[:4])
+        more = f" and {len(unchecked) - 4} more" if len(unchecked) > 4 else ""
+        raise ValueError(
+            f"this model runs hub kernels atp has not checked: {listed}{more}; they may replace what atp "
+            "hooks or counts. Load the model with use_kernels=False (or USE_HUB_KERNELS=0 in the "
+            "environment), or call model.set_use_kernels(False) before atp.attach. Installed: "
+            f"{version_note()}"
+        )

@@ -16,12 +16,37 @@ CONTAINER_NAME = "atp"
 
 class AtpModules(nn.Module):
     """The ATP part of a model, registered as ``model.atp`` so it moves, trains and
-    shards with the model. Holds the policy (and its learned heads)."""
+    shards with the model. Holds the policy (and its learned heads).
+
+    On a model not materialised yet (built on the meta device) the policy goes to the meta
+    device too, and its weights (loaded from a checkpoint, or as initialised) wait on the CPU in
+    ``kept`` until ``model.to_empty`` gives the policy storage: then they are copied in.
+    """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
         self.handle: AttachHandle | None = None
+        self.kept: dict[str, torch.Tensor] | None = None  # the weights while the policy is on the meta device
+
+    def place(self, device: torch.device) -> None:
+        """Move the policy to the model's ``device``; onto the meta device, keep its weights first."""
+        state = self.policy.state_dict()
+        onto_meta = torch.device(device).type == "meta"
+        if onto_meta and state and not any(value.is_meta for value in state.values()):
+            self.kept = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+        self.policy.to(device)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every move of the model passes here (``to``, ``to_empty``, ``half``): once the policy
+        has storage again, the kept weights are copied into it."""
+        out = super()._apply(fn, recurse)
+        if self.kept is not None and not any(value.is_meta for value in self.policy.state_dict().values()):
+            from atp.checkpoint import restore_weights
+
+            kept, self.kept = self.kept, None
+            restore_weights(self.policy, kept, "kept since atp.attach on the meta device")
+        return out
 
 
 class AttachHandle:
@@ -114,8 +139,11 @@ class AttachHandle:
         """
         from atp.checkpoint import save_checkpoint
 
+        kept = getattr(self.model._modules.get(CONTAINER_NAME), "kept", None)
         if state_dict is not None:
             state = state_dict
+        elif kept is not None:  # a model not materialised yet: the weights it will get
+            state = kept
         else:
             with zero3_gathered(self.policy, write=False):  # DeepSpeed ZeRO-3: every rank calls this
                 state = {name: value.detach().clone() for name, value in self.policy.state_dict().items()}

@@ -15,13 +15,14 @@ One :class:`Runtime` per attached model; all state lives on it (never global).
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 
 import torch
 
 from atp import compat
-from atp.attention import COMPILE_MESSAGE, SCORE_REQUEST, register_attention
+from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
@@ -215,6 +216,7 @@ class Runtime:
         if step is not None:
             self.generate_step = step + 1
         if past == 0:  # the layout is read when the language model starts (embeddings are known)
+            self._check_settings(kwargs)
             self._check_new_prompt(cache, step, input_ids, kwargs.get("attention_mask"))
             self.decoding = False
             self.prefill = None
@@ -257,6 +259,22 @@ class Runtime:
         self.step_past = past
         self.step_padding = kwargs.get("attention_mask")  # 2D, original columns (layer 0 may be pruned)
         return None
+
+    def _check_settings(self, kwargs: dict) -> None:
+        """What ``attach`` checked, checked again where it is used (every prefill): settings changed
+        since (the attention implementation, the config, hub kernels swapped by ``train()`` /
+        ``eval()``) and per-call outputs the pruned layers cannot give."""
+        implementation = compat.attention_implementation(self.adapter.text_config())
+        if implementation != ATTENTION_NAME:
+            raise ValueError(
+                f"the language model's attention implementation is {implementation!r}, set after atp.attach "
+                f"(atp scores and prunes through its own {ATTENTION_NAME!r}); call handle.remove(), change the "
+                "implementation, and attach again"
+            )
+        self.adapter.check()
+        self.adapter.check_call(kwargs)
+        if "kernels" in sys.modules:  # nothing can swap a layer for a hub kernel without it
+            compat.check_hub_kernels(self.adapter.model)
 
     def _check_new_prompt(self, cache, step: int | None, input_ids, attention_mask) -> None:
         """A forward that looks like a new prompt (no cache, or an empty one) must not continue
@@ -310,6 +328,8 @@ class Runtime:
             cache = compat.find_cache(args, kwargs)
             if cache is None or compat.cache_length(cache) == 0:  # the language model called on its own
                 self.prefill, self.decoding, self.step_cache = None, False, {}
+            elif self.decoding and self.prefill is not None:
+                self._check_step_mask(args, kwargs)
             return None
         input_ids = pending["input_ids"]
         layout = self.adapter.visual_layout(input_ids, pending, kwargs)
@@ -326,6 +346,55 @@ class Runtime:
             self.last_stats = empty_stats(self.layers, self.num_layers, input_ids.shape[0], input_ids.device)
         return None
 
+    def check_continuation(self, args: tuple, kwargs: dict) -> None:
+        """Before ``generate`` runs on a cache whose layer 0 a pre-LLM policy pruned (drop mode):
+        generate counts a cache by its layer 0 (``cache.get_seq_length()``) to find the new tokens
+        and positions, so it must be given the new tokens alone, with the 2D attention mask over
+        every token. Refused before generate prepares anything (Qwen's ``rope_deltas``, say)."""
+        p = self.prefill
+        cache = next((kwargs[name] for name in compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        first = p.segments.get(0) if p is not None and self.layers[0] == 0 else None
+        if cache is None or not isinstance(first, Layout) or p.cache is None or p.cache() is not cache:
+            return
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        mask = kwargs.get("attention_mask")
+        seen = self._original_past(cache, compat.cache_length(cache))
+        if ids is not None and mask is not None and mask.dim() == 2 and mask.shape[1] == seen + ids.shape[1]:
+            return
+        raise ValueError(
+            f"generate cannot continue this KV cache as called: a pre-LLM policy pruned its layer 0 (drop mode), "
+            f"and generate counts the cache by that layer, so it would take tokens the cache holds for new ones. "
+            f"Pass only the tokens after the first {seen} (input_ids[:, {seen}:]) with the 2D attention_mask over "
+            "all of them, or attach with prune_mode='mask'"
+        )
+
+    def _check_step_mask(self, args, kwargs) -> None:
+        """A continuation's 2D attention mask covers every token seen and the new ones (transformers'
+        contract). Checked before any layer writes to the cache: after a pre-LLM policy pruned layer 0
+        in drop mode, ``generate`` counts the cache by that layer and would feed tokens it holds."""
+        padding = self.step_padding
+        hidden = kwargs.get("inputs_embeds")
+        hidden = kwargs.get("input_ids", args[0] if args else None) if hidden is None else hidden
+        if padding is None or padding.dim() != 2 or hidden is None:
+            return
+        seen, new = self.step_past, hidden.shape[1]
+        if padding.shape[1] == seen + new:
+            return
+        hint = ""
+        first = self.prefill.segments.get(0) if self.layers[0] == 0 else None
+        if isinstance(first, Layout):
+            hint = (
+                ". Layer 0's cache holds only the prompt tokens a pre-LLM policy kept, and generate (like "
+                "cache.get_seq_length()) counts the cache by it: give generate only the tokens after the "
+                f"first {seen} (input_ids[:, {seen}:]) with the attention_mask over all of them, or attach with "
+                "prune_mode='mask'"
+            )
+        raise ValueError(
+            f"the attention_mask covers {padding.shape[1]} tokens, but the KV cache continues {seen} (counted before "
+            f"atp pruned it) and this forward adds {new}: a continuation's mask covers every token seen and the "
+            f"new ones{hint}"
+        )
+
     def _check_cache(self, cache, past: int, batch: int) -> None:
         p = self.prefill
         ok = p.visual_valid.shape[0] == batch and past >= p.length
@@ -335,8 +404,9 @@ class Runtime:
             ok = compat.cache_length(cache, self.layers[-1]) == last.index.shape[1] + past - p.length
         if not ok:
             raise ValueError(
-                "this KV cache does not continue the last prefill atp pruned (batch or lengths differ); "
-                "beam search, cache reordering and caches built elsewhere are not supported yet"
+                "this KV cache does not continue the last prefill atp pruned (another cache object, or its "
+                "batch or lengths differ); continue the cache of the last prefill, right after it (beam "
+                "search, cache reordering and caches built elsewhere are not supported yet)"
             )
 
     def _start_prefill(self, layout, inputs: dict) -> Prefill | None:

@@ -7,6 +7,8 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import atp
@@ -202,8 +204,10 @@ def test_cli_writes_a_checkpoint_the_auto_classes_load(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["tiny-checkpoint", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
-    assert main(["tiny-checkpoint", str(tmp_path / "new"), "--num-layers", "0"]) == 2
-    assert "--num-layers must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # argparse refuses the value before the command runs
+        main(["tiny-checkpoint", str(tmp_path / "new"), "--num-layers", "0"])
+    assert "argument --num-layers/--layers: must be an int >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_arguments_name_the_choices(tmp_path):
@@ -212,3 +216,30 @@ def test_bad_arguments_name_the_choices(tmp_path):
     with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
         write_tiny_checkpoint(tmp_path, "llava", num_layers=0)
     assert not any(tmp_path.iterdir())
+
+
+SIDES = st.integers(min_value=2, max_value=600)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(sizes=st.lists(st.tuples(SIDES, SIDES), min_size=2, max_size=2))
+@example(sizes=[(400, 8), (8, 400)])  # a tall image first: its high-resolution grid unpads to no column
+@example(sizes=[(1000, 12), (5, 5)])
+def test_the_processor_s_own_layout_at_extreme_aspect_ratios(family, checkpoint, sizes):
+    """Two images of drawn sizes (aspect ratios up to 300:1 either way) in one prompt, laid out by
+    the family's real processor: atp reads the grids transformers lays out (LLaVA-NeXT's tall
+    images unpad to rows of newlines only) and generates with them."""
+    _, processor, model = checkpoint(family)
+    image = "<|vision_start|><|image_pad|><|vision_end|>" if family.startswith("qwen") else "<image>\n"
+    inputs = processor(
+        text=[f"USER: {image}and {image}what is shown? ASSISTANT:"],
+        images=[picture(height, width, seed=k) for k, (height, width) in enumerate(sizes)],
+        return_tensors="pt",
+    )
+    generate_both(model, processor, dict(inputs), [2])

@@ -54,8 +54,13 @@ class BackboneAdapter:
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 
     def check(self) -> None:
-        """Called by ``attach`` before anything is touched: raise ``ValueError`` (saying what to
-        do instead) for a config variant the forward could not lay out."""
+        """Called by ``attach`` before anything is touched, and again at every prefill (the config
+        may change after attach): raise ``ValueError`` (saying what to do instead) for a config
+        variant the forward could not lay out."""
+
+    def check_call(self, kwargs: dict) -> None:
+        """Called at every prefill with the multimodal model's keyword arguments: raise
+        ``ValueError`` for a per-call option the pruned forward cannot serve."""
 
     # structure -------------------------------------------------------------------------
     def multimodal_model(self) -> nn.Module:

@@ -31,6 +31,14 @@ class LlavaAdapter(BackboneAdapter):
     def check(self) -> None:
         if self.pixtral():
             return
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
+        tower = getattr(self.model.config.vision_config, "model_type", "")
+        if strategy == "full" and tower == "clip_vision_model":  # SigLIP towers have no CLS token
+            raise ValueError(
+                "this LLaVA model's vision_feature_select_strategy='full' keeps the CLIP tower's CLS token, so "
+                "its image tokens are not a grid of patches, which the spatial score and 2D positions need; "
+                "atp supports the 'default' strategy (patches only, no CLS token)"
+            )
         per_image = self.num_visual_tokens()
         if math.isqrt(per_image) ** 2 != per_image:
             strategy = getattr(self.model.config, "vision_feature_select_strategy", None)

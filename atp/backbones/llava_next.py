@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from atp import compat
 from atp.backbones.base import BackboneAdapter, VisualLayout, runs
 
 
@@ -48,8 +49,11 @@ def tiled_grids(is_newline: list[bool], side: int) -> list[tuple[int, int]]:
             raise ValueError("an image's tokens do not start with its base grid; is the layout LLaVA-NeXT's?")
         grids.append((side, side))
         position += base
-        if position < total and is_newline[position]:  # not tiled: one trailing newline
-            position += 1
+        if position < total and is_newline[position]:
+            # not tiled (one trailing newline), or a high-resolution grid unpadded to no column (a
+            # very tall image): newlines only, as many as its rows, and no visual token
+            while position < total and is_newline[position]:
+                position += 1
             continue
         following = [k for k in range(position, total) if is_newline[k]]
         if not following:
@@ -114,7 +118,32 @@ class LlavaNextAdapter(BackboneAdapter):
                     for grid in self.run_grids(kind, flags[sample][start:stop])
                 ]
             )
+        if type(self) is LlavaNextAdapter and inputs.get("image_sizes") is not None:
+            self.check_grids(grids, inputs["image_sizes"])
         return VisualLayout(tokens & ~structural, structural, grids)
+
+    def check_grids(self, grids: list[list[tuple[int, int]]], sizes: torch.Tensor) -> None:
+        """The grids read from the newline pattern must be the ones transformers lays out for the
+        images' sizes (its own ``get_anyres_image_grid_shape`` and ``unpad_image``): a pattern can
+        be read two ways when a grid is unpadded to nothing, and a wrong reading would be silent."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        config, side = self.model.config, self.base_side()
+        tile = config.vision_config.image_size
+        expected = []
+        for size in sizes.tolist():
+            rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)
+            height, width = unpad_image(torch.empty(1, rows * side, cols * side), size).shape[1:]
+            expected += [(side, side)] + ([(height, width)] if height * width else [])
+        read = [tuple(grid) for sample in grids for grid in sample if grid[0] * grid[1]]
+        if read != expected:
+            raise compat.CompatibilityError(
+                f"atp read the image grids {read} from the prompt, but transformers lays out {expected} for "
+                f"image_sizes {sizes.tolist()}"
+            )
 
     def grid_pixels(
         self, inputs: dict, grids: list[list[tuple[int, int]]]

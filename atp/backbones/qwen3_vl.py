@@ -50,6 +50,14 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
                 "match; set model.config.text_config.output_router_logits = False to attach atp"
             )
 
+    def check_call(self, kwargs: dict) -> None:
+        if kwargs.get("output_router_logits"):
+            raise ValueError(
+                "output_router_logits=True is not supported with atp on this Qwen3-VL MoE model: transformers' "
+                "load-balancing loss reads one attention mask for every layer, which pruned layers do not "
+                "match; call the model without output_router_logits"
+            )
+
 
 class KeptDeepstack:
     """``language_model._deepstack_process`` while atp is attached: after a drop-mode ATP layer,
