@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import settings
@@ -10,6 +12,17 @@ from atp.testing import left_pad, llava_prompt, tiny_llava
 
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``) each worker gets its share of the cores: workers that each
+    spread their matmuls over every core would only wait on one another."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        # processes a test starts use as many, so that results compared across them round alike
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture

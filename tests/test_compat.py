@@ -60,9 +60,10 @@ def test_the_installed_release_is_in_the_declared_range():
     versions = compat.versions()
     assert compat.tested() == {"torch": True, "transformers": True}, versions
     assert versions["transformers"] in compat.version_note()
-    assert not compat._in("5.25.0", compat.TRANSFORMERS_RANGE)
+    assert not compat._in("5.26.0", compat.TRANSFORMERS_RANGE)
     assert not compat._in("5.17.0", compat.TRANSFORMERS_RANGE)
-    assert compat._in("5.24.1", compat.TRANSFORMERS_RANGE)
+    assert compat._in("5.25.1", compat.TRANSFORMERS_RANGE)
+    assert compat._in("2.15.0+cu130", compat.TORCH_RANGE) and not compat._in("2.16.0", compat.TORCH_RANGE)
     assert compat._in("5.18.0.dev0", compat.TRANSFORMERS_RANGE)
 
 
@@ -160,9 +161,17 @@ def test_pyproject_compat_and_the_oldest_ci_pins_declare_the_same_range():
     oldest = dict(
         line.split("==") for line in (root / ".ci" / "oldest.txt").read_text().split() if "==" in line
     )
+    newest = dict(
+        line.split("==") for line in (root / ".ci" / "newest.txt").read_text().split() if "==" in line
+    )
     for name, (low, high) in {"torch": compat.TORCH_RANGE, "transformers": compat.TRANSFORMERS_RANGE}.items():
         assert declared[name] == {">=": Version(low), "<": Version(high)}
         assert oldest[name] == low
+        # the newest pins are in the range's last minor: the release CI's newest stage must reach
+        assert compat._in(newest[name], (low, high)) and Version(newest[name]).release[:2] == (
+            Version(high).release[0],
+            Version(high).release[1] - 1,
+        )
 
 
 def test_a_trainer_without_the_methods_atp_trainer_overrides_is_refused():

@@ -375,13 +375,15 @@ def output_to_stderr():
         for handler in logger.handlers
         if type(handler) is logging.StreamHandler and handler.stream not in (sys.stderr, sys.__stderr__)
     ]
-    streams = [handler.setStream(sys.stderr) for handler in moved]
+    streams = [handler.stream for handler in moved]
+    for handler in moved:  # not setStream: it flushes the old stream, which may be closed
+        handler.stream = sys.stderr
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
         for handler, stream in zip(moved, streams):
-            handler.setStream(stream)
+            handler.stream = stream
 
 
 def main(args: argparse.Namespace) -> int:
