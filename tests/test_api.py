@@ -60,7 +60,7 @@ def test_fixed_budgets_are_met_exactly(model, batch):
         with torch.no_grad():
             model(**batch)
         assert handle.stats.kept.tolist() == [[10, 5, 2], [10, 5, 2]]
-        assert handle.stats.avg_tokens == pytest.approx((16 + 10 + 5 + 2) / 4)
+        assert handle.stats.avg_tokens == (16 + 10 + 5 + 2) / 4  # whole counts / 4: exact in float32
 
 
 def test_mask_mode_generates_in_eval(model, batch):

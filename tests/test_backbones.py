@@ -80,6 +80,8 @@ def test_binned_head_accepts_any_number_of_visual_tokens():
         live = torch.rand(2, tokens) > 0.3
         live[1] = False  # a sample with nothing alive
         theta_r, theta_s = head(scores, scores, live, torch.tensor([tokens, tokens]))
+        # zero weights: sigmoid(logit(theta) rounded to float32); the rounding and a float32 sigmoid
+        # (within ~2 ulps) leave a few 2**-24 of theta < 1, under the default float32 tolerance (1.3e-6)
         torch.testing.assert_close(theta_r, torch.full((2,), 0.3))
         torch.testing.assert_close(theta_s, torch.full((2,), 0.6))
 

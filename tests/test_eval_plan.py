@@ -54,9 +54,12 @@ def test_matched_methods_reach_the_target(num_layers, fraction):
             continue
         layers, kept = settings_of(method)
         measured = sum(tokens_per_layer(num_layers, layers, kept, 1.0)) / num_layers
+        # the same fractions, products and sums of <= 80 doubles <= 1 maybe in another order: ~1e-14
         assert measured == pytest.approx(method.fraction, abs=1e-9)
         if name in ("fastv", "pdrop", "fixed", "random"):  # solved: up to the 4 decimals printed
-            assert method.fraction == pytest.approx(fraction, abs=2e-3)
+            # a ratio printed to 4 decimals is off by <= 5e-5; the Token fraction, sum_k w_k q**k with
+            # segment weights sum w_k <= 1 over k <= K pruning layers, moves by <= K * 5e-5 (its slope)
+            assert method.fraction == pytest.approx(fraction, abs=len(layers) * 5e-5 + 1e-12)
         if name == "pool":
             assert abs(method.fraction - fraction) <= 0.1 * fraction
     # a solved method is left out only when its first layers alone exceed the target
@@ -199,4 +202,6 @@ def test_the_dry_run_s_stdout_is_the_commands_alone_in_a_new_process(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert lines and all(line.startswith("  ") or line.split(":")[0].isidentifier() for line in lines), lines[:3]
+    assert lines and all(line.startswith("  ") or line.split(":")[0].isidentifier() for line in lines), lines[
+        :3
+    ]

@@ -24,6 +24,15 @@ def random_qk(batch, heads, kv_heads, length, seed, dim=8):
     return query, key
 
 
+UNIT = 2.0**-24  # float32's unit roundoff
+
+
+def assert_within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """|got - exact| <= bound elementwise (``exact`` and ``bound`` in float64)."""
+    error = (got.double() - exact).abs()
+    assert bool((error <= bound).all()), f"error {error.max():.3g} over bound {(error - bound).max():.3g}"
+
+
 @given(shapes)
 def test_self_scores_equal_mean_of_full_logit_matrix(shape):
     batch, (heads, kv_heads), length, seed = shape
@@ -34,11 +43,17 @@ def test_self_scores_equal_mean_of_full_logit_matrix(shape):
     got = self_scores(query, key, slots, weight, scale)
     keys = key.repeat_interleave(heads // kv_heads, dim=1)
     for b in range(batch):
-        q = query[b][:, slots[b]]  # (H, 4, d)
-        k = keys[b][:, slots[b]]
-        logits = torch.einsum("hmd,hnd->hmn", q, k) * scale  # query m, key n
-        expected = (logits * weight[b][None, :, None]).sum(1) / weight[b].sum()
-        torch.testing.assert_close(got[b], expected.mean(0), rtol=1e-4, atol=1e-5)
+        q = query[b][:, slots[b]].double()  # (H, 4, d)
+        k = keys[b][:, slots[b]].double()
+        w = weight[b].double()[None, :, None] / weight[b].double().sum()
+        logits = torch.einsum("hmd,hnd->hmn", q, k) * scale  # query m, key n, in float64: exact enough
+        magnitude = (torch.einsum("hmd,hnd->hmn", q.abs(), k.abs()) * scale * w).sum(1).mean(0)
+        # a sum of products in float32, in any order, is within gamma_K = K * 2**-24 of the sum of
+        # the terms' magnitudes, K the roundings along a term's path: the weight sum (4 terms) and
+        # division, the weighted query sum over the L slots, the group sum, the d-term dot product,
+        # the sum over key heads, the scale rounded to float32 and its product: K <= L + d + 9
+        bound = (length + query.shape[-1] + 9) * UNIT * magnitude
+        assert_within(got[b], ((logits * w).sum(1)).mean(0), bound)
 
 
 @given(shapes)
@@ -51,14 +66,24 @@ def test_cross_scores_equal_full_causal_softmax_rows(shape):
     text_valid[0, -1] = False
     scale = 0.25
     got = cross_scores(query, key, None, scale, text, text_valid, visual)
-    keys = key.repeat_interleave(heads // kv_heads, dim=1)
-    logits = torch.einsum("bhqd,bhkd->bhqk", query, keys) * scale
+    keys = key.repeat_interleave(heads // kv_heads, dim=1).double()
+    logits = torch.einsum("bhqd,bhkd->bhqk", query.double(), keys) * scale  # float64: exact enough
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).mean(1)  # (B, L, L)
+    # float32 rounding, relative to each probability: a logit's d-term dot product (scale 1/4 is
+    # exact) is off by <= d * 2**-24 * scale * sum |q k|, which moves a softmax output by twice the
+    # largest such error in its row; the max subtraction, exp (1 ulp), the L-term sum and the
+    # division add (L + 4) * 2**-24 with the subtraction's u * |logit - max|; the mean over the
+    # positive probabilities of the rows and heads (T + H + 2 roundings) keeps the relative error.
+    # Doubled for second-order terms; below float32's smallest normal only an absolute accuracy is left.
+    dim = query.shape[-1]
+    logit_error = dim * UNIT * torch.einsum("bhqd,bhkd->bhqk", query.double().abs(), keys.abs()) * scale
+    spread = 2 * logits.masked_fill(~causal, 0.0).abs().amax((1, 2, 3))  # bounds |logit - row max|
     for b in range(batch):
         rows = text[b][text_valid[b]]
         expected = probs[b][rows][:, visual[b]].mean(0)
-        torch.testing.assert_close(got[b], expected, rtol=1e-4, atol=1e-6)
+        relative = 2 * logit_error[b][:, rows].amax() + UNIT * spread[b] + (2 * length + heads + 6) * UNIT
+        assert_within(got[b], expected, 2 * relative * expected + torch.finfo(torch.float32).tiny)
 
 
 def test_cross_scores_use_the_layer_mask():
@@ -78,8 +103,8 @@ def test_minmax_spans_zero_to_one_over_live_tokens(values, data):
     out = minmax_normalize(scores, live)
     assert (out[~live] == 0).all()
     alive = out[live]
-    if alive.numel() and scores[live].max() - scores[live].min() > 1e-6:
-        assert alive.min() == 0 and abs(alive.max().item() - 1) < 1e-6
+    if alive.numel() and scores[live].max() - scores[live].min() > 1e-12:  # the function's own "flat"
+        assert alive.min() == 0 and alive.max() == 1  # (low - low) / span and span / span: exact
         live_scores = scores[live]
         smaller = live_scores[:, None] < live_scores[None, :]
         assert bool((alive[:, None] <= alive[None, :])[smaller].all())  # order preserved
@@ -96,7 +121,8 @@ def test_spatial_grids_nest_and_rank_coarse_first(height, width):
     for stride in default_strides(height, width):
         on_grid = torch.zeros(height, width, dtype=torch.bool)
         on_grid[::stride, ::stride] = True
-        assert bool((score[on_grid] >= 1 - 3.0 / stride**2 - 1e-6).all())
+        # exact: the scores are 1 - 3 / s**2 (s >= stride) rounded to float32, as this bound is
+        assert bool((score[on_grid] >= torch.tensor(1 - 3.0 / stride**2)).all())
 
 
 def test_spatial_thresholds_pick_granularities_on_24x24():
@@ -120,7 +146,9 @@ def test_mask_is_max_of_branches_and_monotone_in_thresholds(theta_r, theta_s, de
     )
     assert bool((both >= red_only).all())
     higher = combiner(s_red, s_sp, torch.full((2,), theta_r + delta), torch.full((2,), theta_s + delta))
-    assert bool((higher <= both + 1e-7).all())
+    # float32 sigmoid (exp within an ulp, 1 + e, a division) is within ~2 ulps of exact (2**-24
+    # each below 1): two evaluations may invert by twice that, not more
+    assert bool((higher <= both + 4 * 2**-24).all())
 
 
 @given(st.lists(st.floats(-3, 3), min_size=1, max_size=12), st.integers(0, 12), st.data())

@@ -303,8 +303,8 @@ def test_the_paper_recipe_resolves_for_llava_1_5_7b_without_weights(tmp_path, ca
     assert "2 records have several images (up to 2, 1152 visual tokens" in capsys.readouterr().err
     recipe += ["--option", "threshold_head=binned"]
     plan = dry_run(recipe, capsys)
-    assert (
-        plan["model"]["parameters"] == pytest.approx(7.06e9, rel=2e-3)
+    assert (  # the published size, 7.06B to 3 digits: within 0.005e9 (7.1e-4 relative)
+        plan["model"]["parameters"] == pytest.approx(7.06e9, rel=7.1e-4)
         and plan["model"]["visual_tokens"] == 576
     )
     assert plan["model"]["num_layers"] == 32 and plan["atp"]["layers"] == [4, 14, 24]

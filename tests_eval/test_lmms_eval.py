@@ -224,7 +224,7 @@ def test_model_arguments():
         parse_model_arguments(pretrained="x", layer="1")
     with pytest.raises(ValueError, match="needs policy"):
         parse_model_arguments(pretrained="x", **{"option.keep": "[1]"})
-    with pytest.raises(ValueError, match="layers must be integers"):
+    with pytest.raises(ValueError, match="layers must be an int >= 0, got 1,2x; give layers as ints"):
         parse_model_arguments(pretrained="x", policy="fixed", layers="1,2x")
     with pytest.raises(ValueError, match="pretrained"):
         parse_model_arguments(policy="fixed")
