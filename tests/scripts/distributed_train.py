@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from safetensors.torch import save_file
+from teardown import leave
 
 from atp.cli import build_parser
 from atp.training.cli import run
@@ -64,3 +65,4 @@ print(
     f"text-only batches {sum(text_only_batches)}"
 )
 __import__("atp.training.cli", fromlist=["finish_distributed"]).finish_distributed()
+leave()

@@ -11,6 +11,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from teardown import leave
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -39,3 +40,4 @@ save_file(gathered, f"{output}/rank{rank}.safetensors")
 dist.barrier()
 print(f"rank {rank} saved", flush=True)
 dist.destroy_process_group()
+leave()

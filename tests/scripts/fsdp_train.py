@@ -17,6 +17,7 @@ import warnings
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from safetensors.torch import save_file
+from teardown import leave
 from transformers import Trainer
 
 from atp.cli import build_parser
@@ -68,3 +69,4 @@ print(
     flush=True,
 )
 finish_distributed()
+leave()
