@@ -18,8 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _plain(value: object) -> int | float | None:
-    """A real number as a plain int or float; None for anything else (bools included)."""
+def plain_number(value: object) -> int | float | None:
+    """``value`` as a plain int or float; None when it is not a real number.
+
+    Python, numpy and 0-dim torch numbers count (integral ones become ints); bools and bool
+    tensors do not, so ``True`` is never read as 1.
+    """
+    if not isinstance(value, numbers.Number) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-dim tensor or array
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return int(value) if isinstance(value, numbers.Integral) else float(value)
@@ -56,7 +62,7 @@ class Number:
     def expected(self) -> str:
         """``an int >= 1``, ``a finite number in (0, 1)``, ... (with ``also`` and its meaning)."""
         noun = "an int" if self.kind is int else "a finite number"
-        text = f"{noun} {_interval(self.low, self.high, self.low_open, self.high_open)}".rstrip()
+        text = f"{noun} {interval(self.low, self.high, self.low_open, self.high_open)}".rstrip()
         return (
             text
             + "".join(f", or {value}" for value in self.also)
@@ -67,7 +73,7 @@ class Number:
         """``value`` as the number it must be; ``TypeError`` / ``ValueError`` naming ``name``,
         the value given and what to give instead. ``text``: a string spelling a number counts
         (flags, recipes); the Python API passes False and gets numbers only."""
-        number = _parse(value) if isinstance(value, str) and text else _plain(value)
+        number = _parse(value) if isinstance(value, str) and text else plain_number(value)
         if number is None:
             self._fail(name, value, ValueError if isinstance(value, str) and text else TypeError)
         if number in self.also and (self.kind is float or isinstance(number, int)):
@@ -103,8 +109,8 @@ class Number:
             raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _interval(low, high, low_open: bool, high_open: bool) -> str:
-    """``in (0, 1]``, ``> 0``, ``>= 1`` or nothing."""
+def interval(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
+    """The text of a range for messages: ``in (0, 1]``, ``> 0``, ``>= 2``; empty when unbounded."""
     low_text, high_text = (f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high))
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{low_text}, {high_text}{')' if high_open else ']'}"

@@ -376,27 +376,36 @@ KERNELS_ATP_CHECKED = frozenset(
 )
 
 
-def hub_kernels(model: torch.nn.Module) -> dict[str, str]:
-    """Layers and functions of ``model`` marked for hub kernels that run a forward other than
-    their class's own: qualified name -> the kernel's layer name. Read from the modules, not from
-    the ``kernels`` package, so it holds for every release of it (and without it: empty)."""
-    found = {}
+def kernel_targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers and kernel functions of ``model`` marked for hub kernels (their class has a
+    ``kernel_layer_name``), with their qualified names: what a kernelization can swap."""
+    found = []
     for name, module in model.named_modules():
         functions = getattr(module, "_kernel_funcs", None) or {}
         for where, target in [(name, module), *((f"{name}.{key}", f) for key, f in functions.items())]:
-            kernel = getattr(type(target), "kernel_layer_name", None)
-            forward = getattr(vars(target).get("forward"), "__func__", None)  # set on the instance
-            if kernel is not None and forward is not None and forward is not type(target).forward:
-                found[where.lstrip(".")] = str(kernel)
+            if getattr(type(target), "kernel_layer_name", None) is not None:
+                found.append((where.lstrip("."), target))
     return found
 
 
-def check_hub_kernels(model: torch.nn.Module) -> None:
+def hub_kernels(model: torch.nn.Module, targets: list | None = None) -> dict[str, str]:
+    """Layers and functions of ``model`` (or of ``targets``, from :func:`kernel_targets`) that run
+    a forward other than their class's own: qualified name -> the kernel's layer name. Read from
+    the modules, not from the ``kernels`` package, so it holds for every release of it (and
+    without it: empty)."""
+    found = {}
+    for where, target in kernel_targets(model) if targets is None else targets:
+        forward = getattr(vars(target).get("forward"), "__func__", None)  # set on the instance
+        if forward is not None and forward is not type(target).forward:
+            found[where] = str(type(target).kernel_layer_name)
+    return found
+
+
+def check_hub_kernels(model: torch.nn.Module, targets: list | None = None) -> None:
     """Refuse hub kernels atp has not checked (see ``KERNELS_ATP_CHECKED``), naming them and how to
-    turn them off."""
-    unchecked = {
-        name: kernel for name, kernel in hub_kernels(model).items() if kernel not in KERNELS_ATP_CHECKED
-    }
+    turn them off; ``targets`` as for :func:`hub_kernels`."""
+    swapped = hub_kernels(model, targets)
+    unchecked = {name: kernel for name, kernel in swapped.items() if kernel not in KERNELS_ATP_CHECKED}
     if unchecked:
         listed = ", ".join(f"{name} ({kernel})" for name, kernel in sorted(unchecked.items())[:4])
         more = f" and {len(unchecked) - 4} more" if len(unchecked) > 4 else ""

@@ -113,6 +113,7 @@ class Runtime:
         self.budget_loss = (budget_loss or PaperBudgetLoss)(self.budget.target_tokens)
         self.warned_hard = False
         self.pruned_caches = weakref.WeakSet()  # caches filled by an ATP prefill (weakly held)
+        self.kernel_targets: list | None = None  # layers marked for hub kernels (compat.kernel_targets)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
 
     # copies and pickles ----------------------------------------------------------------
@@ -128,6 +129,7 @@ class Runtime:
         "step_padding": None,
         "step_cache": dict,
         "pruned_caches": weakref.WeakSet,
+        "kernel_targets": None,  # modules of this model: found again in a copy
     }
 
     def __getstate__(self) -> dict:
@@ -274,7 +276,9 @@ class Runtime:
         self.adapter.check()
         self.adapter.check_call(kwargs)
         if "kernels" in sys.modules:  # nothing can swap a layer for a hub kernel without it
-            compat.check_hub_kernels(self.adapter.model)
+            if self.kernel_targets is None:  # the marked layers, found once (not at every prefill)
+                self.kernel_targets = compat.kernel_targets(self.adapter.model)
+            compat.check_hub_kernels(self.adapter.model, self.kernel_targets)
 
     def _check_new_prompt(self, cache, step: int | None, input_ids, attention_mask) -> None:
         """A forward that looks like a new prompt (no cache, or an empty one) must not continue

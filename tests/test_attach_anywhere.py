@@ -18,7 +18,7 @@ from atp.compat import attention_implementation
 from atp.testing import cache_kwargs, tiny_llava
 from tests.families import BY_NAME_FAMILIES, FAMILIES, visual_mask
 
-pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+pytestmark = [pytest.mark.filterwarnings("ignore:atp.attach"), pytest.mark.usefixtures("one_thread")]
 
 # Drop and mask mode sum the same attention terms (a masked key's weight is exp(-inf) = 0 exactly)
 # in another order and through other kernels. A float32 sum of n terms is off by at most n * 2**-24
@@ -48,15 +48,6 @@ OPTIONS = {
 }
 POLICIES = sorted(OPTIONS)
 FAMILY_NAMES = [family.name for family in FAMILIES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

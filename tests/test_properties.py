@@ -29,7 +29,7 @@ import atp
 from tests.families import BY_NAME_FAMILIES, FAMILIES, TEXT_IDS, Media, visual_mask
 from tests.numerics import REORDERED, assert_same_continuation
 
-pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
+pytestmark = [pytest.mark.filterwarnings("ignore:atp.attach"), pytest.mark.usefixtures("one_thread")]
 
 NEW_TOKENS = 3
 FAMILY_NAMES = [family.name for family in FAMILIES]
@@ -39,15 +39,6 @@ PHASES = [phase for phase in Phase if phase != Phase.explain]  # explaining fail
 @functools.cache
 def tiny_model(family: str) -> torch.nn.Module:
     return BY_NAME_FAMILIES[family].model(seed=3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not stall when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # policies and their options -----------------------------------------------------------------

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 
+from atp.arguments import interval, plain_number
 from atp.plugins import registry
-
-
-def plain_number(value: object) -> int | float | None:
-    """``value`` as a plain int or float; None when it is not a real number.
-
-    Python, numpy and 0-dim torch numbers count (integral ones become ints); bools and bool
-    tensors do not, so ``True`` is never read as 1.
-    """
-    if not isinstance(value, numbers.Number) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()  # a 0-dim tensor or array
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def plain_options(value: object) -> object:
@@ -37,16 +24,6 @@ def plain_options(value: object) -> object:
         return bool(value.item())  # a numpy or 0-dim torch bool
     number = plain_number(value)
     return value if number is None or isinstance(value, bool) else number
-
-
-def interval(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
-    """The text of a range for messages: ``in (0, 1]``, ``> 0``, ``>= 2``."""
-    low_text, high_text = (f"{bound:g}" if isinstance(bound, float) else str(bound) for bound in (low, high))
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low_text}, {high_text}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low_text}"
-    return f"{'<' if high_open else '<='} {high_text}" if high is not None else "(finite)"
 
 
 def described(value: object) -> str:
@@ -78,11 +55,13 @@ class OptionCheck:
     def real(self, name: str, value, low=None, high=None, low_open=False, high_open=False) -> float:
         """A finite number in the range (ints, floats, numpy and 0-dim tensor numbers)."""
         number = plain_number(value)
-        expected = f"a number {interval(low, high, low_open, high_open)}"
+        expected = f"a number {interval(low, high, low_open, high_open) or '(finite)'}"
         if number is None:
             self.fail(name, value, expected, TypeError)
         if not math.isfinite(number):
-            self.fail(name, value, f"a finite number {interval(low, high, low_open, high_open)}")
+            self.fail(
+                name, value, f"a finite number {interval(low, high, low_open, high_open) or '(finite)'}"
+            )
         if (low is not None and (number <= low if low_open else number < low)) or (
             high is not None and (number >= high if high_open else number > high)
         ):
@@ -92,7 +71,7 @@ class OptionCheck:
     def integer(self, name: str, value, low=None, high=None) -> int:
         """An int in ``[low, high]`` (numpy and 0-dim tensor integers too; not bools, not 2.0)."""
         number = plain_number(value)
-        expected = f"an int {interval(low, high)}"
+        expected = f"an int {interval(low, high) or '(finite)'}"
         if not isinstance(number, int):
             self.fail(name, value, expected, TypeError)
         if (low is not None and number < low) or (high is not None and number > high):
