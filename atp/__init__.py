@@ -12,7 +12,7 @@ from atp.handle import AttachHandle
 from atp.plugins import registry
 from atp.stats import PruningStats, kv_cache_bytes
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttachHandle",

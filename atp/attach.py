@@ -154,7 +154,7 @@ def attach(
     from_pretrained: str | os.PathLike | None = None,
     observe: bool = False,
     positions: str | None = None,
-    budget_loss: str = "paper",
+    budget_loss: str | None = None,
     **options,
 ) -> AttachHandle:
     """Attach adaptive token pruning to a transformers vision-language model.
@@ -174,8 +174,9 @@ def attach(
         and L_target and N_target (default 0, 0, None: no budget terms).
     add_budget_loss : when the model is called with labels in training mode, add the
         weighted budget terms to ``outputs.loss`` (default True).
-    budget_loss : a registered budget loss (default "paper", Eq. 12-13); it is built with
-        ``target_tokens`` and called with the cumulative soft masks.
+    budget_loss : a registered budget loss: "normalized" (the default: Eq. 12-13 as fractions of
+        the visual tokens, the target error squared) or "paper" (Eq. 12-13 as printed); it is
+        built with ``target_tokens`` and called with the cumulative masks of each ATP layer.
     from_pretrained : a folder written by ``handle.save_pretrained``: restores layers, policy,
         options, budget and weights (explicit arguments must agree or override the budget).
     observe : call the plugins' ``atp_observe`` hook with every ATP layer's decision.
@@ -233,8 +234,8 @@ def attach(
                 f"positions={positions!r} differs from the checkpoint's {saved.get('positions')!r}"
             )
         positions = saved.get("positions", "keep")
-        if budget_loss == "paper":  # the default: take the checkpoint's
-            budget_loss = saved.get("budget_loss", "paper")
+        if budget_loss is None:  # the default: take the checkpoint's
+            budget_loss = saved.get("budget_loss", "normalized")
         options = {**saved["options"], **options}
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
@@ -273,6 +274,7 @@ def attach(
             "does not support yet for this family (Gemma 3's are supported); when prompt and answer fit in "
             "the window, load the model with the window off (sliding_window=None, or use_sliding_window=False)"
         )
+    budget_loss = "normalized" if budget_loss is None else budget_loss
     loss_factory = registry().get("budget_loss", budget_loss).factory
     positions = "keep" if positions is None else positions
     keeper = registry().get("position_keeper", positions).factory(adapter)

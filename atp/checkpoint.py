@@ -16,7 +16,10 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "atp_config.json"
 WEIGHTS_NAME = "atp_model.safetensors"
-FORMAT = "atp-checkpoint/1"
+FORMAT = "atp-checkpoint/2"
+# format 1: threshold heads without the width scaling, the step-valued spatial score (Eq. 5 as
+# printed) and soft budget counts; its weights would decide differently here
+OLDER = {"atp-checkpoint/1": "atp 0.1 (before the per-instance learning fixes of the heads, spatial score and budget)"}
 
 
 def model_identity(adapter) -> dict:
@@ -61,6 +64,13 @@ def read_config(path: str | os.PathLike) -> dict:
     from atp.arguments import read_json
 
     config = read_json(config_file, "atp checkpoint config")
+    if config.get("format") in OLDER:
+        raise ValueError(
+            f"{config_file} has format {config.get('format')!r}, written by {OLDER[config['format']]}: its "
+            f"threshold heads were trained for another parameterisation and would prune differently here "
+            f"(this atp reads {FORMAT!r}); retrain the ATP modules (atp train), or load them with the atp "
+            "release that wrote them"
+        )
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_file} has format {config.get('format')!r}; this atp reads {FORMAT!r}")
     for key in ("layers", "policy", "options", "model"):

@@ -23,7 +23,7 @@ import torch
 
 from atp import compat
 from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, SCORE_REQUEST, register_attention
-from atp.components.budget_loss import Budget, PaperBudgetLoss
+from atp.components.budget_loss import Budget, NormalizedBudgetLoss
 from atp.components.position_keeper import KeepPositions
 from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
 from atp.measure import traced
@@ -110,7 +110,7 @@ class Runtime:
         self.hooks: list = []
         self.observers = observers or []  # atp_observe implementations, resolved at attach
         self.budget = budget or Budget()
-        self.budget_loss = (budget_loss or PaperBudgetLoss)(self.budget.target_tokens)
+        self.budget_loss = (budget_loss or NormalizedBudgetLoss)(self.budget.target_tokens)
         self.warned_hard = False
         self.pruned_caches = weakref.WeakSet()  # caches filled by an ATP prefill (weakly held)
         self.kernel_targets: list | None = None  # layers marked for hub kernels (compat.kernel_targets)
@@ -444,7 +444,7 @@ class Runtime:
                 stacklevel=2,
             )
         spatial_options = (
-            getattr(self.policy, "lambda_sample", 3.0),
+            getattr(self.policy, "lambda_sample", 1.0),
             getattr(self.policy, "spatial_strides", None),
         )
         prefill = Prefill.start(layout, inputs, mode, soft, *spatial_options)
@@ -612,8 +612,9 @@ class Runtime:
         )
         scores = self.policy.scorer.score(attention)
         width = p.visual_valid.shape[1]
+        present = p.weight > 0  # == p.keep with binary masks; soft ones keep hard-dropped tokens
         p.scores[k] = {  # original visual order; 0 at dead tokens in both modes
-            name: place(value, view["visual_ids"], view["visual_valid"], width, 0.0) * p.keep
+            name: place(value, view["visual_ids"], view["visual_valid"], width, 0.0) * present
             for name, value in scores.items()
         }
 
@@ -809,6 +810,8 @@ class Runtime:
             if all(name in rec[2] for rec in p.records)
         }
         soft_masks = [record[1] for record in p.records]
+        # the budget counts what inference keeps (the hard masks), with the soft masks' gradient
+        counting = [keep.float() + (soft - soft.detach()) for keep, soft in zip(masks, soft_masks)]
         return PruningStats(
             layers=self.layers,
             num_layers=self.num_layers,
@@ -817,7 +820,7 @@ class Runtime:
             masks=masks,
             soft_masks=soft_masks,
             thresholds=thresholds,
-            losses=self.budget_loss(soft_masks, p.num_visual, self.layers, self.num_layers),
+            losses=self.budget_loss(counting, p.num_visual, self.layers, self.num_layers),
             reasons=[record[3] for record in p.records],
             grids=p.context.get("grids", []),
         )

@@ -30,13 +30,24 @@ def test_default_layers_follow_the_paper():
     assert atp.default_layers(2) == [1]
 
 
-def test_untrained_atp_keeps_almost_everything(model, batch):
-    with atp.attach(model, layers=[1, 3]) as handle:
+def test_untrained_atp_starts_at_half_thresholds_with_both_branches_deciding(model, batch):
+    """Untrained heads give every sample theta_r = theta_s = 0.5 (docs/concepts.md): each branch
+    keeps tokens the other does not, so both thresholds can learn from the first step."""
+    with pytest.warns(UserWarning, match="the threshold heads are untrained"):
+        handle = atp.attach(model, layers=[1, 3])
+    with handle:
         with torch.no_grad():
             model(**batch)
-        assert (handle.stats.kept >= 15).all()
-        assert set(handle.stats.thresholds) == {"theta_r", "theta_s"}
-        assert handle.stats.thresholds["theta_r"].shape == (2, 2)
+        stats = handle.stats
+        assert set(stats.thresholds) == {"theta_r", "theta_s"}
+        for value in stats.thresholds.values():
+            assert torch.equal(value, torch.full((2, 2), 0.5))
+        kept = stats.kept[:, 0]
+        assert bool((kept > 0).all() and (kept < 16).all())
+        reasons = stats.reasons[0]
+        only_redundancy = reasons["redundancy"] & ~reasons["spatial"]
+        only_spatial = reasons["spatial"] & ~reasons["redundancy"]
+        assert bool(only_redundancy.any(dim=1).all() and only_spatial.any(dim=1).all())
         assert sum(p.numel() for p in handle.parameters()) > 0
 
 

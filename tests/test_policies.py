@@ -319,7 +319,7 @@ def test_every_option_of_every_built_in_policy_refuses_a_wrong_type_by_name(name
             "atp",
             {"threshold_head": "nope"},
             ValueError,
-            "option threshold_head must be a registered threshold_head name, one of: binned, paper",
+            "option threshold_head must be a registered threshold_head name, one of: binned, constant, paper",
         ),
     ],
 )

@@ -10,7 +10,7 @@ from atp.components.mask_combiner import MaxSigmoidCombiner
 from atp.policies.fixed import top_k_mask
 from atp.scorers.normalize import minmax_normalize
 from atp.scorers.redundancy import cross_scores, self_scores
-from atp.scorers.spatial import default_strides, grid_scores, spatial_scores
+from atp.scorers.spatial import default_strides, grid_scores, level, spatial_scores
 
 shapes = st.tuples(
     st.integers(1, 3), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(6, 14), st.integers(0, 2**16)
@@ -110,26 +110,34 @@ def test_minmax_spans_zero_to_one_over_live_tokens(values, data):
         assert bool((alive[:, None] <= alive[None, :])[smaller].all())  # order preserved
 
 
-@given(st.integers(1, 40), st.integers(1, 40))
-def test_spatial_grids_nest_and_rank_coarse_first(height, width):
-    score = grid_scores(height, width).view(height, width)
-    assert score[0, 0] == score.max()
-    thresholds = sorted(set(score.flatten().tolist()))
-    kept = [(score > t) for t in [-1.0, *thresholds]]
-    for looser, tighter in zip(kept, kept[1:]):
-        assert bool((tighter <= looser).all())  # a higher threshold keeps a subset
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1.0, 3.0, 2.5]))
+def test_spatial_grids_nest_and_rank_coarse_first(height, width, lambda_sample):
+    score = grid_scores(height, width, lambda_sample).view(height, width)
+    assert score[0, 0] == score.max() == 1.0
+    assert bool((score > 0).all()) and score.unique().numel() == height * width  # a total order
     for stride in default_strides(height, width):
         on_grid = torch.zeros(height, width, dtype=torch.bool)
         on_grid[::stride, ::stride] = True
-        # exact: the scores are 1 - 3 / s**2 (s >= stride) rounded to float32, as this bound is
-        assert bool((score[on_grid] >= torch.tensor(1 - 3.0 / stride**2)).all())
+        # a threshold at Eq. 5's level keeps exactly that grid (with the coarser grids inside it)
+        assert torch.equal(score > level(stride, lambda_sample), on_grid)
+    # the tokens off every grid fill the lowest band, (0, level of the finest grid]
+    finest = min(default_strides(height, width))
+    off = torch.ones(height, width, dtype=torch.bool)
+    off[::finest, ::finest] = False
+    assert bool((score[off] <= level(finest, lambda_sample)).all())
 
 
-def test_spatial_thresholds_pick_granularities_on_24x24():
+def test_spatial_score_is_the_progressive_rank_on_24x24():
+    """lambda_sample 1 (the default): Eq. 5's levels are 1 - R_s, the fraction of tokens above each
+    grid, so the scores are 1, 1 - 1/576, ..., 1/576: a threshold keeps the top (1 - theta) * 576."""
     score = grid_scores(24, 24).view(24, 24)
-    assert int((score > 0.9).sum()) == 9  # stride 8: rows/cols {0, 8, 16}
-    assert int((score > 0.5).sum()) == 36  # stride 4
-    assert int((score > 0.1).sum()) == 144  # stride 2
+    assert torch.equal(score.flatten().sort().values, (torch.arange(1, 577, dtype=torch.float64) / 576).float())
+    assert int((score > level(8)).sum()) == 9  # stride 8: rows / cols {0, 8, 16}
+    assert int((score > level(4)).sum()) == 36
+    assert int((score > level(2)).sum()) == 144
+    top = score.flatten().argsort(descending=True)[:18]  # between grids: spread, not one corner
+    blocks = (top // 24 // 8) * 3 + top % 24 // 8
+    assert torch.equal(blocks.bincount(minlength=9), torch.full((9,), 2))  # two in each 8 x 8 block
     per_sample = spatial_scores([[(24, 24)], [(24, 24), (24, 24)]], 1152)
     assert torch.equal(per_sample[0, :576], score.flatten()) and (per_sample[0, 576:] == 0).all()
     assert torch.equal(per_sample[1, 576:], score.flatten())

@@ -309,7 +309,8 @@ def test_the_paper_recipe_resolves_for_llava_1_5_7b_without_weights(tmp_path, ca
     )
     assert plan["model"]["num_layers"] == 32 and plan["atp"]["layers"] == [4, 14, 24]
     assert plan["atp"]["budget"] == {"lambda_atp": 0.05, "lambda_target": 0.2, "target_tokens": 144.0}
-    assert plan["atp"]["options"] == {"lambda_sample": 3.0, "temperature": 50.0, "threshold_head": "binned"}
+    assert plan["atp"]["options"] == {"lambda_sample": 1.0, "temperature": 100.0, "threshold_head": "binned"}
+    assert plan["atp"]["budget_loss"] == "normalized"
     groups = {g["group"]: g for g in plan["optimizer"]}
     assert groups["atp"]["lr"] == 1e-4 and groups["base"]["lr"] == 2e-5
     assert groups["atp"]["parameters"] == plan["model"]["atp_parameters"] > 0

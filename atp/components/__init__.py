@@ -1,9 +1,9 @@
 """Backbone-agnostic components: threshold heads, mask combiners, position keepers, budget losses."""
 
-from atp.components.budget_loss import Budget, PaperBudgetLoss, average_tokens
+from atp.components.budget_loss import Budget, NormalizedBudgetLoss, PaperBudgetLoss, average_tokens
 from atp.components.mask_combiner import MaxSigmoidCombiner, cumulative
 from atp.components.position_keeper import KeepPositions, RenumberPositions, Rope2DPositions
-from atp.components.threshold_head import BinnedThresholdHead, PaperThresholdHead
+from atp.components.threshold_head import BinnedThresholdHead, ConstantThresholdHead, PaperThresholdHead
 from atp.hookspecs import hookimpl
 
 __all__ = [
@@ -11,8 +11,10 @@ __all__ = [
     "Rope2DPositions",
     "BinnedThresholdHead",
     "Budget",
+    "ConstantThresholdHead",
     "KeepPositions",
     "MaxSigmoidCombiner",
+    "NormalizedBudgetLoss",
     "PaperBudgetLoss",
     "PaperThresholdHead",
     "average_tokens",
@@ -24,6 +26,7 @@ __all__ = [
 def atp_register_threshold_heads(register):
     register("paper", PaperThresholdHead)
     register("binned", BinnedThresholdHead)
+    register("constant", ConstantThresholdHead)
 
 
 @hookimpl
@@ -40,4 +43,5 @@ def atp_register_position_keepers(register):
 
 @hookimpl
 def atp_register_budget_losses(register):
+    register("normalized", NormalizedBudgetLoss)
     register("paper", PaperBudgetLoss)

@@ -1,4 +1,9 @@
-"""Budget losses (Sec. 3.3.3, Eq. 12-14) on the soft kept-token counts."""
+"""Budget losses (Sec. 3.3.3, Eq. 12-14) on the kept-token counts.
+
+The runtime hands a budget loss the cumulative masks of each ATP layer as *counting masks*:
+in training their values are the hard decisions (what inference keeps) and their gradient is
+the soft masks' (a straight-through count), so a target is met in the tokens inference keeps.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ class Budget:
     Attributes
     ----------
     lambda_atp : weight of L_ATP (paper: 0.01 to 0.1).
-    lambda_target : weight of L_target (paper: 0.2).
+    lambda_target : weight of L_target (paper: 0.2). With the default ``normalized`` budget
+        loss both terms are fractions of the visual tokens (in [0, 1]), on the scale of a
+        per-token answer loss; with ``paper`` they count tokens (Eq. 12-13 as printed).
     target_tokens : N_target, the average token count to aim for, > 0 (None: L_target = 0).
     add_to_loss : add the weighted terms to ``outputs.loss`` when the model is called with
         labels in training mode (otherwise read them from ``handle.stats.losses``).
@@ -102,4 +109,58 @@ class PaperBudgetLoss:
         else:
             n_bar = average_tokens(counts, num_visual, layers, num_layers).mean()
             loss_target = (n_bar - self.target_tokens).abs()
+        return {"atp": loss_atp, "target": loss_target}
+
+
+class NormalizedBudgetLoss:
+    """The budget terms as fractions, on the scale of the answer loss (atp's default):
+
+    ``L_ATP = sum_k f_k i_k / sum_k i_k`` with ``f_k`` the fraction of a sample's visual tokens
+    kept after ATP layer ``i_k`` (Eq. 12 divided by ``sum_k i_k``: in [0, 1]), and
+    ``L_target = ((N_bar - N_target) / L_v)^2`` with ``N_bar`` the Token metric and ``L_v`` the
+    mean visual token count (Eq. 13's error as a fraction of the visual tokens, squared).
+
+    Why it departs from Eq. 12-13: counted in tokens, ``lambda_target * dL_target / dtheta`` was
+    700-96,000 times the answer loss's gradient on a threshold, and |.| keeps that size at the
+    target, so the answer loss could not be heard. As fractions the terms no longer grow with
+    the number of visual tokens or layers, and the square's gradient vanishes at the target:
+    the target term holds the batch's mean Token metric while the answer loss decides which
+    samples keep more (the target is a mean over samples, so moving tokens between samples
+    costs it nothing).
+
+    Parameters
+    ----------
+    target_tokens : N_target, the average token count to aim for (None: no target term).
+    """
+
+    name = "normalized"
+
+    def __init__(self, target_tokens: float | None = None):
+        from atp.arguments import POSITIVE
+
+        if target_tokens is not None:
+            target_tokens = POSITIVE.check(target_tokens, "target_tokens", text=False)
+        self.target_tokens = target_tokens
+
+    def __call__(
+        self,
+        soft_masks: Sequence[torch.Tensor],
+        num_visual: torch.Tensor,
+        layers: Sequence[int],
+        num_layers: int,
+    ) -> dict[str, torch.Tensor]:
+        """Cumulative (counting) masks (B, N) per ATP layer -> {"atp": scalar, "target": scalar}."""
+        counts = torch.stack([mask.sum(dim=1) for mask in soft_masks], dim=1)  # (B, K)
+        has_visual = num_visual > 0
+        if not bool(has_visual.any()):
+            zero = counts.sum() * 0.0
+            return {"atp": zero, "target": zero}
+        counts, num_visual = counts[has_visual], num_visual[has_visual].float()
+        depth = torch.tensor(list(layers), dtype=torch.float32, device=counts.device)
+        loss_atp = (counts / num_visual[:, None] * depth).sum(dim=1).mean() / depth.sum()
+        if self.target_tokens is None:
+            loss_target = counts.sum() * 0.0
+        else:
+            n_bar = average_tokens(counts, num_visual, layers, num_layers).mean()
+            loss_target = ((n_bar - self.target_tokens) / num_visual.mean()) ** 2
         return {"atp": loss_atp, "target": loss_target}

@@ -15,7 +15,7 @@ class MaxSigmoidCombiner(nn.Module):
     use_redundant, use_spatial : switch one branch off (the paper's RP / SP ablations).
     """
 
-    def __init__(self, temperature: float = 50.0, use_redundant: bool = True, use_spatial: bool = True):
+    def __init__(self, temperature: float = 100.0, use_redundant: bool = True, use_spatial: bool = True):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")

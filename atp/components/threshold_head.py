@@ -10,12 +10,24 @@ from torch.nn import functional as F
 
 
 class ThresholdHead(nn.Module):
-    """theta_r, theta_s = sigmoid(Linear(GELU(Linear(features)))), computed in float32.
+    """theta_r, theta_s = sigmoid(readout(GELU(proj(features)))), computed in float32.
 
     Subclasses choose the features (:meth:`features`). The output layers start at zero weight
     with biases that put the thresholds at ``init_theta_r`` / ``init_theta_s``, so an untrained
-    head is a constant rule ("close to keep everything" by default), like a zero-initialised adapter.
+    head is a constant rule, like a zero-initialised adapter.
+
+    The layers are scaled so that one optimizer step moves a threshold's logit by an amount that
+    does not grow with the widths (Adam moves every weight by about the learning rate ``lr``):
+    ``proj`` averages over its inputs (weights start at N(0, in_features), so z starts at the
+    scale of a standard layer), each readout averages over ``z``, and the logit is ``GAIN``
+    times the readout. A step moves a logit by at most ``GAIN * lr * (1 + max |z|)`` (plus a
+    second-order term): about 1e-3 at the paper's 1e-4, so a threshold can cross its whole range
+    in a few thousand steps (the paper's epoch is 5,200) but not in a few dozen. A plain
+    zero-initialised readout summed over 256 units moved it by up to ``lr * (1 + sum |z|)`` and
+    saturated the thresholds at 0 or 1 within a few dozen steps at 1e-2.
     """
+
+    GAIN = 10.0  # logit = GAIN * readout: how far a step of the readout moves the logit
 
     def __init__(self, in_features: int, hidden_size: int, init_theta_r: float, init_theta_s: float):
         super().__init__()
@@ -27,28 +39,36 @@ class ThresholdHead(nn.Module):
         self.proj = nn.Linear(in_features, hidden_size)
         self.theta_r = nn.Linear(hidden_size, 1)
         self.theta_s = nn.Linear(hidden_size, 1)
+        self.in_scale = 1.0 / in_features
+        self.out_scale = 1.0 / hidden_size
         with torch.no_grad():
+            self.proj.weight.normal_(std=math.sqrt(in_features))
+            self.proj.bias.zero_()
             for layer, value in ((self.theta_r, init_theta_r), (self.theta_s, init_theta_s)):
                 layer.weight.zero_()
-                layer.bias.fill_(math.log(value / (1.0 - value)))
+                layer.bias.fill_(math.log(value / (1.0 - value)) / self.GAIN)
 
     def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
         raise NotImplementedError
+
+    def hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """z (B, hidden_size), float32."""
+        proj = F.linear(features.float(), self.proj.weight.float() * self.in_scale, self.proj.bias.float())
+        return F.gelu(proj)
+
+    def logits(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thresholds' logits (B,) from z."""
+        return tuple(
+            self.GAIN * F.linear(z, layer.weight.float() * self.out_scale, layer.bias.float()).squeeze(-1)
+            for layer in (self.theta_r, self.theta_s)
+        )
 
     def forward(
         self, s_self: torch.Tensor, s_cross: torch.Tensor, live: torch.Tensor, num_visual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) normalised scores (0 where pruned), live mask, (B,) visual counts -> theta_r, theta_s (B,)."""
-        z = F.gelu(
-            F.linear(
-                self.features(s_self, s_cross, live, num_visual),
-                self.proj.weight.float(),
-                self.proj.bias.float(),
-            )
-        )
-        theta_r = torch.sigmoid(F.linear(z, self.theta_r.weight.float(), self.theta_r.bias.float()))
-        theta_s = torch.sigmoid(F.linear(z, self.theta_s.weight.float(), self.theta_s.bias.float()))
-        return theta_r.squeeze(-1), theta_s.squeeze(-1)
+        logit_r, logit_s = self.logits(self.hidden(self.features(s_self, s_cross, live, num_visual)))
+        return torch.sigmoid(logit_r), torch.sigmoid(logit_s)
 
 
 class PaperThresholdHead(ThresholdHead):
@@ -66,8 +86,8 @@ class PaperThresholdHead(ThresholdHead):
         self,
         num_visual_tokens: int,
         hidden_size: int = 256,
-        init_theta_r: float = 1e-3,
-        init_theta_s: float = 0.999,
+        init_theta_r: float = 0.5,
+        init_theta_s: float = 0.5,
     ):
         if num_visual_tokens < 1:
             raise ValueError(f"num_visual_tokens must be positive, got {num_visual_tokens}")
@@ -121,7 +141,7 @@ class BinnedThresholdHead(ThresholdHead):
     """
 
     def __init__(
-        self, bins: int = 64, hidden_size: int = 256, init_theta_r: float = 1e-3, init_theta_s: float = 0.999
+        self, bins: int = 64, hidden_size: int = 256, init_theta_r: float = 0.5, init_theta_s: float = 0.5
     ):
         if bins < 2:
             raise ValueError(f"bins must be >= 2, got {bins}")
@@ -150,3 +170,30 @@ class BinnedThresholdHead(ThresholdHead):
             ],
             dim=1,
         )
+
+
+class ConstantThresholdHead(ThresholdHead):
+    """A control without per-instance input: theta_r, theta_s are two learned numbers per ATP
+    layer, the same for every sample (the readout biases; the features are a constant 0).
+
+    Trained like the other heads, it learns a per-layer schedule and nothing per instance, so
+    comparing it with a trained ``paper`` or ``binned`` head separates what the thresholds gain
+    from reading each input (docs/study.md).
+    """
+
+    def __init__(self, hidden_size: int = 1, init_theta_r: float = 0.5, init_theta_s: float = 0.5):
+        super().__init__(1, 1, init_theta_r, init_theta_s)
+
+    @classmethod
+    def from_options(
+        cls,
+        num_visual_tokens: int | None,
+        hidden_size: int,
+        init_theta_r: float,
+        init_theta_s: float,
+        bins: int,
+    ):
+        return cls(hidden_size, init_theta_r, init_theta_s)
+
+    def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
+        return s_self.new_zeros(s_self.shape[0], 1, dtype=torch.float32)

@@ -15,11 +15,16 @@ class AtpPolicy(Policy):
 
     Options
     -------
-    temperature : T of the soft masks, > 0 (default 50).
+    temperature : T of the soft masks, > 0 (default 100: with scores spaced about 1 / N apart,
+        some 6 N / T tokens sit in a sigmoid's transition, and the soft kept counts stay within
+        about 1% of the hard ones at N = 144; the paper asks only for "sufficiently large").
     hidden_size : width of each threshold head, >= 1 (default 256).
-    init_theta_r, init_theta_s : thresholds of untrained heads, in (0, 1) (default 1e-3 and
-        0.999: close to keep-everything). Larger values make untrained heads prune.
-    lambda_sample : spatial score coefficient, > 0 (default 3, the paper's).
+    init_theta_r, init_theta_s : thresholds of untrained heads, in (0, 1) (default 0.5 and 0.5,
+        where the paper's standard-initialised heads start: both branches decide about some
+        tokens, so both thresholds get gradient; untrained heads prune about half the tokens).
+    lambda_sample : spatial score coefficient, > 0 (default 1: every token of the spatial score
+        is spaced 1 / N from the next, so the soft count follows the hard one; the paper's 3
+        crowds three quarters of the tokens below 0.25).
     spatial_strides : grid strides (ints >= 1), default (2, 4, 8, ...) up to half the grid side.
     threshold_head : "paper" (fixed input length, the model's visual tokens per sample),
         "binned" (size-agnostic: quantiles of the scores) or "auto" (paper when the family
@@ -38,11 +43,11 @@ class AtpPolicy(Policy):
     def __init__(
         self,
         context: PolicyContext,
-        temperature: float = 50.0,
+        temperature: float = 100.0,
         hidden_size: int = 256,
-        init_theta_r: float = 1e-3,
-        init_theta_s: float = 0.999,
-        lambda_sample: float = 3.0,
+        init_theta_r: float = 0.5,
+        init_theta_s: float = 0.5,
+        lambda_sample: float = 1.0,
         spatial_strides: tuple[int, ...] | None = None,
         threshold_head: str = "auto",
         bins: int = 64,
@@ -99,11 +104,15 @@ class AtpPolicy(Policy):
         self.untrained = True
 
     def decide(self, inputs: PolicyInput) -> Decision:
+        # In training (soft masks) a token the hard decision dropped keeps a soft weight: it is
+        # scored and masked again with the live tokens' normalisation, so its cumulative soft mask
+        # stays a smooth function of the thresholds; the head reads what inference reads.
+        live, present = inputs.live, inputs.weight > 0
         zero = inputs.live.float() * 0.0
-        n_self = minmax_normalize(inputs.scores["s_self"], inputs.live) if self.use_self else zero
-        n_cross = minmax_normalize(inputs.scores["s_cross"], inputs.live) if self.use_cross else zero
+        n_self = minmax_normalize(inputs.scores["s_self"], live, present) if self.use_self else zero
+        n_cross = minmax_normalize(inputs.scores["s_cross"], live, present) if self.use_cross else zero
         s_redundant = (n_self + n_cross) / (int(self.use_self) + int(self.use_cross))
-        theta_r, theta_s = self.heads[inputs.index](n_self, n_cross, inputs.live, inputs.num_visual)
+        theta_r, theta_s = self.heads[inputs.index](n_self * live, n_cross * live, live, inputs.num_visual)
         mask = self.combiner(s_redundant, inputs.spatial, theta_r, theta_s)
         branches = getattr(self.combiner, "branches", None)  # a plugin combiner may not say why
         reasons = branches(s_redundant, inputs.spatial, theta_r, theta_s) if branches else {}

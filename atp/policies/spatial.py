@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from atp.policies.base import Decision, Policy, PolicyContext, PolicyInput
 from atp.policies.options import OptionCheck
+from atp.scorers.spatial import level
 
 
 class SpatialPolicy(Policy):
@@ -49,6 +50,6 @@ class SpatialPolicy(Policy):
         stride = self.strides[inputs.index]
         if stride == 1:
             return Decision(inputs.live.float())
-        threshold = 1.0 - self.lambda_sample / stride**2 - 1e-6  # the stride-s grid and every coarser one
-        keep = (inputs.spatial >= threshold) & inputs.live
+        # exactly the stride-s grid and every coarser one (atp.scorers.spatial.grid_scores)
+        keep = (inputs.spatial > level(stride, self.lambda_sample)) & inputs.live
         return Decision(keep.float(), reasons={"spatial": keep})
