@@ -87,7 +87,7 @@ def test_demo_takes_policy_options(capsys):
         (["--option", "bins=1", "--option", "bins=2"], "--option bins is given twice; give each option once"),
         (
             ["--option", "threshold_head=tiled"],
-            "option threshold_head must be a registered threshold_head name, one of: binned, paper",
+            "option threshold_head must be a registered threshold_head name, one of: binned, constant, paper",
         ),
     ],
 )

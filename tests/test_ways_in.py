@@ -42,6 +42,7 @@ BOUNDS = {  # (command, flag): (values accepted, values refused), the intent of 
     ("train", "--target-tokens"): ("0.5 144", "0 -1"),
     ("train", "--lambda-sample"): ("3", "0 -1"),
     ("train", "--temperature"): ("50", "0 -1"),
+    ("train", "--check-steps"): ("1 5", "0 -1"),
     ("train", "--learning-rate"): ("0 2e-5", "-1e-5"),
     ("train", "--atp-learning-rate"): ("0 1e-4", "-1e-4"),
     ("train", "--epochs"): ("0.5 1", "0 -1"),

@@ -5,7 +5,8 @@ One process: ``atp train --model llava-hf/llava-1.5-7b-hf --data llava_v1_5_mix6
 the configs in ``configs/accelerate/`` (docs/training.md). ``--model tiny`` trains the embedded
 tiny random model on a CPU (a toy run, nothing downloaded). ``--config recipe.yaml`` reads the
 options from a recipe (``configs/recipes/``; flags given too override it), ``--dry-run`` prints the
-resolved plan without loading weights (atp/training/recipe.py).
+resolved plan without loading weights (atp/training/recipe.py), ``--check`` trains a few steps with
+the diagnostics (atp/diagnostics.py), prints them and exits 1 on a warning, saving nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def add_parser(sub) -> None:
         "--dry-run", action="store_true", help="print the resolved plan as JSON without loading weights"
     )
     train.add_argument(
+        "--check",
+        action="store_true",
+        help="train --check-steps steps with the diagnostics (gradients too), print them per ATP layer "
+        "with OK / WARN verdicts, exit 1 on a warning; nothing is saved",
+    )
+    train.add_argument("--check-steps", type=COUNT, default=5, help="optimizer steps of --check (default 5)")
+    train.add_argument(
         "--model",
         default="tiny",
         help="'tiny' (default, embedded), or a LLaVA-1.5 folder / hub id (safetensors)",
@@ -68,15 +76,26 @@ def add_parser(sub) -> None:
         "--lambda-target", type=NON_NEGATIVE, default=0.2, help="weight of L_target (paper 0.2)"
     )
     train.add_argument(
+        "--budget-loss",
+        default=None,
+        help="a registered budget loss: normalized (default: fractions, the target error squared) or "
+        "paper (Eq. 12-13 as printed, in tokens); see docs/concepts.md",
+    )
+    train.add_argument(
         "--target-tokens",
         type=POSITIVE,
         default=None,
         help="N_target (default: a quarter of the visual tokens, 144)",
     )
     train.add_argument(
-        "--lambda-sample", type=POSITIVE, default=3.0, help="spatial score coefficient (paper 3)"
+        "--lambda-sample",
+        type=POSITIVE,
+        default=1.0,
+        help="spatial score coefficient (default 1: evenly spaced scores; paper 3, see docs/concepts.md)",
     )
-    train.add_argument("--temperature", type=POSITIVE, default=50.0, help="soft-mask temperature T")
+    train.add_argument(
+        "--temperature", type=POSITIVE, default=100.0, help="soft-mask temperature T (default 100)"
+    )
     train.add_argument(
         "--atp-checkpoint",
         "--from-pretrained",
@@ -186,7 +205,7 @@ def dataset_from_args(args: argparse.Namespace, quiet: bool = False):
     """The indexed dataset; records with a missing image raise or are skipped (``--missing-images``)."""
     from atp.training.data import ConversationDataset
 
-    for option in ("data", "output_dir"):
+    for option in ("data",) if getattr(args, "check", False) else ("data", "output_dir"):
         if getattr(args, option) is None:
             raise ValueError(
                 f"atp train needs --{option.replace('_', '-')} (on the command line or in --config)"
@@ -241,6 +260,7 @@ def attach_atp(model, args: argparse.Namespace):
         lambda_atp=args.lambda_atp,
         lambda_target=args.lambda_target,
         target_tokens=args.target_tokens if args.target_tokens is not None else visual / 4,
+        budget_loss=args.budget_loss,
         **options,
     )
     model.model.vision_tower.requires_grad_(False)  # LLaVA-1.5 fine-tuning keeps CLIP frozen
@@ -264,8 +284,10 @@ def check_images_per_record(handle, dataset, visual: int) -> None:
         )
 
 
-def run(args: argparse.Namespace):
-    """Build everything from the parsed arguments, train, save; returns the trainer."""
+def run(args: argparse.Namespace, output_dir: str | None = None):
+    """Build everything from the parsed arguments, train, save; returns the trainer. With
+    ``--check``: ``--check-steps`` steps into ``output_dir`` with the diagnostics logged every step,
+    nothing saved."""
     import torch
     from transformers import TrainingArguments
 
@@ -274,6 +296,11 @@ def run(args: argparse.Namespace):
     from atp.training.recipe import check_launch, launch_settings
     from atp.training.trainer import AtpTrainer, check_extension_locks
 
+    checking = getattr(args, "check", False)
+    if checking and args.resume is not None:
+        raise ValueError(
+            "--check trains from the start; check trained heads with --atp-checkpoint FOLDER instead of --resume"
+        )
     dataset = dataset_from_args(args)
     settings = launch_settings(args)
     check_launch(args, settings)
@@ -288,20 +315,20 @@ def run(args: argparse.Namespace):
     # they load (deepspeed.zero.Init) instead of being built whole on every process; the ATP heads,
     # created after, are partitioned by deepspeed.initialize
     training_args = TrainingArguments(
-        output_dir=args.output_dir,
+        output_dir=output_dir or args.output_dir,
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.learning_rate,
         num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
+        max_steps=args.check_steps if checking else args.max_steps,
         warmup_steps=args.warmup,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         bf16=args.bf16,
         **compat.checkpointing_arguments(args.gradient_checkpointing),
-        save_strategy="steps",
+        save_strategy="no" if checking else "steps",
         save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
+        logging_steps=1 if checking else args.logging_steps,
         dataloader_num_workers=args.workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # CPU processes under accelerate/torchrun: gloo
@@ -331,9 +358,12 @@ def run(args: argparse.Namespace):
         data_collator=collator,
         atp_learning_rate=args.atp_learning_rate,
         group_by_modality_length=args.group_by_modality_length,
+        atp_diagnostics="gradients" if checking else "stats",
     )
     resume = True if args.resume == "latest" else args.resume
     result = trainer.train(resume_from_checkpoint=resume)
+    if checking:
+        return trainer
     trainer.save_model(args.output_dir)
     trainer.atp_summary = {
         "output_dir": args.output_dir,
@@ -396,12 +426,40 @@ def main(args: argparse.Namespace) -> int:
             plan = dry_run(args)
         print(json.dumps(plan, indent=2))
         return 0
+    if args.check:
+        return check(args)
     trainer = run(args)
     if trainer.is_world_process_zero():
         print(json.dumps(trainer.atp_summary))
     trainer.atp_handle.remove()
     finish_distributed()
     return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    """``atp train --check``: the diagnostics of the last checked step with images, per ATP layer,
+    and a verdict per check on stdout (what training prints goes to stderr); 1 on a warning."""
+    import tempfile
+    import warnings
+
+    from atp.diagnostics import DiagnosticWarning, verdicts
+
+    with tempfile.TemporaryDirectory() as scratch, output_to_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)  # the verdicts below say them
+        trainer = run(args, output_dir=scratch)
+    last = trainer.atp_recorder.last
+    trainer.atp_handle.remove()
+    finish_distributed()
+    if last is None:
+        raise ValueError(
+            f"no batch with images in the {args.check_steps} steps of --check; raise --check-steps"
+        )
+    step, diag, found = last
+    if trainer.is_world_process_zero():
+        print(f"atp train --check: step {step + 1} of {args.check_steps}, {diag.samples} samples with images")
+        print(diag.table())
+        print("\n".join(verdicts(diag, found)))
+    return 1 if found else 0
 
 
 def finish_distributed() -> None:

@@ -1,9 +1,11 @@
-"""``AtpTrainer``: transformers' Trainer with ATP parameter groups, budget logging and ATP-only saving."""
+"""``AtpTrainer``: transformers' Trainer with ATP parameter groups, budget logging, diagnostics
+and ATP-only saving."""
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from atp.checkpoint import (
     model_identity,
     read_config,
 )
+from atp.diagnostics import Recorder, measure_gradients
 from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
 
 POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
@@ -87,14 +90,32 @@ class AtpTrainer(Trainer):
       Trainer normalises the LM loss over it; see :meth:`budget_scale`);
     * logs ``atp_loss``, ``target_loss`` and ``avg_tokens`` (means since the last log, over
       all processes) next to ``loss``;
+    * diagnostics (:mod:`atp.diagnostics`) at every log, over the last step's samples of the
+      process: ``atp/theta_r/mean/layer4``, ``.../std/...``, ``atp/token_soft``, ``atp/token_hard``,
+      ... and ``atp/warnings`` (how many warnings apply); each warning is raised once as an
+      :class:`~atp.diagnostics.DiagnosticWarning`. ``atp_diagnostics``: ``"stats"`` (default),
+      ``"gradients"`` (or True: also the gradient norms of the budget terms and of the answer
+      loss on the ATP parameters, ``atp/grad_share_budget``, measured on the first micro-batch
+      with images of each logged step, about one more backward pass; not under DeepSpeed or
+      FSDP, whose parameters are sharded), ``"off"`` (or False);
     * saves ``atp_config.json`` + ``atp_model.safetensors`` in every checkpoint, gathered
       from the full state dict (so also under DeepSpeed ZeRO-3 and FSDP with a full state
       dict), plus the full model when the base model is trained; resumes from them.
     """
 
     def __init__(
-        self, *args, atp_learning_rate: float = 1e-4, group_by_modality_length: bool = False, **kwargs
+        self,
+        *args,
+        atp_learning_rate: float = 1e-4,
+        group_by_modality_length: bool = False,
+        atp_diagnostics: str | bool = "stats",
+        **kwargs,
     ):
+        modes = {True: "gradients", False: "off", "stats": "stats", "gradients": "gradients", "off": "off"}
+        if not isinstance(atp_diagnostics, (str, bool)) or atp_diagnostics not in modes:
+            raise ValueError(
+                f"atp_diagnostics must be 'stats', 'gradients' (or True) or 'off' (or False), got {atp_diagnostics!r}"
+            )
         compat.check_trainer(Trainer)
         super().__init__(*args, **kwargs)
         self.atp_handle = find_handle(self.model)
@@ -103,6 +124,8 @@ class AtpTrainer(Trainer):
         self.atp_learning_rate = atp_learning_rate
         self.group_by_modality_length = group_by_modality_length
         self._atp_sums = torch.zeros(4, dtype=torch.float64)  # atp loss, target loss, tokens, count
+        self.atp_diagnostics = modes[atp_diagnostics]
+        self.atp_recorder = Recorder()
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -117,12 +140,16 @@ class AtpTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         runtime = self.atp_handle.runtime
         runtime.budget_scale = self.budget_scale(num_items_in_batch)
+        measure = model.training and self._measures_gradients()
         try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs or measure, num_items_in_batch)
+            stats = runtime.last_stats
+            images = stats is not None and model.training and bool((stats.num_visual > 0).any())
+            if measure and images:
+                self._measure_gradients(result[1], stats)
         finally:
             runtime.budget_scale = 1.0  # outside the Trainer, a forward adds the full terms
-        stats = runtime.last_stats
-        if stats is not None and model.training and bool((stats.num_visual > 0).any()):
+        if images:
             self._atp_sums += torch.tensor(
                 [
                     float(stats.losses["atp"].detach()),
@@ -132,7 +159,41 @@ class AtpTrainer(Trainer):
                 ],
                 dtype=torch.float64,
             )
-        return result
+        if model.training and stats is not None and self.atp_diagnostics != "off":
+            self.atp_recorder.record(stats, self.state.global_step)
+        return result[0] if measure and not return_outputs else result
+
+    def _measures_gradients(self) -> bool:
+        """Measure on this micro-batch: gradients asked for, none measured yet for the step the
+        next log shows, and parameters that are not sharded."""
+        if self.atp_diagnostics != "gradients" or self.atp_recorder.gradients is not None:
+            return False
+        if self.is_deepspeed_enabled or getattr(self, "is_fsdp_enabled", False):
+            if not getattr(self, "_atp_said_sharded", False):
+                self._atp_said_sharded = True
+                warnings.warn(
+                    "atp_diagnostics='gradients': the gradient measurement is off under DeepSpeed and FSDP "
+                    "(sharded parameters); the threshold and Token diagnostics are logged",
+                    stacklevel=3,
+                )
+            return False
+        step, interval = self.state.global_step + 1, self.state.logging_steps or self.args.logging_steps
+        if self.args.logging_strategy != "steps":
+            return True  # measured at the first step after each log
+        return step % interval == 0 or (step == 1 and self.args.logging_first_step)
+
+    def _measure_gradients(self, outputs, stats) -> None:
+        """Split the model's loss into the weighted budget terms it added and the answer loss."""
+        runtime = self.atp_handle.runtime
+        budget = runtime.budget
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        weighted = loss.new_zeros(())
+        if budget.add_to_loss:
+            terms = budget.lambda_atp * stats.losses["atp"] + budget.lambda_target * stats.losses["target"]
+            weighted = (terms * runtime.budget_scale).to(loss.dtype)
+        self.atp_recorder.record_gradients(
+            measure_gradients(self.atp_handle.policy, weighted, loss - weighted)
+        )
 
     def budget_scale(self, num_items_in_batch) -> float:
         """The factor that turns the per-micro-batch budget mean into its share of the step.
@@ -164,6 +225,11 @@ class AtpTrainer(Trainer):
                 logs["target_loss"] = round(float(sums[1] / sums[3]), 6)
                 logs["avg_tokens"] = round(float(sums[2] / sums[3]), 3)
             self._atp_sums.zero_()
+            if self.atp_diagnostics != "off":
+                diag, found = self.atp_recorder.flush()
+                if diag is not None:
+                    logs.update(diag.logs())
+                    logs["atp/warnings"] = len(found)
         super().log(logs, start_time)
 
     def _trains_base_model(self) -> bool:
