@@ -19,7 +19,9 @@ WEIGHTS_NAME = "atp_model.safetensors"
 FORMAT = "atp-checkpoint/2"
 # format 1: threshold heads without the width scaling, the step-valued spatial score (Eq. 5 as
 # printed) and soft budget counts; its weights would decide differently here
-OLDER = {"atp-checkpoint/1": "atp 0.1 (before the per-instance learning fixes of the heads, spatial score and budget)"}
+OLDER = {
+    "atp-checkpoint/1": "atp 0.1 (before the per-instance learning fixes of the heads, spatial score and budget)"
+}
 
 
 def model_identity(adapter) -> dict:

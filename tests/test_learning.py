@@ -43,7 +43,13 @@ def study_model(num_layers: int = 4):
 
 def study_batch(model):
     batch = llava_batch(
-        model, [([1, 5], [7, 8, 9, 10], 1), ([1, 5, 6, 4], [7, 8, 11], 1), ([2], [9, 9, 3, 4], 1), ([1], [20, 21], 1)]
+        model,
+        [
+            ([1, 5], [7, 8, 9, 10], 1),
+            ([1, 5, 6, 4], [7, 8, 11], 1),
+            ([2], [9, 9, 3, 4], 1),
+            ([1], [20, 21], 1),
+        ],
     )
     labels = batch["input_ids"].clone()
     labels[(batch["attention_mask"] == 0) | (labels == model.config.image_token_id)] = -100
@@ -66,7 +72,10 @@ def head_gradients(model, handle, batch, labels, lambda_atp, lambda_target):
     biases = [b for head in handle.runtime.policy.heads for b in (head.theta_r.bias, head.theta_s.bias)]
     grad_answer = torch.autograd.grad(answer, biases, retain_graph=True)
     grad_budget = torch.autograd.grad(budget, biases)
-    pairs = lambda grads: [(float(grads[2 * k]), float(grads[2 * k + 1])) for k in range(len(grads) // 2)]
+
+    def pairs(grads):
+        return [(float(grads[2 * k]), float(grads[2 * k + 1])) for k in range(len(grads) // 2)]
+
     return pairs(grad_answer), pairs(grad_budget)
 
 
@@ -94,7 +103,10 @@ def test_the_answer_loss_is_heard_next_to_the_budget_at_the_documented_weights()
     handle = attached(model, layers=[1, 2, 3], lambda_atp=0.05, lambda_target=0.2, target_tokens=50.0)
     batch, labels = study_batch(model)
     answer, budget = head_gradients(model, handle, batch, labels, 0.05, 0.2)
-    size = lambda pairs: math.sqrt(sum(r * r + s * s for r, s in pairs))
+
+    def size(pairs):
+        return math.sqrt(sum(r * r + s * s for r, s in pairs))
+
     assert size(budget) < 30 * size(answer), (size(budget), size(answer))
     # at the target the square's gradient vanishes (the counts are the hard ones: exact)
     handle.remove()
@@ -124,7 +136,9 @@ def test_normalized_budget_terms_do_not_grow_with_tokens_or_layers(scale):
     layers, num_layers = [1, 2, 3], 4
     loss = NormalizedBudgetLoss(target_tokens=5.0)
     small = loss(masks, torch.full((3,), 16), layers, num_layers)
-    large = NormalizedBudgetLoss(target_tokens=5.0 * scale)(bigger, torch.full((3,), 16 * scale), layers, num_layers)
+    large = NormalizedBudgetLoss(target_tokens=5.0 * scale)(
+        bigger, torch.full((3,), 16 * scale), layers, num_layers
+    )
     for name in ("atp", "target"):
         torch.testing.assert_close(small[name], large[name], rtol=1e-6, atol=0)  # the same fractions
     everything = loss([torch.ones(3, 16)] * 3, torch.full((3,), 16), layers, num_layers)
@@ -173,7 +187,9 @@ def test_soft_counts_follow_the_hard_ones(grids, theta_r, theta_s, seed):
     """
     count = sum(h * w for h, w in grids)
     generator = torch.Generator().manual_seed(seed)
-    s_red = ((torch.randperm(count, generator=generator) + torch.rand(count, generator=generator)) / count)[None]
+    s_red = ((torch.randperm(count, generator=generator) + torch.rand(count, generator=generator)) / count)[
+        None
+    ]
     spatial = spatial_scores([grids], count, DEFAULTS["lambda_sample"])
     combiner = MaxSigmoidCombiner(DEFAULTS["temperature"])
     soft = combiner(s_red, spatial, torch.tensor([theta_r]), torch.tensor([theta_s]))
@@ -255,7 +271,7 @@ def test_a_short_training_run_moves_both_thresholds_of_every_layer():
         assert bool((moved > 1e-3).all()), (name, moved)
         spread = stats.thresholds[name].std(dim=0)
         assert bool((spread > 0).all()), (name, spread)
-        assert 0.01 < float(stats.thresholds[name].min()) and float(stats.thresholds[name].max()) < 0.99
+        assert float(stats.thresholds[name].min()) > 0.01 and float(stats.thresholds[name].max()) < 0.99
     from atp.components import average_tokens
 
     soft = average_tokens(stats.soft_kept, stats.num_visual, stats.layers, stats.num_layers)
@@ -267,7 +283,9 @@ def test_the_constant_head_is_the_same_for_every_instance_and_learns_its_biases(
     scores = torch.rand(5, 20)
     live = torch.rand(5, 20) > 0.3
     theta_r, theta_s = head(scores, scores, live, live.sum(1))
-    assert torch.equal(theta_r, torch.full((5,), theta_r[0].item())) and theta_r[0].item() == pytest.approx(0.3)
+    assert torch.equal(theta_r, torch.full((5,), theta_r[0].item())) and theta_r[0].item() == pytest.approx(
+        0.3
+    )
     (theta_r.sum() + theta_s.sum()).backward()
     assert float(head.theta_r.bias.grad.abs()) > 0 and float(head.theta_s.bias.grad.abs()) > 0
     assert float(head.proj.weight.grad.abs().sum()) == 0.0  # nothing that reads an input moves

@@ -131,7 +131,9 @@ def test_spatial_score_is_the_progressive_rank_on_24x24():
     """lambda_sample 1 (the default): Eq. 5's levels are 1 - R_s, the fraction of tokens above each
     grid, so the scores are 1, 1 - 1/576, ..., 1/576: a threshold keeps the top (1 - theta) * 576."""
     score = grid_scores(24, 24).view(24, 24)
-    assert torch.equal(score.flatten().sort().values, (torch.arange(1, 577, dtype=torch.float64) / 576).float())
+    assert torch.equal(
+        score.flatten().sort().values, (torch.arange(1, 577, dtype=torch.float64) / 576).float()
+    )
     assert int((score > level(8)).sum()) == 9  # stride 8: rows / cols {0, 8, 16}
     assert int((score > level(4)).sum()) == 36
     assert int((score > level(2)).sum()) == 144
