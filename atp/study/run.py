@@ -5,15 +5,23 @@ saved, so a stopped run resumes where it was (a stage whose ``result.json`` exis
 
 1. ``base``: a small LLaVA (transformers ``LlavaForConditionalGeneration``: CLIP-style tower,
    projector, Llama) trained from scratch on the shapes questions, nothing pruned;
-2. ``atp_frozen`` / ``atp_full``: the ATP modules trained with the budget loss at a target of
+2. ``oracle``: no training; the base model keeping a fraction of the visual tokens from a first
+   ATP layer on (random, redundancy-ranked and grid policies), per question type
+   (:mod:`atp.study.oracle`): whether what is kept after the first ATP layer matters at all;
+3. the untrained baselines at the same Token metric (FastV, PDrop, spatial, random, pooling;
+   settings from :func:`atp.evaluation.matched.matched_methods`) on the base model;
+4. ``atp_frozen`` / ``atp_full``: the ATP modules trained with the budget loss at a target of
    ``fraction`` of the visual tokens, the LM frozen / fine-tuned;
-3. ``fixed_trained``: fixed ratios at the same layers at the same Token metric, the LM fine-tuned
-   with them as ``atp_full`` is (the paper's Table 2);
-4. the untrained baselines at the same Token metric (FastV, PDrop, spatial, random, pooling;
-   settings from :func:`atp.evaluation.matched.matched_methods`) on the base model.
+5. ``control``: the same policy with a ``constant`` threshold head (thresholds learned per layer,
+   the same for every input), trained as ``atp_frozen`` is: the control for instance-wise
+   adaptivity;
+6. ``fixed_trained``: fixed ratios at the same layers at the same Token metric, the LM fine-tuned
+   with them as ``atp_full`` is (the paper's Table 2).
 
-Each is evaluated per question type on held-out examples; :mod:`atp.study.report` writes the
-tables and plots.
+Each is evaluated per question type on held-out examples (accuracy, kept tokens per ATP layer,
+the thresholds' mean and spread over the questions); each learned stage also records its soft
+and hard Token metric on a training batch. :mod:`atp.study.report` writes the tables, the plots
+and the verdicts.
 """
 
 from __future__ import annotations
@@ -26,8 +34,14 @@ from pathlib import Path
 
 import torch
 
+from atp.study import oracle
 from atp.study.evaluate import evaluate
+from atp.study.processor import save_processor
 from atp.study.shapes import IMAGE, TYPES, VOCAB, ShapesCollator, ShapesDataset, example
+
+STAGES = ("base", "oracle", "baselines", "atp_frozen", "atp_full", "control", "fixed_trained")
+# learned stages: (threshold head, LM frozen); each trained with the same budget loss and schedule
+LEARNED = {"atp_frozen": ("paper", True), "atp_full": ("paper", False), "control": ("constant", True)}
 
 
 @dataclass
@@ -44,7 +58,10 @@ class StudyConfig:
         0.1  # about 1 / sqrt(width); transformers' 0.02 kept the model at chance for 1000s of steps
     )
     layers: tuple[int, ...] = (1, 4, 6)  # the paper's 4 / 14 / 24 of 32, scaled
-    fraction: float = 0.25  # the target Token metric, of the visual tokens
+    # the target Token metric, of the visual tokens: 24.5 of 144, no grid's density (a stride-4 grid
+    # from layer 1 on gives 25.9), where the oracle's random pruning costs some question types
+    # 10 points or more (docs/study.md)
+    fraction: float = 0.17
     batch_size: int = 32
     base_steps: int = 1000
     base_lr: float = 2e-3
@@ -52,13 +69,17 @@ class StudyConfig:
     finetune_lr: float = 2e-4
     atp_lr: float = 1e-2
     lambda_atp: float = 0.05
-    lambda_target: float = 1.0
-    init_theta_r: float = 0.3
-    init_theta_s: float = 0.5  # below the stride-4 grid's score, so the spatial branch gets gradient
+    lambda_target: float = 5.0  # on the normalised budget loss (1 left seed 0 at Token 31.3 for 24.5)
+    init_theta_r: float = 0.5  # the library's defaults: both branches decide about some tokens
+    init_theta_s: float = 0.5
     eval_per_type: int = 100
+    layout: str = "image_first"  # where the question sits in the prompt (atp.study.shapes.encode)
     threads: int = 2
-    stages: tuple[str, ...] = ("base", "baselines", "atp_frozen", "atp_full", "fixed_trained")
-    extra: dict = field(default_factory=dict)
+    stages: tuple[str, ...] = STAGES
+    oracle_layers: tuple[int, ...] = (1, 2)  # first ATP layers the oracle tries
+    oracle_fractions: tuple[float, ...] = oracle.FRACTIONS
+    oracle_strides: tuple[int, ...] = oracle.STRIDES
+    atp_options: dict = field(default_factory=dict)  # more options of the atp policy (every learned stage)
 
     @property
     def visual_tokens(self) -> int:
@@ -84,7 +105,7 @@ def build_model(config: StudyConfig, seed: int):
 
 def test_examples(config: StudyConfig, seed: int) -> list:
     return [
-        example(seed, "test", index, config.image_size, kind)
+        example(seed, "test", index, config.image_size, kind, config.layout)
         for kind in TYPES
         for index in range(config.eval_per_type)
     ]
@@ -117,7 +138,7 @@ def train(model, handle, config: StudyConfig, output: Path, steps: int, lr: floa
     """``AtpTrainer`` on the shapes training split (a seed of its own per stage)."""
     from atp.training import AtpTrainer
 
-    data = ShapesDataset(seed, "train", steps * config.batch_size, config.image_size)
+    data = ShapesDataset(seed, "train", steps * config.batch_size, config.image_size, layout=config.layout)
     trainer = AtpTrainer(
         model=model,
         args=_arguments(output, config, steps, lr, seed, progress),
@@ -138,6 +159,34 @@ def _attach(model, policy: str, config: StudyConfig, **options):
         return atp.attach(model, policy=policy, **options)
 
 
+def soft_hard_tokens(model, handle, config: StudyConfig, seed: int) -> dict:
+    """The Token metric of one training batch (the first of the stage's training split) in a
+    training-mode forward with labels: ``hard`` counts the tokens kept (what inference keeps and
+    the budget loss counts), ``soft`` sums the soft masks (what their gradient sees)."""
+    from atp.components import average_tokens
+
+    batch = ShapesCollator(config.visual_tokens)(
+        [
+            example(seed, "train", index, config.image_size, layout=config.layout)
+            for index in range(config.batch_size)
+        ]
+    )
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**batch)
+        stats = handle.stats
+        soft = average_tokens(stats.soft_kept, stats.num_visual, stats.layers, stats.num_layers)
+        return {
+            "hard": float(stats.tokens_per_sample.mean()),
+            "soft": float(soft.mean()),
+            "target": config.fraction * config.visual_tokens,
+        }
+    finally:
+        model.train(was_training)
+
+
 def _stage(folder: Path, name: str, work, log) -> dict:
     """Run ``work()`` unless ``folder/name/result.json`` exists; record wall and CPU seconds."""
     done = folder / name / "result.json"
@@ -149,10 +198,13 @@ def _stage(folder: Path, name: str, work, log) -> dict:
     result = work(folder / name)
     result["seconds"] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     done.write_text(json.dumps(result, indent=2))
-    log(
-        f"{folder.name} {name}: accuracy {result.get('accuracy', float('nan')):.3f}, "
-        f"Token {result.get('avg_tokens', float('nan')):.1f}, {result['seconds']['wall']:.0f} s"
-    )
+    if "rows" in result:  # the oracle
+        log(f"{folder.name} {name}: {len(result['rows'])} settings, {result['seconds']['wall']:.0f} s")
+    else:
+        log(
+            f"{folder.name} {name}: accuracy {result.get('accuracy', float('nan')):.3f}, "
+            f"Token {result.get('avg_tokens', float('nan')):.1f}, {result['seconds']['wall']:.0f} s"
+        )
     return result
 
 
@@ -181,9 +233,27 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
         train(model, handle, config, stage, config.base_steps, config.base_lr, seed, progress)
         handle.remove()
         model.save_pretrained(stage / "model")
+        save_processor(
+            stage / "model", config.image_size, config.patch_size, config.layout
+        )  # for atp visualize
         return evaluate(model, tests).to_dict()
 
     results["unpruned"] = _stage(folder, "base", base, log)
+
+    if "oracle" in config.stages:
+
+        def measured(stage: Path) -> dict:
+            model = _load_base(folder)
+            return oracle.measure(
+                model,
+                tests,
+                first_layers=config.oracle_layers,
+                fractions=config.oracle_fractions,
+                strides=config.oracle_strides,
+                seed=seed,
+            )
+
+        results["oracle"] = _stage(folder, "oracle", measured, log)
 
     if "baselines" in config.stages:
         for method in matched_methods(config.num_layers, config.fraction):
@@ -207,24 +277,24 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
         target_tokens=target,
         init_theta_r=config.init_theta_r,
         init_theta_s=config.init_theta_s,
-        threshold_head="paper",
+        **config.atp_options,
     )
-    for name, frozen in (("atp_frozen", True), ("atp_full", False)):
+    for name, (head, frozen) in LEARNED.items():
         if name not in config.stages:
             continue
 
-        def learned(stage: Path, frozen=frozen) -> dict:
+        def learned(stage: Path, head=head, frozen=frozen) -> dict:
             model = _load_base(folder)
-            handle = _attach(model, "atp", config, **atp_options)
+            handle = _attach(model, "atp", config, **atp_options, threshold_head=head)
             if frozen:
                 handle.freeze_base_model()
             model.train()
             train(model, handle, config, stage, config.prune_steps, config.finetune_lr, seed + 100, progress)
             handle.save_pretrained(stage / "atp")
             scores = evaluate(model, tests, handle)
-            thresholds = {k: v.mean(0).tolist() for k, v in handle.stats.thresholds.items()}
+            budget = soft_hard_tokens(model, handle, config, seed + 100)
             handle.remove()
-            return {**scores.to_dict(), "thresholds_last_batch": thresholds}
+            return {**scores.to_dict(), "threshold_head": head, "frozen": frozen, "budget": budget}
 
         results[name] = _stage(folder, name, learned, log)
 
@@ -238,8 +308,9 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
             model.train()
             train(model, handle, config, stage, config.prune_steps, config.finetune_lr, seed + 100, progress)
             scores = evaluate(model, tests, handle)
+            budget = soft_hard_tokens(model, handle, config, seed + 100)
             handle.remove()
-            return {**scores.to_dict(), "model_args": fixed.model_args}
+            return {**scores.to_dict(), "model_args": fixed.model_args, "budget": budget}
 
         results["fixed_trained"] = _stage(folder, "fixed_trained", fixed_trained, log)
     return results
@@ -253,7 +324,7 @@ def _options(pairs: list[str]) -> dict:
 
 def run(config: StudyConfig, output, progress: bool = True, log=print) -> dict:
     """The whole study: every seed, then the report."""
-    from atp.study.report import write_report
+    from atp.study.report import verdicts, write_report
 
     torch.set_num_threads(config.threads)
     output = Path(output)
@@ -266,6 +337,9 @@ def run(config: StudyConfig, output, progress: bool = True, log=print) -> dict:
         "seeds": {str(s): r for s, r in per_seed.items()},
         "total_wall_seconds": time.perf_counter() - started,
     }
+    record["verdicts"] = verdicts(record)
+    for verdict in record["verdicts"].values():
+        log(verdict["sentence"])
     (output / "study.json").write_text(json.dumps(record, indent=2))
     write_report(record, output)
     return record

@@ -66,6 +66,7 @@ ANSWERS = ("yes", "no", "0", "1", "2", "3", *COLOURS, *BACKGROUNDS)
 VOCAB = tuple(dict.fromkeys([*SPECIALS, *WORDS, *ANSWERS]))
 IDS = {word: index for index, word in enumerate(VOCAB)}
 PAD, BOS, EOS, IMAGE = (IDS[s] for s in SPECIALS)
+LAYOUTS = ("image_first", "question_first")  # where the question sits (:func:`encode`)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Example:
     kind: str  # the question type
     shapes: list[Shape]
     background: str
+    layout: str = "image_first"  # where the question sits in the prompt (:data:`LAYOUTS`)
 
 
 def _place(rng, shapes: list[Shape], side: int, size: int) -> tuple[int, int] | None:
@@ -166,9 +168,13 @@ def question(rng, kind: str, background: str, shapes: list[Shape]) -> tuple[list
     raise ValueError(f"unknown question type {kind!r}; choose from {', '.join(TYPES + HARDER)}")
 
 
-def example(seed: int, split: str, index: int, size: int = 64, kind: str | None = None) -> Example:
+def example(
+    seed: int, split: str, index: int, size: int = 64, kind: str | None = None, layout: str = "image_first"
+) -> Example:
     """The ``index``-th example of a split (``kind`` fixes the question type; default: types in
-    turn). Deterministic in ``(seed, split, index, kind)``."""
+    turn; ``layout``: see :func:`encode`). Deterministic in ``(seed, split, index, kind)``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     salt = {"train": 0, "val": 1, "test": 2}[split]
     kind = kind or TYPES[index % len(TYPES)]
     rng = np.random.default_rng([seed, salt, index, (TYPES + HARDER).index(kind)])
@@ -178,14 +184,26 @@ def example(seed: int, split: str, index: int, size: int = 64, kind: str | None 
             shapes = []
         asked = question(rng, kind, background, shapes)
         if asked is not None:
-            return Example(render(background, shapes, size), asked[0], asked[1], kind, shapes, background)
+            image = render(background, shapes, size)
+            return Example(image, asked[0], asked[1], kind, shapes, background, layout)
 
 
 def encode(example: Example, image_tokens: int, answer: bool = True) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)``: ``<s> <image>*n q : QUESTION a : ANSWER </s>``, labels only on
-    the answer and ``</s>`` (-100 elsewhere); without ``answer``, the prompt up to ``a :``."""
-    prompt = [BOS] + [IMAGE] * image_tokens + [IDS["q"], IDS[":"]]
-    prompt += [IDS[w] for w in example.question] + [IDS["a"], IDS[":"]]
+    """``(input_ids, labels)``: ``<s> <image>*n q : QUESTION a : ANSWER </s>`` (``image_first``)
+    or ``<s> q : QUESTION <image>*n a : ANSWER </s>`` (``question_first``), labels only on the
+    answer and ``</s>`` (-100 elsewhere); without ``answer``, the prompt up to ``a :``.
+
+    With the question first, decoder layer 0 cannot read the image for the question at the
+    answer position: the text after the image (``a :``) is the same for every question, so its
+    attention over the visual tokens cannot depend on the question, and the question's own
+    tokens come before the image (causal attention). What a question needs from the image is
+    read by later layers from the visual tokens, which is what pruning after layer 0 removes."""
+    question = [IDS["q"], IDS[":"]] + [IDS[w] for w in example.question]
+    visual = [IMAGE] * image_tokens
+    if example.layout == "question_first":
+        prompt = [BOS] + question + visual + [IDS["a"], IDS[":"]]
+    else:
+        prompt = [BOS] + visual + question + [IDS["a"], IDS[":"]]
     if not answer:
         return prompt, [-100] * len(prompt)
     ids = prompt + [IDS[example.answer], EOS]
@@ -200,14 +218,23 @@ def pixels(image: np.ndarray) -> torch.Tensor:
 class ShapesDataset(torch.utils.data.Dataset):
     """``length`` examples of a split, made on demand (a record per example, for a collator)."""
 
-    def __init__(self, seed: int, split: str, length: int, size: int = 64, kind: str | None = None):
+    def __init__(
+        self,
+        seed: int,
+        split: str,
+        length: int,
+        size: int = 64,
+        kind: str | None = None,
+        layout: str = "image_first",
+    ):
         self.seed, self.split, self.length, self.size, self.kind = seed, split, length, size, kind
+        self.layout = layout
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> Example:
-        return example(self.seed, self.split, index, self.size, self.kind)
+        return example(self.seed, self.split, index, self.size, self.kind, self.layout)
 
 
 class ShapesCollator:
