@@ -152,6 +152,12 @@ def test_the_toy_study_runs_every_stage_resumes_and_reports_its_own_numbers(tmp_
         assert row["avg_tokens"][0] == pytest.approx(mean)  # a mean of the same doubles: a few 2**-53
         assert f"{mean:.1f} ±" in report
     assert "after layer 1" in report and (tmp_path / "accuracy.png").exists()
+    slopes = [
+        json.loads((tmp_path / f"seed{s}" / "control" / "result.json").read_text())["by_shapes"]["slope"]
+        for s in (0, 1)
+    ]
+    assert "Token by the number of shapes" in report and "| control |" in report
+    assert f"{sum(slopes) / 2:+.2f} ±" in report
     _check_new_sections(tmp_path, record, report, rows)
     _check_figure(tmp_path, capsys)
     # a second run finds every stage done and gives the same numbers

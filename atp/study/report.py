@@ -473,6 +473,7 @@ def markdown(record: dict) -> str:
             )
     lines += _threshold_lines(rows, layers)
     lines += _budget_lines(rows)
+    lines += _busy_lines(record)
     if any("oracle" in seed for seed in record["seeds"].values()):
         lines += [
             "",
@@ -526,6 +527,40 @@ def _threshold_lines(rows: dict, layers: list[int]) -> list[str]:
                 for k in range(len(layers))
             ]
             lines.append("| " + " | ".join([method, kind, *cells]) + " |")
+    return lines
+
+
+def _busy_lines(record: dict) -> list[str]:
+    """Token metric by the number of shapes on the canvas (mean over seeds), and its slope."""
+    found = {}
+    for method in methods(record):
+        runs = [
+            seed[method]["by_shapes"]
+            for seed in record["seeds"].values()
+            if "by_shapes" in seed.get(method, {})
+        ]
+        if runs and method in (*LEARNED, "fixed_trained", "unpruned"):
+            found[method] = runs
+    if not found:
+        return []
+    shapes = sorted({n for runs in found.values() for r in runs for n in r["tokens"]}, key=int)
+    head = ["method", *[f"{n} shapes" for n in shapes], "tokens per shape"]
+    lines = [
+        "",
+        "Token by the number of shapes on the canvas, over every test question (mean over seeds), and the "
+        "least-squares slope (± over seeds):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" * len(head) + "|",
+    ]
+    for method, runs in found.items():
+        cells = []
+        for n in shapes:
+            values = [r["tokens"][n] for r in runs if n in r["tokens"]]
+            cells.append(f"{sum(values) / len(values):.1f}" if values else "")
+        slope = _mean_std([r["slope"] for r in runs])
+        cells.append(f"{slope[0]:+.2f}" + ("" if math.isnan(slope[1]) else f" ± {slope[1]:.2f}"))
+        lines.append("| " + " | ".join([method, *cells]) + " |")
     return lines
 
 
