@@ -78,8 +78,12 @@ class Prefill:
         }
 
     def restore(self, state: dict) -> None:
+        """Set the state a snapshot holds, copying its containers again: a layer's hook pops its
+        scores and marks its decision, and a snapshot may be replayed more than once (a gradient
+        taken before the backward, e.g. the training diagnostics, recomputes a checkpointed layer
+        once more)."""
         for name, value in state.items():
-            setattr(self, name, value)
+            setattr(self, name, value.copy() if isinstance(value, (dict, list, set)) else value)
 
     @property
     def num_visual(self) -> torch.Tensor:

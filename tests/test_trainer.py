@@ -170,9 +170,12 @@ def test_budget_terms_are_scaled_inside_training_and_reset_after(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:training with prune_mode='drop'")
 @pytest.mark.parametrize("mode", ["mask", "drop"])
-def test_gradient_checkpointing_gives_the_same_gradients(batch, mode):
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "grad-then-backward"])
+def test_gradient_checkpointing_gives_the_same_gradients(batch, mode, twice):
     """Up to transformers 5.22 the recompute re-runs atp's layer hooks, from 5.23 it does not:
-    either way every gradient (ATP heads in mask mode, the whole LM in drop mode) is the same."""
+    either way every gradient (ATP heads in mask mode, the whole LM in drop mode) is the same.
+    ``twice``: a gradient taken before the backward (as the training diagnostics take one)
+    recomputes each checkpointed layer once more; the second replay must see the same state."""
     grads = []
     for checkpointing in (False, True):
         model = tiny_llava(num_layers=4)
@@ -183,9 +186,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch, mode):
             compat.enable_checkpointing(model, use_reentrant=False)
         model.train()
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        model(**batch, labels=labels).loss.backward()
+        loss = model(**batch, labels=labels).loss
+        trained = list(handle.parameters() if mode == "mask" else handle.base_parameters())
+        if twice:
+            wanted = [p for p in trained if p.requires_grad]
+            torch.autograd.grad(loss, wanted, retain_graph=True, allow_unused=True)
+        loss.backward()
         assert 0 < handle.stats.kept.sum() < handle.stats.num_visual.sum() * 2  # something was pruned
-        trained = handle.parameters() if mode == "mask" else handle.base_parameters()
         grads.append([p.grad.clone() for p in trained if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     for plain, checkpointed in zip(*grads):  # the recompute runs the same operations in the same order
