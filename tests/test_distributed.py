@@ -151,15 +151,17 @@ def launch_fsdp(tmp_path: Path, output: Path, data: Path, *flags: str) -> list[s
 
 
 # How far a run sharded over two processes may end from one process with the same global batch.
-# Not a rounding bound: AdamW divides each gradient by the root of its running square, so where a
-# weight's averaged gradient nears a sign change, a last-bit difference in the reduction order (the
-# ranks' reduce-scatter against one process's accumulation, the sharded gradient norm) can move its
-# step by a sizeable part of the learning rate, and how often that happens depends on how the CPU's
-# kernels round (AVX2 and AVX-512 differ). What the comparison must catch is a sharding bug: a rank's
-# gradient dropped or counted twice, a gradient scaled by the world size, a micro-batch lost, a
-# shard loaded into the wrong place -- each moves every affected weight by O(lr) per step. The bound
-# is 1% of one step at the largest learning rate of these runs (0.05, the heads'): ten times what
-# any rounding moved on AVX-512 (5.3e-5 in full fine-tuning), a hundred times below any of those bugs.
+# Not a rounding bound: AdamW divides each gradient by the root of its running square (plus eps), so
+# where a weight's averaged gradient nears a sign change, or is as small as eps (the threshold heads'
+# width-scaled readouts), a last-bit difference in the reduction order (the ranks' reduce-scatter
+# against one process's accumulation, the sharded gradient norm) can move that weight's step by a
+# sizeable part of the learning rate; how often depends on how the CPU's kernels round (AVX2 and
+# AVX-512 differ). Seen: one readout weight of 256 off by 5.8e-4 (1.2% of a step) on AVX2 with
+# torch 2.13. What the comparison must catch is a sharding bug: a rank's gradient dropped or counted
+# twice, a micro-batch lost, a shard loaded into the wrong place -- each moves *every* weight of the
+# affected tensor by O(lr) per step. So the comparison takes each tensor's mean absolute difference:
+# isolated rounding flips average out over a tensor, a bug does not. The bound is 1% of one step at
+# the largest learning rate of these runs (0.05, the heads').
 LARGEST_LEARNING_RATE = 0.05
 SHARDING_BOUND = 0.01 * LARGEST_LEARNING_RATE
 
@@ -212,9 +214,16 @@ def untrained() -> dict[str, torch.Tensor]:
 
 
 def assert_close(first: dict, second: dict, atol: float) -> None:
+    """Every tensor equal (``atol`` 0), or each tensor's mean absolute difference within ``atol``
+    (see SHARDING_BOUND)."""
     assert first.keys() == second.keys()
-    worst = {k: float((first[k] - second[k]).abs().max()) for k in first}
-    assert max(worst.values()) <= atol, worst
+    if atol == 0:
+        assert all(torch.equal(first[k], second[k]) for k in first), [
+            k for k in first if not torch.equal(first[k], second[k])
+        ]
+        return
+    mean = {k: float((first[k].double() - second[k].double()).abs().mean()) for k in first}
+    assert max(mean.values()) <= atol, sorted(mean.items(), key=lambda item: -item[1])[:4]
 
 
 @pytest.mark.parametrize(
