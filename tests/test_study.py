@@ -181,10 +181,10 @@ def _check_figure(folder, capsys):
 
     output = folder / "fig4.png"
     capsys.readouterr()
-    assert figure(["--study", str(folder), "--stage", "atp_full", "--output", str(output)]) == 0
+    assert figure(["--study", str(folder), "--stage", "atp_frozen", "--output", str(output)]) == 0
     printed = capsys.readouterr().out.splitlines()
     commands = [line for line in printed if line.startswith("atp visualize")]
-    assert len(commands) == 2 and all(f"{folder}/seed0/atp_full/atp" in c for c in commands)
+    assert len(commands) == 2 and all(f"{folder}/seed0/atp_frozen/atp" in c for c in commands)
     halves = [Image.open(folder / f"fig4-{kind}.png") for kind in ("background", "colour")]
     assert Image.open(output).width == halves[0].width + halves[1].width + 10
 

@@ -1,7 +1,7 @@
 """The paper's Fig. 4 for the study: one test image, a coarse and a fine question side by side,
 each drawn by ``atp visualize`` from the study's trained model.
 
-``python -m atp.study.figure --study runs/study --seed 0 --stage atp_full --output fig.png``
+``python -m atp.study.figure --study runs/study --seed 0 --stage atp_frozen --output fig.png``
 writes the image to ``fig.png``'s folder, runs ``atp visualize`` once per question (the base
 model and its processor from ``seedN/base/model``, the trained modules from
 ``seedN/STAGE/atp``), and puts the two pictures side by side, each under its question and the
@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m atp.study.figure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default="runs/study", help="the study's output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage", default="atp_full", help="a learned stage with an atp/ checkpoint")
+    parser.add_argument(
+        "--stage",
+        default="atp_frozen",
+        help="a learned stage with an atp/ checkpoint and the base LM (atp_frozen, control; atp_full fine-tuned an LM it did not save)",
+    )
     parser.add_argument("--index", type=int, default=0, help="which test example of the fine kind")
     parser.add_argument("--output", default="study-fig4.png")
     args = parser.parse_args(argv)

@@ -484,14 +484,19 @@ def markdown(record: dict) -> str:
         ]
     lines += [
         "",
-        "Time per stage, summed over seeds (2 CPU threads):",
+        f"Time per stage, summed over seeds ({config.get('threads', '?')} CPU threads per stage as configured; "
+        "a resumed run counts each stage when it ran):",
         "",
         "| stage | wall s | CPU s |",
         "|---|---|---|",
     ]
-    for method, row in rows.items():
-        lines.append(f"| {method} | {row['wall_seconds']:.0f} | {row['cpu_seconds']:.0f} |")
-    lines.append(f"| **total** | {record['total_wall_seconds']:.0f} | |")
+    times = [(method, row["wall_seconds"], row["cpu_seconds"]) for method, row in rows.items()]
+    oracles = [seed["oracle"]["seconds"] for seed in record["seeds"].values() if "oracle" in seed]
+    if oracles:
+        times.insert(1, ("oracle", sum(o["wall"] for o in oracles), sum(o["cpu"] for o in oracles)))
+    for method, wall, cpu in times:
+        lines.append(f"| {method} | {wall:.0f} | {cpu:.0f} |")
+    lines.append(f"| **total** | {sum(t[1] for t in times):.0f} | {sum(t[2] for t in times):.0f} |")
     found = record.get("verdicts") or verdicts(record)
     if found:
         lines += [
