@@ -68,18 +68,11 @@ def average_tokens(
     return total / num_layers
 
 
-class PaperBudgetLoss:
-    """L_ATP = sum_k sum(C_k) / L_v * i_k  and  L_target = |N_bar - N_target| (Eq. 12-13).
+class _BudgetLoss:
+    """Eq. 12-13's shared arithmetic: the kept counts per ATP layer of the samples with visual
+    tokens, the layer depths and the Token metric; subclasses choose the two terms' form."""
 
-    Both are means over the samples that have visual tokens; ``C_k`` is the cumulative soft
-    mask of ATP layer ``i_k`` and ``L_v`` the sample's visual token count (576 in the paper).
-
-    Parameters
-    ----------
-    target_tokens : N_target, the average token count to aim for (None: no target term).
-    """
-
-    name = "paper"
+    name = ""
 
     def __init__(self, target_tokens: float | None = None):
         from atp.arguments import POSITIVE
@@ -95,24 +88,52 @@ class PaperBudgetLoss:
         layers: Sequence[int],
         num_layers: int,
     ) -> dict[str, torch.Tensor]:
-        """Cumulative soft masks (B, N) per ATP layer -> {"atp": scalar, "target": scalar}."""
+        """Cumulative (counting) masks (B, N) per ATP layer -> {"atp": scalar, "target": scalar}."""
         counts = torch.stack([mask.sum(dim=1) for mask in soft_masks], dim=1)  # (B, K)
         has_visual = num_visual > 0  # samples without images take no part
         if not bool(has_visual.any()):
             zero = counts.sum() * 0.0
             return {"atp": zero, "target": zero}
-        counts, num_visual = counts[has_visual], num_visual[has_visual]
+        counts, num_visual = counts[has_visual], num_visual[has_visual].float()
         depth = torch.tensor(list(layers), dtype=torch.float32, device=counts.device)
-        loss_atp = (counts / num_visual.float()[:, None] * depth).sum(dim=1).mean()
+        loss_atp = self.atp_term(counts / num_visual[:, None], depth)
         if self.target_tokens is None:
             loss_target = counts.sum() * 0.0
         else:
             n_bar = average_tokens(counts, num_visual, layers, num_layers).mean()
-            loss_target = (n_bar - self.target_tokens).abs()
+            loss_target = self.target_term(n_bar, num_visual)
         return {"atp": loss_atp, "target": loss_target}
 
+    def atp_term(self, fractions: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """(B, K) kept fractions per ATP layer, (K,) layer indices -> L_ATP."""
+        raise NotImplementedError
 
-class NormalizedBudgetLoss:
+    def target_term(self, n_bar: torch.Tensor, num_visual: torch.Tensor) -> torch.Tensor:
+        """The batch's Token metric, (B,) visual counts -> L_target."""
+        raise NotImplementedError
+
+
+class PaperBudgetLoss(_BudgetLoss):
+    """L_ATP = sum_k sum(C_k) / L_v * i_k  and  L_target = |N_bar - N_target| (Eq. 12-13).
+
+    Both are means over the samples that have visual tokens; ``C_k`` is the cumulative soft
+    mask of ATP layer ``i_k`` and ``L_v`` the sample's visual token count (576 in the paper).
+
+    Parameters
+    ----------
+    target_tokens : N_target, the average token count to aim for (None: no target term).
+    """
+
+    name = "paper"
+
+    def atp_term(self, fractions, depth):
+        return (fractions * depth).sum(dim=1).mean()
+
+    def target_term(self, n_bar, num_visual):
+        return (n_bar - self.target_tokens).abs()
+
+
+class NormalizedBudgetLoss(_BudgetLoss):
     """The budget terms as fractions, on the scale of the answer loss (atp's default):
 
     ``L_ATP = sum_k f_k i_k / sum_k i_k`` with ``f_k`` the fraction of a sample's visual tokens
@@ -135,32 +156,8 @@ class NormalizedBudgetLoss:
 
     name = "normalized"
 
-    def __init__(self, target_tokens: float | None = None):
-        from atp.arguments import POSITIVE
+    def atp_term(self, fractions, depth):
+        return (fractions * depth).sum(dim=1).mean() / depth.sum()
 
-        if target_tokens is not None:
-            target_tokens = POSITIVE.check(target_tokens, "target_tokens", text=False)
-        self.target_tokens = target_tokens
-
-    def __call__(
-        self,
-        soft_masks: Sequence[torch.Tensor],
-        num_visual: torch.Tensor,
-        layers: Sequence[int],
-        num_layers: int,
-    ) -> dict[str, torch.Tensor]:
-        """Cumulative (counting) masks (B, N) per ATP layer -> {"atp": scalar, "target": scalar}."""
-        counts = torch.stack([mask.sum(dim=1) for mask in soft_masks], dim=1)  # (B, K)
-        has_visual = num_visual > 0
-        if not bool(has_visual.any()):
-            zero = counts.sum() * 0.0
-            return {"atp": zero, "target": zero}
-        counts, num_visual = counts[has_visual], num_visual[has_visual].float()
-        depth = torch.tensor(list(layers), dtype=torch.float32, device=counts.device)
-        loss_atp = (counts / num_visual[:, None] * depth).sum(dim=1).mean() / depth.sum()
-        if self.target_tokens is None:
-            loss_target = counts.sum() * 0.0
-        else:
-            n_bar = average_tokens(counts, num_visual, layers, num_layers).mean()
-            loss_target = ((n_bar - self.target_tokens) / num_visual.mean()) ** 2
-        return {"atp": loss_atp, "target": loss_target}
+    def target_term(self, n_bar, num_visual):
+        return ((n_bar - self.target_tokens) / num_visual.mean()) ** 2

@@ -181,8 +181,8 @@ class ConstantThresholdHead(ThresholdHead):
     from reading each input (docs/study.md).
     """
 
-    def __init__(self, hidden_size: int = 1, init_theta_r: float = 0.5, init_theta_s: float = 0.5):
-        super().__init__(1, 1, init_theta_r, init_theta_s)
+    def __init__(self, init_theta_r: float = 0.5, init_theta_s: float = 0.5):
+        super().__init__(1, 1, init_theta_r, init_theta_s)  # hidden_size does not apply: one constant unit
 
     @classmethod
     def from_options(
@@ -193,7 +193,7 @@ class ConstantThresholdHead(ThresholdHead):
         init_theta_s: float,
         bins: int,
     ):
-        return cls(hidden_size, init_theta_r, init_theta_s)
+        return cls(init_theta_r, init_theta_s)
 
     def features(self, s_self, s_cross, live, num_visual) -> torch.Tensor:
         return s_self.new_zeros(s_self.shape[0], 1, dtype=torch.float32)

@@ -344,6 +344,66 @@ def imagewise_verdict(seeds: list[dict], learned: str, control: str = "control")
     return {"verdict": verdict, "slope_difference": _mean_std(differences), "sentence": sentence}
 
 
+def _paired(seeds: list[dict], value, *names: str) -> list[list[float]]:
+    """Per method name, ``value(result)`` of each seed (the same seed order for every name)."""
+    return [[value(s[name]) for s in seeds] for name in names]
+
+
+def _instancewise(record: dict, seeds: list[dict], learned: str, first_layer: int) -> dict:
+    """The instance-wise verdicts of ``learned`` against the control: by granularity (with the
+    thresholds' fine-minus-coarse gap), by image, and by the oracle's needy types."""
+    names = (learned, "control")
+    accuracy = _paired(seeds, lambda r: r["accuracy"], *names)
+    tokens = tuple(_paired(seeds, lambda r: r["avg_tokens"], *names))
+    out = {}
+    result = instancewise_verdict(*_paired(seeds, type_gap, *names), *accuracy, names=names, tokens=tokens)
+    thetas = []
+    for name in ("theta_r", "theta_s"):
+        values, control = _paired(seeds, lambda r, name=name: theta_gap(r, name), *names)
+        beyond = beyond_spread([a - b for a, b in zip(values, control)])
+        result[f"{name}_gap"] = {
+            "learned": _mean_std(values),
+            "control": _mean_std(control),
+            "beyond_spread": beyond,
+        }
+        thetas.append(
+            f"{name} {_difference(values, 3)} against {_difference(control, 3)} "
+            f"({'beyond' if beyond else 'within'} the spread)"
+        )
+    result["sentence"] += f" Fine-minus-coarse threshold at ATP layer {first_layer}: {', '.join(thetas)}."
+    out[f"instancewise/{learned}"] = result
+    image = imagewise_verdict(seeds, learned)
+    if image:
+        out[f"instancewise-image/{learned}"] = image
+    needy, lost, row = needy_types(record)
+    rest = [k for k in TYPES if k not in needy]
+    if row is None:
+        return out
+    if needy and rest:
+        gap = lambda r: type_gap(r, first=needy, second=rest)  # noqa: E731
+        result = instancewise_verdict(
+            *_paired(seeds, gap, *names), *accuracy, names=names, tokens=tokens, groups=("needy", "other")
+        )
+        cost = ", ".join(f"{k} {-lost[k]:+.1f}" for k in TYPES)
+        result["sentence"] += (
+            f" Needy types, by the oracle (random, {row['fraction']:g} of the tokens from layer "
+            f"{row['layer']} on, Token {row['avg_tokens']:.1f}: {cost} points): {', '.join(needy)}."
+        )
+        result["needy"] = needy
+    else:
+        result = {
+            "verdict": "no contrast",
+            "needy": needy,
+            "sentence": (
+                f"Instance-wise by need ({learned}): no verdict: the oracle (random, {row['fraction']:g} "
+                f"of the tokens from layer {row['layer']} on) costs {'every' if needy else 'no'} question type "
+                f"{NEEDY_LOSS:g} points or more, so no type needs the tokens more than another"
+            ),
+        }
+    out[f"instancewise-needy/{learned}"] = result
+    return out
+
+
 def verdicts(record: dict) -> dict:
     """Every verdict the record allows: ``{key: verdict dict}`` (see :func:`layerwise_verdict`,
     :func:`instancewise_verdict`); pairs whose stages are missing are left out."""
@@ -361,75 +421,10 @@ def verdicts(record: dict) -> dict:
                 names=(learned, fixed),
                 tokens=([s[learned]["avg_tokens"] for s in seeds], [s[fixed]["avg_tokens"] for s in seeds]),
             )
-    for learned in ("atp_frozen",):  # trained as the control is: the LM frozen, the same budget loss
-        seeds = _seeds_with(record, learned, "control")
-        if seeds:
-            result = instancewise_verdict(
-                [type_gap(s[learned]) for s in seeds],
-                [type_gap(s["control"]) for s in seeds],
-                [s[learned]["accuracy"] for s in seeds],
-                [s["control"]["accuracy"] for s in seeds],
-                names=(learned, "control"),
-                tokens=(
-                    [s[learned]["avg_tokens"] for s in seeds],
-                    [s["control"]["avg_tokens"] for s in seeds],
-                ),
-            )
-            thetas = []
-            for name in ("theta_r", "theta_s"):
-                values = [theta_gap(s[learned], name) for s in seeds]
-                control = [theta_gap(s["control"], name) for s in seeds]
-                beyond = beyond_spread([a - b for a, b in zip(values, control)])
-                result[f"{name}_gap"] = {
-                    "learned": _mean_std(values),
-                    "control": _mean_std(control),
-                    "beyond_spread": beyond,
-                }
-                thetas.append(
-                    f"{name} {_difference(values, 3)} against {_difference(control, 3)} "
-                    f"({'beyond' if beyond else 'within'} the spread)"
-                )
-            result["sentence"] += (
-                f" Fine-minus-coarse threshold at ATP layer {layers[0]}: {', '.join(thetas)}."
-            )
-            out[f"instancewise/{learned}"] = result
-            image = imagewise_verdict(seeds, learned)
-            if image:
-                out[f"instancewise-image/{learned}"] = image
-            needy, lost, row = needy_types(record)
-            rest = [k for k in TYPES if k not in needy]
-            if row is not None and needy and rest:
-                result = instancewise_verdict(
-                    [type_gap(s[learned], first=needy, second=rest) for s in seeds],
-                    [type_gap(s["control"], first=needy, second=rest) for s in seeds],
-                    [s[learned]["accuracy"] for s in seeds],
-                    [s["control"]["accuracy"] for s in seeds],
-                    names=(learned, "control"),
-                    tokens=(
-                        [s[learned]["avg_tokens"] for s in seeds],
-                        [s["control"]["avg_tokens"] for s in seeds],
-                    ),
-                    groups=("needy", "other"),
-                )
-                cost = ", ".join(f"{k} {-lost[k]:+.1f}" for k in TYPES)
-                result["sentence"] += (
-                    f" Needy types, by the oracle (random, {row['fraction']:g} of the tokens from layer "
-                    f"{row['layer']} on, Token {row['avg_tokens']:.1f}: {cost} points): {', '.join(needy)}."
-                )
-                result["needy"] = needy
-                out[f"instancewise-needy/{learned}"] = result
-            elif row is not None:
-                out[f"instancewise-needy/{learned}"] = {
-                    "verdict": "no contrast",
-                    "needy": needy,
-                    "sentence": (
-                        f"Instance-wise by need ({learned}): no verdict: the oracle (random, {row['fraction']:g} "
-                        f"of the tokens from layer {row['layer']} on) costs "
-                        + ("every" if needy else "no")
-                        + f" question type {NEEDY_LOSS:g} points or more, so no type needs the tokens more "
-                        "than another"
-                    ),
-                }
+    learned = "atp_frozen"  # trained as the control is: the LM frozen, the same budget loss
+    seeds = _seeds_with(record, learned, "control")
+    if seeds:
+        out.update(_instancewise(record, seeds, learned, layers[0]))
     return out
 
 
