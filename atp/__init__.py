@@ -7,12 +7,12 @@
 >>> handle.remove()
 """
 
-from atp.attach import attach, default_layers, detach, supported_models
-from atp.handle import AttachHandle
+from atp._version import __version__
+from atp.core.stats import PruningStats
+from atp.host.attach import attach, default_layers, detach, supported_models
+from atp.host.compat import kv_cache_bytes
+from atp.host.handle import AttachHandle
 from atp.plugins import registry
-from atp.stats import PruningStats, kv_cache_bytes
-
-__version__ = "0.2.0"
 
 __all__ = [
     "AttachHandle",

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from atp.measure import pin_threads
+from atp.core.measure import pin_threads
 
 pin_threads(int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else None)
 D, F = 1024, 2752

@@ -18,8 +18,8 @@ import warnings
 import torch
 
 import atp
-from atp.bench import BenchConfig, build_model, make_inputs
-from atp.measure import pin_threads, summarize
+from atp.cli.bench import BenchConfig, build_model, make_inputs
+from atp.core.measure import pin_threads, summarize
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""The scaling run: the same as `python -m atp.scaling` (see benchmarks/README.md)."""
+"""The scaling run: the same as `python -m atp.cli.scaling` (see benchmarks/README.md)."""
 
 import sys
 
-from atp.scaling import main
+from atp.cli.scaling import main
 
 sys.exit(main(sys.argv[1:]))

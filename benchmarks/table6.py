@@ -9,7 +9,7 @@ for visual tokens only (text_tokens=0) and with a 64-token prompt.
 import argparse
 import json
 
-from atp.efficiency import PRESETS, report
+from atp.core.efficiency import PRESETS, report
 
 SCHEDULES = {  # name -> (layers, kept): the same Token metric as the paper's rows
     "upper bound (576)": ([], []),

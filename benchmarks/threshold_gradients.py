@@ -16,7 +16,7 @@ import warnings
 import torch
 
 import atp
-from atp.testing import left_pad, llava_prompt, tiny_llava
+from atp.tiny.models import left_pad, llava_prompt, tiny_llava
 
 torch.manual_seed(0)
 model = tiny_llava(num_layers=8, image_size=48, patch_size=4, hidden_size=96, seed=0)

@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:-runs/toy}
 python=${PYTHON:-python}  # the interpreter of the environment atp is installed in (e.g. .venv/bin/python)
-"$python" -c "from atp.testing import write_toy_conversations as w; print(w('$out/data'))"
+"$python" -c "from atp.tiny.models import write_toy_conversations as w; print(w('$out/data'))"
 "$python" -m atp train --model tiny --data "$out/data/data.json" --image-folder "$out/data/images" --output-dir "$out/run" \
   --max-steps 20 --save-steps 10 --batch-size 2 --workers 0 --freeze-lm --atp-learning-rate 0.01 \
   --target-tokens 8 --lambda-target 1.0
@@ -16,7 +16,7 @@ python=${PYTHON:-python}  # the interpreter of the environment atp is installed 
 import sys
 import torch
 import atp
-from atp.testing import llava_batch, tiny_llava
+from atp.tiny.models import llava_batch, tiny_llava
 
 model = tiny_llava(num_layers=4)
 handle = atp.attach(model, from_pretrained=sys.argv[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from atp.testing import left_pad, llava_prompt, tiny_llava
+from atp.tiny.models import left_pad, llava_prompt, tiny_llava
 
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from atp.attach import resolve_adapter
-from atp.testing import (
+from atp.host.attach import resolve_adapter
+from atp.tiny.models import (
     gemma3_batch,
     idefics3_batch,
     internvl_batch,

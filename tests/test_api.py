@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import atp
-from atp.compat import output_cache
-from atp.testing import tiny_llava
+from atp.host.compat import output_cache
+from atp.tiny.models import tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 
@@ -200,7 +200,7 @@ def test_plugins_add_components_resolve_backbones_and_observe(monkeypatch, batch
     reg = registry_with(monkeypatch, extra)
     import sys
 
-    monkeypatch.setattr(sys.modules["atp.attach"], "registry", lambda: reg)
+    monkeypatch.setattr(sys.modules["atp.host.attach"], "registry", lambda: reg)
     assert reg.get("policy", "every_other").origin == "extra"
     model = tiny_llava(num_layers=4)
     model.config.model_type = "something_else"  # only the resolve hook can claim it now
@@ -262,7 +262,7 @@ def test_budget_losses_are_selected_by_name(monkeypatch, batch):
     reg = registry_with(monkeypatch, extra)
     import sys
 
-    monkeypatch.setattr(sys.modules["atp.attach"], "registry", lambda: reg)
+    monkeypatch.setattr(sys.modules["atp.host.attach"], "registry", lambda: reg)
     model = tiny_llava(num_layers=4)
     losses = {}
     for name in ("paper", "doubled"):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import atp
-from atp import checkpoint
-from atp.attach import resolve_adapter
-from atp.attention import ATTENTION_NAME
-from atp.compat import attention_implementation
-from atp.testing import cache_kwargs, tiny_llava
+from atp.host import checkpoint
+from atp.host.attach import resolve_adapter
+from atp.host.attention import ATTENTION_NAME
+from atp.host.compat import attention_implementation
+from atp.tiny.models import cache_kwargs, tiny_llava
 from tests.families import BY_NAME_FAMILIES, FAMILIES, visual_mask
 
 pytestmark = [pytest.mark.filterwarnings("ignore:atp.attach"), pytest.mark.usefixtures("one_thread")]

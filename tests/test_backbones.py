@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import atp
-from atp.attach import resolve_adapter
 from atp.components.threshold_head import BinnedThresholdHead, quantiles
-from atp.testing import qwen_batch, tiny_qwen2_vl
+from atp.host.attach import resolve_adapter
+from atp.tiny.models import qwen_batch, tiny_qwen2_vl
 from tests.families import FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -101,7 +101,7 @@ def layout_of(model, batch):
 
 @pytest.mark.parametrize("onevision", [False, True])
 def test_llava_next_tiles_and_newlines(onevision):
-    from atp.testing import llava_next_batch, tiny_llava_next
+    from atp.tiny.models import llava_next_batch, tiny_llava_next
 
     model = tiny_llava_next(onevision=onevision)
     media = [("image", 40, 70)] + ([("video", 2)] if onevision else [])
@@ -121,7 +121,7 @@ def test_llava_next_tiles_and_newlines(onevision):
 
 
 def test_internvl_tiles_and_markers():
-    from atp.testing import internvl_batch, tiny_internvl
+    from atp.tiny.models import internvl_batch, tiny_internvl
 
     model = tiny_internvl()
     batch = internvl_batch(model, [([1, 5], [7], [1, 3])])
@@ -132,7 +132,7 @@ def test_internvl_tiles_and_markers():
 
 
 def test_mistral3_rows_breaks_and_back_to_back_images():
-    from atp.testing import mistral3_batch, tiny_mistral3
+    from atp.tiny.models import mistral3_batch, tiny_mistral3
 
     model = tiny_mistral3()
     batch = mistral3_batch(model, [([1], [5, 6], [(32, 48), (16, 24), (24, 16)])])
@@ -142,7 +142,7 @@ def test_mistral3_rows_breaks_and_back_to_back_images():
 
 
 def test_sliding_window_language_models_are_refused():
-    from atp.testing import tiny_mistral3
+    from atp.tiny.models import tiny_mistral3
 
     model = tiny_mistral3()
     model.config.text_config.sliding_window = 4096
@@ -153,7 +153,7 @@ def test_sliding_window_language_models_are_refused():
 
 @pytest.mark.parametrize("onevision", [False, True])
 def test_llava_next_images_back_to_back_are_told_apart(onevision):
-    from atp.testing import llava_next_batch, tiny_llava_next
+    from atp.tiny.models import llava_next_batch, tiny_llava_next
 
     model = tiny_llava_next(onevision=onevision)
     media = [("image", 32, 32), ("image", 40, 70), ("image", 32, 32)]  # no text between the images
@@ -170,7 +170,7 @@ def test_llava_next_images_back_to_back_are_told_apart(onevision):
 
 
 def test_llava_next_newlines_are_found_under_autocast():
-    from atp.testing import llava_next_batch, tiny_llava_next
+    from atp.tiny.models import llava_next_batch, tiny_llava_next
 
     model = tiny_llava_next()
     batch = llava_next_batch(model, [([1], [5, 6], [("image", 40, 70)])])
@@ -183,7 +183,7 @@ def test_llava_next_newlines_are_found_under_autocast():
 
 def test_a_misread_layout_is_an_error_not_silent():
     from atp.backbones.base import VisualLayout
-    from atp.prefill import Prefill
+    from atp.core.state import Prefill
 
     visual = torch.zeros(1, 10, dtype=torch.bool)
     visual[0, 2:8] = True
@@ -193,7 +193,7 @@ def test_a_misread_layout_is_an_error_not_silent():
 
 
 def test_llava_with_a_pixtral_tower_reads_rows_and_breaks():
-    from atp.testing import mistral3_batch, tiny_pixtral_llava
+    from atp.tiny.models import mistral3_batch, tiny_pixtral_llava
 
     model = tiny_pixtral_llava()
     batch = mistral3_batch(model, [([1, 5], [7, 8], [(32, 48)]), ([1], [4, 5, 6], [(16, 24), (24, 16)])])

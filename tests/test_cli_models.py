@@ -8,8 +8,8 @@ import json
 import pytest
 
 from atp.cli import main
-from atp.testing import write_toy_conversations
 from atp.tiny import write_tiny_checkpoint
+from atp.tiny.models import write_toy_conversations
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -40,7 +40,7 @@ def test_demo_runs_a_checkpoint_folder_with_its_processor(folders, family, capsy
 
 def test_demo_restores_an_atp_checkpoint(folders, tmp_path, capsys):
     import atp
-    from atp.loading import load
+    from atp.cli.loading import load
 
     loaded = load(str(folders["llava"]))
     handle = atp.attach(loaded.model, layers=[2], policy="fixed", keep=[5])

@@ -14,9 +14,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import atp
-from atp import compat
-from atp.compat import output_cache
-from atp.testing import cache_kwargs, llava_batch, tiny_llava
+from atp.host import compat
+from atp.host.compat import output_cache
+from atp.tiny.models import cache_kwargs, llava_batch, tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 

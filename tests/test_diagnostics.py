@@ -1,4 +1,4 @@
-"""Training diagnostics (atp/diagnostics.py): the numbers are what they summarize, each warning
+"""Training diagnostics (atp/training/diagnostics.py): the numbers are what they summarize, each warning
 fires on a run built to have its problem and not on a healthy one, AtpTrainer logs them, and
 ``atp train --check`` says so in its exit status. Every ATP option a test depends on is set."""
 
@@ -11,9 +11,9 @@ import torch
 from transformers import TrainingArguments
 
 import atp
-from atp.diagnostics import DiagnosticWarning, Recorder, measure_gradients, summarize, warnings_for
-from atp.testing import TinyImageProcessor, TinyTokenizer, llava_batch, tiny_llava
+from atp.tiny.models import TinyImageProcessor, TinyTokenizer, llava_batch, tiny_llava
 from atp.training import AtpTrainer, ConversationDataset, LlavaCollator
+from atp.training.diagnostics import DiagnosticWarning, Recorder, measure_gradients, summarize, warnings_for
 from tests.test_distributed import toy_dataset
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:atp.attach")]
@@ -264,7 +264,7 @@ def test_the_trainer_logs_the_diagnostics_and_measures_gradients_only_on_logged_
 
 
 def test_measuring_under_gradient_checkpointing_changes_no_step(tmp_path):
-    from atp import compat
+    from atp.host import compat
 
     weights = {}
     for mode in ("gradients", "off"):

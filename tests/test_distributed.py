@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from atp.testing import write_toy_conversations
+from atp.tiny.models import write_toy_conversations
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def test_two_cpu_processes_train_to_identical_atp_weights(tmp_path):
     start = load_file(output / "atp_model.safetensors")  # saved once, by the main process
     assert all(torch.equal(start[k], first[k]) for k in first)
     import atp
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
 
     fresh = tiny_llava(num_layers=4)
     heads = atp.attach(fresh, layers=[1, 2, 3])  # the untrained starting point
@@ -93,7 +93,7 @@ def test_save_pretrained_gathers_fsdp2_shards_and_writes_them_once(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(re.findall(r"rank (\d) saved", done.stdout)) == ["0", "1"]
-    from atp.checkpoint import read_config
+    from atp.host.checkpoint import read_config
 
     saved = load_file(output / "atp_model.safetensors")
     first, second = load_file(output / "rank0.safetensors"), load_file(output / "rank1.safetensors")
@@ -101,7 +101,7 @@ def test_save_pretrained_gathers_fsdp2_shards_and_writes_them_once(tmp_path):
     assert all(torch.equal(saved[k], first[k]) and torch.equal(first[k], second[k]) for k in saved)
     assert read_config(output)["layers"] == [1, 2, 3]
     import atp
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
 
     heads = atp.attach(tiny_llava(num_layers=4), layers=[1, 2, 3], init_theta_r=0.3, init_theta_s=0.9)
     expected = heads.policy.state_dict()
@@ -180,8 +180,8 @@ def one_process(output: Path, data: Path, *flags: str) -> dict[str, torch.Tensor
 
 
 def _one_process(output: Path, data: Path, *flags: str) -> dict[str, torch.Tensor]:
-    from atp.cli import build_parser
-    from atp.training.cli import run
+    from atp.cli.app import build_parser
+    from atp.cli.train import run
 
     args = build_parser().parse_args(
         ["train", "--model", "tiny", "--data", str(data), "--image-folder", str(data.parent / "images")]
@@ -202,7 +202,7 @@ def _one_process(output: Path, data: Path, *flags: str) -> dict[str, torch.Tenso
 
 def untrained() -> dict[str, torch.Tensor]:
     import atp
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
 
     model = tiny_llava(num_layers=4)
     handle = atp.attach(model, layers=[1, 2, 3])
@@ -261,7 +261,7 @@ def test_fsdp2_training_matches_one_process_resumes_and_saves_once(tmp_path, reg
 def backward_footprint(model, handle, images: int) -> tuple[list[int], set[str]]:
     """The decoder layers a training backward runs through (outputs that need a gradient) and the
     trainable parameters outside the language model that get a gradient."""
-    from atp.testing import llava_batch
+    from atp.tiny.models import llava_batch
 
     layers, hooks = [], []
     for index, layer in enumerate(handle.runtime.adapter.decoder_layers()):
@@ -296,7 +296,7 @@ def test_batches_with_and_without_images_run_the_same_backward(frozen):
     decoder layers as a batch with images, and the trainable parameters outside the language model
     (the projector) get a gradient (zero) even when no image used them."""
     import atp
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
 
     model = tiny_llava(num_layers=4)
     handle = atp.attach(model, layers=[2, 3], init_theta_r=0.3)

@@ -139,7 +139,7 @@ def test_the_benchmarks_page_shows_the_recorded_runs():
     """docs/benchmarks.md's measured tables are the reports of the JSON records beside them."""
     import json
 
-    from atp import bench, scaling
+    from atp.cli import bench, scaling
 
     page = (ROOT / "docs/benchmarks.md").read_text()
     images = ROOT / "docs/images"

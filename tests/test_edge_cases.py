@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import atp
-from atp.compat import output_cache
-from atp.testing import cache_kwargs, tiny_llava
+from atp.host.compat import output_cache
+from atp.tiny.models import cache_kwargs, tiny_llava
 from tests.numerics import REORDERED, assert_same_continuation, greedy_steps
 from tests.test_invariants import logits, random_masks
 
@@ -26,7 +26,7 @@ def comparable_positions(model, inputs, keep_mask):
 
 
 def test_mixed_batch_with_a_text_only_prompt_equals_singles(model):
-    from atp.testing import left_pad, llava_prompt
+    from atp.tiny.models import left_pad, llava_prompt
 
     prompts = [llava_prompt(model, [1, 5, 6], [7, 8, 9]), [1, 20, 21, 22, 23, 24, 25]]
     ids, mask = left_pad(prompts)

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import atp
-from atp import compat
 from atp.cli import main
-from atp.compat import output_cache
-from atp.efficiency import PRESETS, check_kept, layer_flops, report, report_from_stats, shape_from_config
-from atp.testing import llava_prompt, tiny_llava
+from atp.core.efficiency import PRESETS, check_kept, layer_flops, report, report_from_stats, shape_from_config
+from atp.host import compat
+from atp.host.compat import output_cache
+from atp.tiny.models import llava_prompt, tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 
@@ -146,7 +146,7 @@ def test_flops_cli_table_and_json(capsys):
 
 
 def test_bench_runs_and_its_numbers_are_consistent(capsys):
-    from atp.bench import BenchConfig, format_table, run
+    from atp.cli.bench import BenchConfig, format_table, run
 
     record = run(BenchConfig(num_layers=4, hidden_size=64, heads=4, repeats=1, warmup=0, new_tokens=2), "cpu")
     methods = record["methods"]
@@ -164,7 +164,7 @@ def test_bench_runs_and_its_numbers_are_consistent(capsys):
 def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_profile():
     import statistics
 
-    from atp.bench import TARGETS, BenchConfig, format_table, run
+    from atp.cli.bench import TARGETS, BenchConfig, format_table, run
 
     config = BenchConfig(num_layers=4, hidden_size=64, heads=4, repeats=3, warmup=0, new_tokens=2, threads=1)
     before = torch.get_num_threads()
@@ -214,7 +214,7 @@ def test_bench_ratios_come_paired_from_the_rounds_with_intervals_targets_and_a_p
 def test_bench_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     import builtins
 
-    from atp.bench import plot
+    from atp.cli.bench import plot
 
     real_import = builtins.__import__
 

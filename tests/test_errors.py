@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import atp
-from atp import compat
-from atp.compat import output_cache
-from atp.testing import cache_kwargs, llava_prompt
+from atp.host import compat
+from atp.host.compat import output_cache
+from atp.tiny.models import cache_kwargs, llava_prompt
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atp.cli import main
-from atp.efficiency import tokens_per_layer
+from atp.core.efficiency import tokens_per_layer
 from atp.evaluation.arguments import parse_model_arguments, split_model_args
 from atp.evaluation.matched import matched_methods, scaled_layers
-from atp.testing import llava_batch, tiny_llava
+from atp.tiny.models import llava_batch, tiny_llava
 
 
 def settings_of(method) -> tuple[list[int], list[float]]:
@@ -83,7 +83,7 @@ def test_the_paper_settings_at_144_of_576_tokens():
 def test_matched_settings_prune_a_model_as_predicted(num_layers, fraction):
     """Each method's model args, parsed as the lmms-eval model parses them and attached to a model
     with 144 visual tokens per image: the measured Token metric is the predicted one."""
-    from atp.loading import attach_from_args
+    from atp.cli.loading import attach_from_args
 
     model = tiny_llava(num_layers=num_layers, image_size=96, patch_size=8)  # 12 x 12 = 144 tokens
     batch = llava_batch(model, [([5, 6], [7, 8, 9], 1), ([5], [7, 8], 2)])

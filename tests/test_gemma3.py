@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import atp
-from atp.testing import gemma3_batch, tiny_gemma3
+from atp.tiny.models import gemma3_batch, tiny_gemma3
 from tests.numerics import assert_same_greedy, greedy_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -64,7 +64,7 @@ def test_a_cache_built_without_the_config_keeps_every_token_and_gives_the_same_c
     model's own cache."""
     from transformers import DynamicCache
 
-    from atp.testing import cache_kwargs
+    from atp.tiny.models import cache_kwargs
 
     model = tiny_gemma3(6, 0, sliding_window=8)
     batch = gemma3_batch([[[1, 5], 1, [7]], [[1], 2, [4, 5]]])

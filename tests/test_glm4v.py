@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import atp
-from atp.testing import qwen_batch, tiny_glm4v
+from atp.tiny.models import qwen_batch, tiny_glm4v
 from tests.numerics import assert_same_greedy, greedy_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -28,7 +28,7 @@ def test_a_video_batch_has_one_grid_per_frame_and_drop_equals_mask():
 
 def test_a_video_without_token_types_is_refused_by_the_adapter():
     """transformers 5.24 refuses it first; the adapter does not guess if a release lets it through."""
-    from atp.attach import resolve_adapter
+    from atp.host.attach import resolve_adapter
 
     model = tiny_glm4v()
     batch = qwen_batch(VIDEOS, glm=True)

@@ -14,9 +14,9 @@ import torch
 from kernels import Mode, kernelize, use_kernel_forward_from_hub, use_kernel_mapping
 
 import atp
-from atp import compat
-from atp.attach import CONTAINER_NAME
-from atp.testing import llava_batch, tiny_llava
+from atp.host import compat
+from atp.host.attach import CONTAINER_NAME
+from atp.tiny.models import llava_batch, tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach", "ignore::UserWarning:kernels")
 
@@ -125,7 +125,7 @@ def test_unchecked_kernels_are_refused_at_attach_and_at_the_next_forward(batch):
 def test_the_loader_says_when_kernels_is_missing_not_what_a_folder_needs(tmp_path, monkeypatch):
     """transformers 5.25 needs ``kernels`` to load a model; its error must reach the user as it is,
     not wrapped in a hint about the folder's contents."""
-    from atp import loading
+    from atp.cli import loading
     from atp.tiny import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "model", "llava", num_layers=2)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import atp
-from atp.attach import resolve_adapter
-from atp.compat import output_cache
+from atp.host.attach import resolve_adapter
+from atp.host.compat import output_cache
 from tests.families import FAMILIES, Family, visual_mask
 from tests.numerics import REORDERED, assert_same_continuation, assert_same_greedy, greedy_steps
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atp.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
+from atp.core.layout import additive_mask, causal_mask, compact_mask, gather_seq, mask_to_index, scatter_seq
 
 bool_rows = st.integers(1, 4).flatmap(
     lambda b: st.integers(1, 12).flatmap(

@@ -25,7 +25,7 @@ from atp.components import (
 )
 from atp.policies.atp import AtpPolicy
 from atp.scorers.spatial import grid_scores, spatial_scores
-from atp.testing import llava_batch, tiny_llava
+from atp.tiny.models import llava_batch, tiny_llava
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

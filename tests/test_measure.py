@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atp.measure import (
+from atp.core.measure import (
     bootstrap_interval,
     paired_ratios,
     peak_rss,

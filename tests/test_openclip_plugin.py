@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import atp
 from atp.cli import main
-from atp.testing import TinyTokenizer
+from atp.tiny.models import TinyTokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach", "ignore:clip_relevance runs an untrained CLIP")
 OPTIONS = {"tokenizer": TinyTokenizer(), "model_name": "atp-tiny-clip"}
@@ -71,7 +71,7 @@ def test_clip_relevance_refuses_bad_options(model):
 
 
 def test_clip_scores_follow_the_prompt_of_each_prefill(model):
-    from atp.testing import llava_batch
+    from atp.tiny.models import llava_batch
 
     first = llava_batch(model, [([1, 5], [7, 8, 9], 1)])
     second = {**first, "input_ids": first["input_ids"].clone()}

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from transformers import GenerationConfig
 
 import atp
-from atp.compat import output_cache
-from atp.testing import cache_kwargs, left_pad, llava_prompt, tiny_llava
+from atp.host.compat import output_cache
+from atp.tiny.models import cache_kwargs, left_pad, llava_prompt, tiny_llava
 from tests.numerics import REORDERED, assert_same_continuation, assert_same_greedy, greedy_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -295,7 +295,7 @@ def test_a_text_turn_continues_a_pruned_cache_as_one_long_prompt():
 
 # config variants seen at attach ---------------------------------------------------------------
 def test_config_variants_the_forward_cannot_lay_out_are_refused_at_attach():
-    from atp.testing import tiny_llava_next
+    from atp.tiny.models import tiny_llava_next
 
     model = tiny_llava(num_layers=4)
     model.config.image_seq_length = 17  # e.g. vision_feature_select_strategy="full" keeps CLS

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import atp
-from atp.compat import output_cache
+from atp.host.compat import output_cache
 from atp.plugins import registry
 from atp.policies import FixedPolicy, PolicyContext
-from atp.testing import tiny_llava
+from atp.tiny.models import tiny_llava
 from tests.families import BY_NAME_FAMILIES as FAMILY
 from tests.families import visual_mask
 from tests.numerics import REORDERED, assert_same_continuation, assert_same_greedy, greedy_steps

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import atp
-from atp.testing import qwen_batch, tiny_qwen3_vl
+from atp.tiny.models import qwen_batch, tiny_qwen3_vl
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 
@@ -93,7 +93,7 @@ def test_the_flops_preset_reads_like_the_config_it_was_copied_from():
     with the published sizes (no weights built)."""
     from transformers import Qwen3VLConfig
 
-    from atp.efficiency import PRESETS, shape_from_config
+    from atp.core.efficiency import PRESETS, shape_from_config
 
     text = {
         "hidden_size": 2560,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from atp.bench import BenchConfig
-from atp.scaling import SHAPES, format_table, main, measure_memory, run
+from atp.cli.bench import BenchConfig
+from atp.cli.scaling import SHAPES, format_table, main, measure_memory, run
 
 
 def tiny() -> BenchConfig:

@@ -177,8 +177,8 @@ def test_scoring_never_builds_an_l_by_l_matrix(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import atp
-    from atp.runtime import Runtime
-    from atp.testing import tiny_llava
+    from atp.host.runtime import Runtime
+    from atp.tiny.models import tiny_llava
 
     class Largest(TorchDispatchMode):
         def __init__(self):

@@ -9,8 +9,8 @@ import torch
 from transformers import TrainingArguments
 
 import atp
-from atp import compat
-from atp.testing import TinyImageProcessor, TinyTokenizer, tiny_llava
+from atp.host import compat
+from atp.tiny.models import TinyImageProcessor, TinyTokenizer, tiny_llava
 from atp.training import AtpTrainer, ConversationDataset, LlavaCollator, encode_conversation
 from atp.training.data import IGNORE, SYSTEM
 from tests.test_distributed import toy_dataset
@@ -237,8 +237,8 @@ def test_atp_train_cli_runs_and_resumes(tmp_path, capsys):
 def test_atp_train_initialises_the_heads_from_its_seed(tmp_path, monkeypatch):
     """The heads start from ``--seed``, not from whatever the model's loading drew from torch's
     generator (it differs between a folder, a ZeRO-3 partitioned load and the tiny model)."""
-    from atp.cli import build_parser
-    from atp.training.cli import run
+    from atp.cli.app import build_parser
+    from atp.cli.train import run
 
     class Started(Exception):
         pass

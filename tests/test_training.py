@@ -9,7 +9,7 @@ import torch
 
 import atp
 from atp.components.budget_loss import PaperBudgetLoss
-from atp.testing import tiny_llava
+from atp.tiny.models import tiny_llava
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
 

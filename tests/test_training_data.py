@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from atp.cli import main
-from atp.testing import TinyImageProcessor, TinyTokenizer
+from atp.tiny.models import TinyImageProcessor, TinyTokenizer
 from atp.training.data import (
     IGNORE,
     ConversationDataset,
@@ -394,7 +394,7 @@ def test_the_trainer_hands_the_epoch_to_the_sampler(tmp_path):
     from transformers import TrainingArguments
 
     import atp
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
     from atp.training import AtpTrainer
 
     model = tiny_llava(num_layers=4)

@@ -16,9 +16,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
 import atp
-from atp import compat
-from atp.compat import output_cache
-from atp.testing import llava_batch, tiny_llava
+from atp.host import compat
+from atp.host.compat import output_cache
+from atp.tiny.models import llava_batch, tiny_llava
 from tests.families import FAMILIES, visual_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")

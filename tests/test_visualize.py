@@ -12,8 +12,8 @@ from PIL import Image
 
 import atp
 from atp.cli import main
+from atp.cli.visualize import KEPT_CAP, SPATIAL, Picture, draw, render
 from atp.tiny import write_tiny_checkpoint
-from atp.visualize import KEPT_CAP, SPATIAL, Picture, draw, render
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -101,7 +101,7 @@ def test_the_embedded_model_with_the_synthetic_picture(tmp_path, capsys):
 def test_every_family_grid_is_drawn_where_its_tokens_are(folders, tmp_path, family, images):
     """Pixels read back against the masks: LLaVA's images, LLaVA-NeXT's base and tile canvas,
     Qwen2-VL's dynamic resolution, several images."""
-    from atp.loading import load
+    from atp.cli.loading import load
 
     loaded = load(str(folders[family]))
     with attached(loaded, init_theta_r=0.5, init_theta_s=0.9) as handle:
@@ -118,9 +118,9 @@ def test_every_family_grid_is_drawn_where_its_tokens_are(folders, tmp_path, fami
 def test_qwen_pictures_are_the_images_the_model_saw(folders):
     """The patches put back in place give the image back, pixel for pixel (Qwen2-VL; an image the
     processor does not resize)."""
-    from atp.attach import resolve_adapter
-    from atp.loading import load
-    from atp.visualize import pictures
+    from atp.cli.loading import load
+    from atp.cli.visualize import pictures
+    from atp.host.attach import resolve_adapter
 
     loaded = load(str(folders["qwen2_vl"]))
     vision = loaded.model.config.vision_config
@@ -208,12 +208,12 @@ def test_bad_input_is_refused_with_what_to_do(tmp_path, capsys, argv, message):
 
 
 def test_without_matplotlib_the_distribution_names_the_extra(tmp_path, capsys, monkeypatch):
-    import atp.plotting
+    import atp.cli.plotting
 
     def missing(option="--plot"):
         raise ValueError(f'{option} needs matplotlib: pip install "atp[viz]" (or pip install matplotlib)')
 
-    monkeypatch.setattr(atp.plotting, "require", missing)
+    monkeypatch.setattr(atp.cli.plotting, "require", missing)
     noise(0).save(tmp_path / "a.png")
     assert main(["visualize", "--images", str(tmp_path / "a.png"), "--output", str(tmp_path / "k.png")]) == 2
     assert 'pip install "atp[viz]"' in capsys.readouterr().err
@@ -222,7 +222,7 @@ def test_without_matplotlib_the_distribution_names_the_extra(tmp_path, capsys, m
 @pytest.mark.parametrize("mode", ["drop", "mask"])
 def test_reasons_explain_every_kept_token(folders, mode):
     """The atp policy's reasons: the union of its branches (and read tokens) is the layer's mask."""
-    from atp.loading import load
+    from atp.cli.loading import load
 
     loaded = load(str(folders["llava"]))
     with attached(loaded, init_theta_r=0.5, init_theta_s=0.9, prune_mode=mode) as handle:
@@ -238,7 +238,7 @@ def test_reasons_explain_every_kept_token(folders, mode):
 
 
 def test_plots_share_one_style(tmp_path):
-    from atp.plotting import bench_plot, eval_plot
+    from atp.cli.plotting import bench_plot, eval_plot
 
     record = {
         "pretrained": "x",

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import atp
 from atp.arguments import Number
-from atp.cli import build_parser, main
+from atp.cli.app import build_parser, main
 from atp.components.budget_loss import Budget, PaperBudgetLoss
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
@@ -71,21 +71,21 @@ BOUNDS = {  # (command, flag): (values accepted, values refused), the intent of 
     ("bench", "--new-tokens"): ("1", "0"),
     ("bench", "--text-tokens"): ("9", "8"),
     ("tiny-checkpoint", "--num-layers"): ("1", "0 -1"),
-    **{("atp.scaling", f): ("1", "0") for f in ("--num-layers", "--hidden-size", "--heads", "--repeats")},
-    **{("atp.scaling", f): ("1", "0") for f in ("--new-tokens", "--threads")},
-    ("atp.scaling", "--warmup"): ("0", "-1"),
+    **{("atp.cli.scaling", f): ("1", "0") for f in ("--num-layers", "--hidden-size", "--heads", "--repeats")},
+    **{("atp.cli.scaling", f): ("1", "0") for f in ("--new-tokens", "--threads")},
+    ("atp.cli.scaling", "--warmup"): ("0", "-1"),
     ("atp.study", "--seeds"): SEED,
 }
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Every parser a user reaches: the ``atp`` subcommands and the developer tools'."""
-    from atp.scaling import build_parser as scaling_parser
+    from atp.cli.scaling import build_parser as scaling_parser
     from atp.study.run import build_parser as study_parser
 
     top = build_parser()
     sub = next(action for action in top._actions if isinstance(action, argparse._SubParsersAction))
-    return {**sub.choices, "atp.scaling": scaling_parser(), "atp.study": study_parser()}
+    return {**sub.choices, "atp.cli.scaling": scaling_parser(), "atp.study": study_parser()}
 
 
 def takes_numbers(action: argparse.Action) -> bool:
@@ -406,7 +406,7 @@ def test_launch_configs_are_checked_as_the_flags_are(tmp_path, capsys, flag, tex
 
 
 def test_data_and_image_folder_errors_name_the_path(tmp_path, capsys):
-    from atp.testing import write_toy_conversations
+    from atp.tiny.models import write_toy_conversations
 
     data = write_toy_conversations(tmp_path)
     binary = tmp_path / "binary.json"

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from atp import compat
 from atp.backbones.base import BackboneAdapter, VisualLayout, runs
+from atp.host import compat
 
 
 def newline_positions(language_inputs: dict, tokens: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:

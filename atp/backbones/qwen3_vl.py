@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from atp.backbones.qwen2_vl import Qwen2VLAdapter
-from atp.layout import gather_seq
+from atp.core.layout import gather_seq
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):

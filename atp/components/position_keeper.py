@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from atp import compat
-from atp.layout import gather_seq
+from atp.core.layout import gather_seq
+from atp.host import compat
 
 
 class KeepPositions:

@@ -1,4 +1,4 @@
-"""The ``atp`` lmms-eval model: a transformers VLM loaded with :func:`atp.loading.load`, with or
+"""The ``atp`` lmms-eval model: a transformers VLM loaded with :func:`atp.cli.loading.load`, with or
 without atp attached, answering ``generate_until`` and ``loglikelihood`` requests in batches.
 
 Every answer carries the request's kept tokens (:mod:`atp.evaluation.tokens`). Under
@@ -33,8 +33,8 @@ class AtpLMM(lmms):
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
-        from atp.attach import resolve_adapter
-        from atp.loading import attach_from_args, device_of, load
+        from atp.cli.loading import attach_from_args, device_of, load
+        from atp.host.attach import resolve_adapter
 
         kwargs.pop("max_batch_size", None)
         self.args = args = parse_model_arguments(**kwargs)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from atp.efficiency import tokens_per_layer
+from atp.core.efficiency import tokens_per_layer
 
 PAPER_DEPTH = 32  # LLaVA-1.5-7B, the depth the layer choices below are given for
 FASTV_LAYER = 2

@@ -116,7 +116,7 @@ def plan(args) -> Plan:
     output = Path(args.output_dir)
     pretrained, tasks, include_path = args.model, args.tasks, args.include_path
     if pretrained is None:
-        from atp.tiny import write_tiny_checkpoint
+        from atp.tiny.checkpoint import write_tiny_checkpoint
 
         pretrained = str(output / "tiny-llava")
         if not (Path(pretrained) / "config.json").exists():
@@ -257,7 +257,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(args) -> int:
     if args.plot:
-        from atp.plotting import require
+        from atp.cli.plotting import require
 
         require("--plot")  # before any run
     if args.from_table:
@@ -327,7 +327,7 @@ def _check_table(record: dict, path) -> None:
 
 def _write_plot(record: dict, args) -> None:
     if args.plot:
-        from atp.plotting import eval_plot
+        from atp.cli.plotting import eval_plot
 
         eval_plot(record, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -78,7 +78,7 @@ def row_attention(
     with the layer's mask (None = causal). Grouped keys (GQA) are not repeated: the queries of a
     group are stacked instead; the scale multiplies the R queries, not the R x L logits. Rows
     where ``row_valid`` (B, R) is False (padding) are left unmasked, so they stay finite."""
-    from atp.layout import gather_seq
+    from atp.core.layout import gather_seq
 
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]

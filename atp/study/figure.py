@@ -37,7 +37,7 @@ def visualize(
     import contextlib
     import io
 
-    from atp.cli import main as cli
+    from atp.cli.app import main as cli
 
     words = ["visualize", "--model", str(model), "--atp-checkpoint", str(checkpoint)]
     words += ["--image", str(image), "--prompt", prompt, "--output", str(output), "--json"]
@@ -53,7 +53,7 @@ def side_by_side(panels: list[tuple[Path, str]], output: Path) -> None:
     """Pictures with a caption under each, in one row."""
     from PIL import Image, ImageDraw
 
-    from atp.visualize import _font
+    from atp.cli.visualize import _font
 
     images = [Image.open(path).convert("RGB") for path, _ in panels]
     caption = 44

@@ -629,7 +629,7 @@ def write_report(record: dict, output) -> Path:
 
 
 def plot(record: dict, output: Path) -> None:
-    from atp.plotting import colour, figure, save
+    from atp.cli.plotting import colour, figure, save
 
     rows = summary(record)
     with figure(1, width=7.5, option="the study's plots") as (fig, axes):

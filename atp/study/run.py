@@ -88,7 +88,7 @@ class StudyConfig:
 
 def build_model(config: StudyConfig, seed: int):
     """A random ``LlavaForConditionalGeneration``: a 2-layer CLIP tower, the projector, a Llama."""
-    from atp.testing import tiny_llava
+    from atp.tiny.models import tiny_llava
 
     return tiny_llava(
         num_layers=config.num_layers,
@@ -317,7 +317,7 @@ def run_seed(config: StudyConfig, seed: int, output: Path, log=print, progress: 
 
 
 def _options(pairs: list[str]) -> dict:
-    from atp.cli import parse_options
+    from atp.cli.app import parse_options
 
     return parse_options(pairs, None) if pairs else {}
 

@@ -232,7 +232,7 @@ def model_on_meta(name: str):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     if name == "tiny":
-        from atp.testing import TinyTokenizer, tiny_llava
+        from atp.tiny.models import TinyTokenizer, tiny_llava
 
         config, processor = tiny_llava(num_layers=4).config, TinyTokenizer()
     else:
@@ -286,7 +286,7 @@ def sample_token_lengths(dataset, collator, count: int = 16) -> dict:
 
 def dry_run(args) -> dict:
     """The plan of ``atp train`` with these arguments, resolved without loading weights."""
-    from atp.training.cli import attach_atp, check_images_per_record, check_llava, dataset_from_args
+    from atp.cli.train import attach_atp, check_images_per_record, check_llava, dataset_from_args
     from atp.training.data import LlavaCollator
 
     settings = launch_settings(args)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from atp import compat
-from atp.checkpoint import (
+from atp.host import compat
+from atp.host.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_identity,
@@ -20,8 +20,8 @@ from atp.checkpoint import (
     model_identity,
     read_config,
 )
-from atp.diagnostics import Recorder, measure_gradients
-from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
+from atp.host.handle import CONTAINER_NAME, AtpModules, AttachHandle
+from atp.training.diagnostics import Recorder, measure_gradients
 
 POLICY_PREFIX = f"{CONTAINER_NAME}.policy."
 FILELOCK_TORCH = (2, 14)  # torch's JIT extension builds lock with an OS-level file lock from here on
@@ -90,10 +90,10 @@ class AtpTrainer(Trainer):
       Trainer normalises the LM loss over it; see :meth:`budget_scale`);
     * logs ``atp_loss``, ``target_loss`` and ``avg_tokens`` (means since the last log, over
       all processes) next to ``loss``;
-    * diagnostics (:mod:`atp.diagnostics`) at every log, over the last step's samples of the
+    * diagnostics (:mod:`atp.training.diagnostics`) at every log, over the last step's samples of the
       process: ``atp/theta_r/mean/layer4``, ``.../std/...``, ``atp/token_soft``, ``atp/token_hard``,
       ... and ``atp/warnings`` (how many warnings apply); each warning is raised once as an
-      :class:`~atp.diagnostics.DiagnosticWarning`. ``atp_diagnostics``: ``"stats"`` (default),
+      :class:`~atp.training.diagnostics.DiagnosticWarning`. ``atp_diagnostics``: ``"stats"`` (default),
       ``"gradients"`` (or True: also the gradient norms of the budget terms and of the answer
       loss on the ATP parameters, ``atp/grad_share_budget``, measured on the first micro-batch
       with images of each logged step, about one more backward pass; not under DeepSpeed or
@@ -299,7 +299,7 @@ class AtpTrainer(Trainer):
 
     def _check_zero3_data(self, dataset) -> None:
         """Before the first step: ZeRO-3 cannot train a step whose ranks disagree on images (see
-        :func:`atp.runtime.check_zero3_modalities`), so mixed data needs modality grouping."""
+        :func:`atp.host.runtime.check_zero3_modalities`), so mixed data needs modality grouping."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3:
             return

@@ -10,8 +10,8 @@ import warnings
 from safetensors.torch import save_file
 from teardown import leave
 
-from atp.cli import build_parser
-from atp.training.cli import run
+from atp.cli.app import build_parser
+from atp.cli.train import run
 
 warnings.simplefilter("ignore")
 output, data, images = sys.argv[1:4]
@@ -64,5 +64,5 @@ print(
     f"rank {rank} of {trainer.args.world_size} done, step {trainer.state.global_step}, "
     f"text-only batches {sum(text_only_batches)}"
 )
-__import__("atp.training.cli", fromlist=["finish_distributed"]).finish_distributed()
+__import__("atp.cli.train", fromlist=["finish_distributed"]).finish_distributed()
 leave()

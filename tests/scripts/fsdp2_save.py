@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import atp
-from atp.testing import llava_batch, tiny_llava
+from atp.tiny.models import llava_batch, tiny_llava
 
 warnings.simplefilter("ignore")
 output = sys.argv[1]

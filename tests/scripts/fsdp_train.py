@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``accelerate launch`` with FSDP2 on two CPU processes.
 
-``atp train``'s code path (``atp.training.cli.run``) on the tiny model; each rank then writes its
+``atp train``'s code path (``atp.cli.train.run``) on the tiny model; each rank then writes its
 full ATP weights (and, when the base model trains, a few LM weights) to
 ``OUTPUT/final-rank{N}.safetensors`` so the test can compare ranks, runs and a single process.
 
@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from teardown import leave
 from transformers import Trainer
 
-from atp.cli import build_parser
-from atp.training.cli import finish_distributed, run
+from atp.cli.app import build_parser
+from atp.cli.train import finish_distributed, run
 from atp.training.data import LlavaCollator
 
 warnings.simplefilter("ignore")

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under ``torch.distributed.run`` with DeepSpeed ZeRO-3 on two
 CPU processes (DeepSpeed's CPU accelerator, gloo).
 
-``atp train --deepspeed configs/deepspeed/zero3.json`` on the tiny model (``atp.training.cli.run``;
+``atp train --deepspeed configs/deepspeed/zero3.json`` on the tiny model (``atp.cli.train.run``;
 ``--model FOLDER`` among the extra arguments loads a checkpoint instead, which ZeRO-3 partitions as
 it loads). Each rank reports whether the base model's weights were partitioned at loading.
 Each rank then gathers the partitioned weights and writes its full ATP weights (and a few LM
@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from teardown import leave
 
-import atp.training.cli
-from atp.cli import build_parser
-from atp.training.cli import finish_distributed, run
+import atp.cli.train
+from atp.cli.app import build_parser
+from atp.cli.train import finish_distributed, run
 from atp.training.data import LlavaCollator
 
 warnings.simplefilter("ignore")
@@ -42,7 +42,7 @@ def counting(self, records):
 
 LlavaCollator.__call__ = counting
 loaded_partitioned = []  # were the base model's weights partitioned as they loaded (zero.Init)?
-load_model = atp.training.cli.load_model
+load_model = atp.cli.train.load_model
 
 
 def loading(*args, **kwargs):
@@ -51,7 +51,7 @@ def loading(*args, **kwargs):
     return (model, *rest)
 
 
-atp.training.cli.load_model = loading
+atp.cli.train.load_model = loading
 args = build_parser().parse_args(
     ["train", "--model", "tiny", "--data", data, "--image-folder", images, "--output-dir", output]
     + ["--batch-size", "1", "--workers", "0", "--logging-steps", "1", "--lambda-target", "1.0"]
@@ -74,7 +74,7 @@ torch.distributed.barrier()
 with deepspeed.zero.GatheredParameters(list(handle.policy.parameters()), modifier_rank=0):
     for p in handle.policy.parameters():
         p.data.zero_()
-from atp.checkpoint import load_weights  # noqa: E402
+from atp.host.checkpoint import load_weights  # noqa: E402
 
 load_weights(handle.policy, f"{output}/direct")  # back into the partitioned heads
 with deepspeed.zero.GatheredParameters(list(handle.policy.parameters())):

@@ -1,6 +1,6 @@
 """Tiny random checkpoints with a real processor, written offline, loaded like a hub model.
 
-:func:`write_tiny_checkpoint` saves one of the tiny models of :mod:`atp.testing` together with
+:func:`write_tiny_checkpoint` saves one of the tiny models of :mod:`atp.tiny.models` together with
 a tokenizer (a word-level vocabulary built with ``tokenizers``: no download), the family's image
 processor sized for the tiny vision tower and its chat template, so that
 ``AutoProcessor.from_pretrained(folder)`` and ``AutoModelForImageTextToText.from_pretrained(folder)``
@@ -94,7 +94,7 @@ def _llava(num_layers: int, seed: int, tiled: bool):
     counted and dropped as the "default" feature strategy does."""
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-    from atp.testing import tiny_llava, tiny_llava_next
+    from atp.tiny.models import tiny_llava, tiny_llava_next
 
     model = tiny_llava_next(num_layers, seed) if tiled else tiny_llava(num_layers, seed=seed)
     config, text, vision = model.config, model.config.text_config, model.config.vision_config
@@ -129,7 +129,7 @@ def _qwen(num_layers: int, seed: int, version: str):
         Qwen2VLVideoProcessor,
     )
 
-    from atp.testing import tiny_qwen2_vl
+    from atp.tiny.models import tiny_qwen2_vl
 
     model = tiny_qwen2_vl(num_layers, seed, version)
     config, text, vision = model.config, model.config.text_config, model.config.vision_config

@@ -200,7 +200,7 @@ def _font():
 # the command -----------------------------------------------------------------------------
 def add_parser(sub) -> None:
     from atp.arguments import OPEN_FRACTION, SEED, at_least
-    from atp.loading import add_atp_arguments, add_model_arguments
+    from atp.cli.loading import add_atp_arguments, add_model_arguments
 
     parser = sub.add_parser(
         "visualize",
@@ -263,7 +263,7 @@ def image_files(paths: list[str]) -> list[Path]:
 
 def prompt_inputs(loaded, images: list, prompt: str) -> dict:
     """The model's inputs for ``images`` and a question (the demo's, for several images)."""
-    from atp.testing import clip_pixel_values, llava_prompt
+    from atp.tiny.models import clip_pixel_values, llava_prompt
 
     model = loaded.model
     if loaded.processor is None:
@@ -295,7 +295,7 @@ def _inputs_on(model, inputs: dict, dtype) -> dict:
 
 def draw(loaded, handle, images: list, prompt: str, size: int = 320):
     """One prefill with ``images``; ``(picture, record)``."""
-    from atp.attach import resolve_adapter
+    from atp.host.attach import resolve_adapter
 
     model = loaded.model
     dtype = next(model.parameters()).dtype
@@ -324,8 +324,8 @@ def draw(loaded, handle, images: list, prompt: str, size: int = 320):
 def main(args) -> int:
     from PIL import Image
 
-    from atp.demo import embedded, synthetic_image
-    from atp.loading import attach_from_args, load_from_args
+    from atp.cli.demo import embedded, synthetic_image
+    from atp.cli.loading import attach_from_args, load_from_args
 
     if args.size < 16:
         raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
@@ -340,7 +340,7 @@ def main(args) -> int:
         if not path.is_file():
             raise ValueError(f"{path} is not an image file")
     if args.images:
-        from atp.plotting import require
+        from atp.cli.plotting import require
 
         require("--images")  # the distribution plot, before any model is loaded
     loaded = load_from_args(args, lambda: embedded(args.seed))
@@ -369,7 +369,7 @@ def main(args) -> int:
 def _distribution(loaded, handle, files: list[Path], args) -> int:
     from PIL import Image
 
-    from atp.plotting import kept_distribution_plot
+    from atp.cli.plotting import kept_distribution_plot
 
     rows = []
     for path in files:

@@ -11,14 +11,14 @@ import torch
 import transformers
 from torch import nn
 
-from atp import checkpoint, compat
-from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, register_attention
 from atp.components.budget_loss import Budget
-from atp.handle import CONTAINER_NAME, AtpModules, AttachHandle
+from atp.host import checkpoint, compat
+from atp.host.attention import ATTENTION_NAME, COMPILE_MESSAGE, register_attention
+from atp.host.handle import CONTAINER_NAME, AtpModules, AttachHandle
+from atp.host.runtime import Runtime
 from atp.plugins import registry
 from atp.policies.base import PolicyContext
 from atp.policies.options import plain_number, plain_options
-from atp.runtime import Runtime
 
 PRUNE_MODES = ("auto", "drop", "mask")
 PAPER_LAYERS = (4, 14, 24)  # for a 32-layer language model

@@ -98,7 +98,7 @@ def check_identity(saved: dict, current: dict, path) -> None:
 
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load ``atp_model.safetensors`` into ``module`` strictly, naming offending keys."""
-    from atp.handle import zero3_gathered
+    from atp.host.handle import zero3_gathered
 
     file = Path(path) / WEIGHTS_NAME
     try:
@@ -114,7 +114,7 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def restore_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` (full tensors) into ``module`` strictly, as :func:`load_weights` does with a file."""
-    from atp.handle import zero3_gathered
+    from atp.host.handle import zero3_gathered
 
     with zero3_gathered(module, write=True):
         _load_strict(module, state, source)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 import atp
-from atp import compat
-from atp.testing import clip_pixel_values, llava_prompt, tiny_llava
+from atp.host import compat
+from atp.tiny.models import clip_pixel_values, llava_prompt, tiny_llava
 
 
 def synthetic_image(size: int = 336):
@@ -36,7 +36,7 @@ def synthetic_image(size: int = 336):
 
 def embedded(seed: int = 0):
     """The demo's own model: LLaVA-1.5's shape, random weights, no processor (see the module doc)."""
-    from atp.loading import Loaded
+    from atp.cli.loading import Loaded
 
     model = tiny_llava(num_layers=32, image_size=336, patch_size=14, hidden_size=64, seed=seed)
     return Loaded(model, None, EMBEDDED)
@@ -66,7 +66,7 @@ def prompt_inputs(loaded, image, prompt: str) -> dict:
 
 def run(args) -> dict:
     """Load (or build) the model, generate with and without ATP, return the measurements."""
-    from atp.loading import DTYPES, attach_from_args, load_from_args
+    from atp.cli.loading import DTYPES, attach_from_args, load_from_args
 
     started = time.perf_counter()
     if args.image is None:

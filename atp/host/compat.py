@@ -22,7 +22,7 @@ import torch
 from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401 (atp.attention calls it)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401 (atp.host.attention calls it)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # the releases CI tests: lowest supported, first untested (keep pyproject.toml in step)
@@ -415,3 +415,8 @@ def check_hub_kernels(model: torch.nn.Module, targets: list | None = None) -> No
             "environment), or call model.set_use_kernels(False) before atp.attach. Installed: "
             f"{version_note()}"
         )
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of every layer of a transformers cache."""
+    return sum(tensor.numel() * tensor.element_size() for pair in cache_tensors(cache) for tensor in pair)

@@ -36,7 +36,7 @@ def _build(model_class, config, seed: int):
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` under the name ``model.forward`` takes its KV cache by in the installed
     transformers (``cache`` from 5.24, ``past_key_values`` before)."""
-    from atp import compat
+    from atp.host import compat
 
     return {compat.cache_argument(model): cache}
 
@@ -812,7 +812,3 @@ def tiny_pixtral_llava(num_layers: int = 4, seed: int = 0):
         vision_feature_select_strategy="full",
     )
     return _build(LlavaForConditionalGeneration, config, seed)
-
-
-# re-exported: tiny checkpoint folders with a real processor (atp/tiny.py)
-from atp.tiny import tiny_model_and_processor, write_tiny_checkpoint  # noqa: E402, F401

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atp import compat
 from atp.components.budget_loss import average_tokens
 
 
@@ -90,11 +89,4 @@ def empty_stats(layers: tuple[int, ...], num_layers: int, batch: int, device=Non
         losses={"atp": zero, "target": zero},
         reasons=[{} for _ in layers],
         grids=[[] for _ in range(batch)],
-    )
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of every layer of a transformers cache."""
-    return sum(
-        tensor.numel() * tensor.element_size() for pair in compat.cache_tensors(cache) for tensor in pair
     )

@@ -1,7 +1,7 @@
 """Training diagnostics: what the thresholds, the Token metric and the gradients on the threshold
 heads say in the first minutes of a run, and warnings when they say the run cannot learn.
 
->>> from atp.diagnostics import summarize, warnings_for
+>>> from atp.training.diagnostics import summarize, warnings_for
 >>> model(**batch)                      # any forward with atp attached
 >>> diag = summarize(handle.stats)      # no gradients needed
 >>> print(diag.table())
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from atp.components.budget_loss import average_tokens
-from atp.stats import PruningStats
+from atp.core.stats import PruningStats
 
 
 class DiagnosticWarning(UserWarning):

@@ -6,7 +6,7 @@ the configs in ``configs/accelerate/`` (docs/training.md). ``--model tiny`` trai
 tiny random model on a CPU (a toy run, nothing downloaded). ``--config recipe.yaml`` reads the
 options from a recipe (``configs/recipes/``; flags given too override it), ``--dry-run`` prints the
 resolved plan without loading weights (atp/training/recipe.py), ``--check`` trains a few steps with
-the diagnostics (atp/diagnostics.py), prints them and exits 1 on a warning, saving nothing.
+the diagnostics (atp/training/diagnostics.py), prints them and exits 1 on a warning, saving nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
         SEED,
         WARMUP,
     )
-    from atp.cli import add_option_argument
-    from atp.loading import ATTENTION, DTYPES
+    from atp.cli.loading import ATTENTION, DTYPES
+    from atp.cli.app import add_option_argument
 
     train = sub.add_parser("train", help="train ATP modules on LLaVA-format conversations")
     train.add_argument(
@@ -180,11 +180,11 @@ def _read_recipes(train: argparse.ArgumentParser) -> None:
 
 def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementation: str = "sdpa"):
     """The model, its tokenizer and image processor. ``tiny`` needs no download."""
-    from atp.loading import DTYPES, load
+    from atp.cli.loading import DTYPES, load
 
     dtype = dtype or ("bfloat16" if bf16 else "float32")
     if name == "tiny":
-        from atp.testing import TinyImageProcessor, TinyTokenizer, tiny_llava
+        from atp.tiny.models import TinyImageProcessor, TinyTokenizer, tiny_llava
 
         return tiny_llava(num_layers=4).to(DTYPES[dtype]), TinyTokenizer(), TinyImageProcessor(32)
     loaded = load(name, dtype, "cpu", attn_implementation)
@@ -236,7 +236,7 @@ def check_paths(args: argparse.Namespace) -> None:
             f"--image-folder {images} {found}; give the folder the records' image paths are relative to"
         )
     if args.atp_checkpoint is not None:
-        from atp.checkpoint import read_config
+        from atp.host.checkpoint import read_config
 
         read_config(args.atp_checkpoint)  # names the folder and what it lacks
     if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
@@ -247,7 +247,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def attach_atp(model, args: argparse.Namespace):
     """atp attached as the recipe says, CLIP frozen, and the LM too with ``--freeze-lm``."""
-    from atp.loading import attach_from_args
+    from atp.cli.loading import attach_from_args
 
     visual = int(model.config.image_seq_length)
     policy = args.policy or ("atp" if args.atp_checkpoint is None else None)
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace, output_dir: str | None = None):
     import torch
     from transformers import TrainingArguments
 
-    from atp import compat
+    from atp.host import compat
     from atp.training.data import LlavaCollator
     from atp.training.recipe import check_launch, launch_settings
     from atp.training.trainer import AtpTrainer, check_extension_locks
@@ -442,7 +442,7 @@ def check(args: argparse.Namespace) -> int:
     import tempfile
     import warnings
 
-    from atp.diagnostics import DiagnosticWarning, verdicts
+    from atp.training.diagnostics import DiagnosticWarning, verdicts
 
     with tempfile.TemporaryDirectory() as scratch, output_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)  # the verdicts below say them

@@ -15,7 +15,7 @@ import sys
 
 def _demo_parser(sub) -> None:
     from atp.arguments import COUNT, OPEN_FRACTION, SEED
-    from atp.loading import add_atp_arguments, add_model_arguments
+    from atp.cli.loading import add_atp_arguments, add_model_arguments
 
     demo = sub.add_parser("demo", help="prune a model's visual tokens on one image and print what was kept")
     add_model_arguments(demo, "a tiny random LLaVA-1.5-shaped model, offline")
@@ -87,7 +87,7 @@ def _flops_parser(sub) -> None:
 
     flops = sub.add_parser("flops", help="analytic FLOPs, KV cache and Token metric of a pruning schedule")
     source = flops.add_mutually_exclusive_group(required=True)
-    from atp.efficiency import PRESETS
+    from atp.core.efficiency import PRESETS
 
     source.add_argument("--preset", choices=sorted(PRESETS))
     source.add_argument("--config", help="a local folder or config.json of a transformers model (no weights)")
@@ -112,7 +112,7 @@ def _flops_parser(sub) -> None:
 
 
 def _flops_main(args) -> int:
-    from atp import efficiency
+    from atp.core import efficiency
 
     if args.preset:
         shape = efficiency.PRESETS[args.preset]
@@ -146,7 +146,7 @@ def _flops_main(args) -> int:
 
 def _bench_parser(sub) -> None:
     from atp.arguments import at_least
-    from atp.loading import add_atp_arguments, add_model_arguments
+    from atp.cli.loading import add_atp_arguments, add_model_arguments
 
     bench = sub.add_parser(
         "bench", help="prefill / decode latency and memory: unpruned vs atp vs fastv vs fixed"
@@ -189,7 +189,7 @@ def _bench_parser(sub) -> None:
 
 def _tiny_checkpoint_parser(sub) -> None:
     from atp.arguments import COUNT, SEED
-    from atp.tiny import FAMILIES
+    from atp.tiny.checkpoint import FAMILIES
 
     tiny = sub.add_parser(
         "tiny-checkpoint",
@@ -211,9 +211,9 @@ def _tiny_checkpoint_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from atp.cli.train import add_parser as add_train_parser
+    from atp.cli.visualize import add_parser as add_visualize_parser
     from atp.evaluation.table import add_parser as add_eval_parser
-    from atp.training.cli import add_parser as add_train_parser
-    from atp.visualize import add_parser as add_visualize_parser
 
     parser = argparse.ArgumentParser(
         prog="atp", description="Adaptive token pruning for vision-language models"
@@ -237,25 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_main(args) -> int:
-    from atp import demo
+    from atp.cli import demo
 
     return demo.main(args)
 
 
 def _bench_main(args) -> int:
-    from atp import bench
+    from atp.cli import bench
 
     return bench.main(args)
 
 
 def _train_main(args) -> int:
-    from atp.training.cli import main as train_main
+    from atp.cli.train import main as train_main
 
     return train_main(args)
 
 
 def _visualize_main(args) -> int:
-    from atp.visualize import main as visualize_main
+    from atp.cli.visualize import main as visualize_main
 
     return visualize_main(args)
 
@@ -277,7 +277,7 @@ def _plugins_main(args) -> int:
 
 
 def _models_main(args) -> int:
-    from atp.attach import supported_models
+    from atp.host.attach import supported_models
 
     models = supported_models()
     if args.json:
@@ -292,7 +292,7 @@ def _models_main(args) -> int:
 
 
 def _doctor_main(args) -> int:
-    from atp import doctor
+    from atp.cli import doctor
 
     return doctor.main(args)
 
@@ -300,7 +300,7 @@ def _doctor_main(args) -> int:
 def _tiny_checkpoint_main(args) -> int:
     from pathlib import Path
 
-    from atp.tiny import write_tiny_checkpoint
+    from atp.tiny.checkpoint import write_tiny_checkpoint
 
     folder = Path(args.dir)
     if args.num_layers < 1:

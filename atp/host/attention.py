@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from atp import compat
+from atp.host import compat
 
 ATTENTION_NAME = "atp_sdpa"
 SCORE_REQUEST = "atp_score_request"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 import atp
-from atp import compat
-from atp.efficiency import report, report_from_stats, shape_from_config
-from atp.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, threads_restored, verdict
+from atp.core.efficiency import report, report_from_stats, shape_from_config
+from atp.core.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, threads_restored, verdict
+from atp.host import compat
 
 
 @dataclass
@@ -106,7 +106,7 @@ def make_inputs(model, config: BenchConfig, device: str) -> dict:
 
 def _attach(model, method: dict):
     if method.get("args") is not None:  # the command line's ATP options
-        from atp.loading import attach_from_args
+        from atp.cli.loading import attach_from_args
 
         return attach_from_args(model, method["args"], **method["options"])
     if method["policy"] is None:
@@ -124,7 +124,7 @@ def solve_fastv_ratio(avg_tokens: float, visual: int, num_layers: int, layer: in
 
 def loaded_inputs(loaded, device: str) -> dict:
     """One synthetic image and a question through a checkpoint's processor (its chat template)."""
-    from atp.demo import prompt_inputs, synthetic_image
+    from atp.cli.demo import prompt_inputs, synthetic_image
 
     dtype = next(loaded.model.parameters()).dtype
     inputs = prompt_inputs(loaded, synthetic_image(), "Describe the image in detail.")
@@ -206,7 +206,7 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
     ``--model``) replaces the random LLaVA-1.5-shaped model and its prompt; ``atp_args`` (parsed
     ``--policy``, ``--layers``, ``--option``, ``--atp-checkpoint``) define the ``atp`` row;
     ``profile`` adds op tables of one prefill per method (:func:`profile_prefill`)."""
-    from atp.attach import resolve_adapter
+    from atp.host.attach import resolve_adapter
 
     threads = pin_threads(config.threads) if not device.startswith("cuda") else torch.get_num_threads()
     config.threads = threads
@@ -251,7 +251,7 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
                 if handle is not None:
                     handle.remove()
     text = inputs["input_ids"].shape[1] - visual
-    from atp.efficiency import layer_flops
+    from atp.core.efficiency import layer_flops
 
     length = inputs["input_ids"].shape[1]
     full_flops = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers
@@ -407,7 +407,7 @@ def _static(model, inputs: dict, handle, visual: int) -> dict:
 
 def bench_targets(times: dict, results: dict, seed: int = 0, device: str = "cpu") -> list[dict]:
     """Each target of the benchmark with its per-round samples summarised and a verdict
-    (:func:`atp.measure.verdict`): met, missed, or undecided within the noise."""
+    (:func:`atp.core.measure.verdict`): met, missed, or undecided within the noise."""
     samples = {}
     if "atp" in times:
         flops = results["atp"]["flops_ratio"]
@@ -459,7 +459,7 @@ def profile_prefill(
 ) -> dict:
     """``torch.profiler`` on ``forwards`` prefills of each method (after one untimed): time by op
     (self time, per forward) and atp's own share, the time inside its hooks and scoring (the
-    ranges :func:`atp.measure.traced` names, Python included) of the profiled forwards' wall time."""
+    ranges :func:`atp.core.measure.traced` names, Python included) of the profiled forwards' wall time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -591,13 +591,13 @@ def format_table(record: dict) -> str:
 
 
 def plot(record: dict, path: str) -> None:
-    from atp.plotting import bench_plot
+    from atp.cli.plotting import bench_plot
 
     bench_plot(record, path)
 
 
 def main(args) -> int:
-    from atp.loading import device_of, load
+    from atp.cli.loading import device_of, load
 
     device = device_of(args)
     if not (device == "cpu" or device.startswith("cuda")):
@@ -615,7 +615,7 @@ def main(args) -> int:
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if args.plot:
-        from atp.plotting import require
+        from atp.cli.plotting import require
 
         require("--plot")  # before minutes of measuring
     config = BenchConfig()

@@ -21,16 +21,16 @@ import weakref
 
 import torch
 
-from atp import compat
-from atp.attention import ATTENTION_NAME, COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.components.budget_loss import Budget, NormalizedBudgetLoss
 from atp.components.position_keeper import KeepPositions
-from atp.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
-from atp.measure import traced
+from atp.core.layout import additive_mask, compact_mask, gather_seq, mask_to_index, place, scatter_seq
+from atp.core.measure import traced
+from atp.core.state import Layout, Prefill
+from atp.core.stats import PruningStats, empty_stats
+from atp.host import compat
+from atp.host.attention import ATTENTION_NAME, COMPILE_MESSAGE, SCORE_REQUEST, register_attention
 from atp.policies.base import Policy, PolicyInput
-from atp.prefill import Layout, Prefill
 from atp.scorers.base import AttentionView
-from atp.stats import PruningStats, empty_stats
 
 
 def joinable(params):

@@ -1,7 +1,7 @@
 """The state of one prefill: where the visual tokens are, what is alive, the current layout.
 
 Built when the language model starts a prefill and kept for the decode steps that follow it.
-Pure tensor bookkeeping; the hooks that use it live in :mod:`atp.runtime`.
+Pure tensor bookkeeping; the hooks that use it live in :mod:`atp.host.runtime`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atp.layout import mask_to_index, place
+from atp.core.layout import mask_to_index, place
 from atp.scorers.spatial import spatial_scores
 
 

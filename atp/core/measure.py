@@ -1,7 +1,7 @@
 """Measuring on a noisy machine: clocks, paired ratios with bootstrap intervals, verdicts on
 targets, thread pinning and the process's peak memory.
 
-Used by ``atp bench`` and the scaling run (:mod:`atp.scaling`). Times are compared *within* a
+Used by ``atp bench`` and the scaling run (:mod:`atp.cli.scaling`). Times are compared *within* a
 round (each method once per round, interleaved), so a machine that speeds up or slows down
 between rounds moves every method alike and the per-round ratios stay comparable.
 """

@@ -6,9 +6,9 @@ each is timed through ``generate`` (time to first token = the prefill a user wai
 decode tokens/s at that context). Peak memory is measured separately, one subprocess per shape
 and method, as the rise of the process's resident-set high-water mark over one ``generate``
 call (on CUDA, the allocator's peak). Ratios are per round against the unpruned model of the
-same round, with bootstrap intervals (:mod:`atp.measure`); the FLOPs ratio stands beside each.
+same round, with bootstrap intervals (:mod:`atp.core.measure`); the FLOPs ratio stands beside each.
 
-Run it with ``python -m atp.scaling`` (or ``benchmarks/scaling.py``).
+Run it with ``python -m atp.cli.scaling`` (or ``benchmarks/scaling.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from atp.bench import BenchConfig, _attach, _static, bench_methods, build_model, make_inputs, timed_generate
-from atp.measure import (
+from atp.cli.bench import (
+    BenchConfig,
+    _attach,
+    _static,
+    bench_methods,
+    build_model,
+    make_inputs,
+    timed_generate,
+)
+from atp.core.measure import (
     Clock,
     current_rss,
     paired_ratios,
@@ -88,7 +96,7 @@ def measure_shape(name: str, base: BenchConfig, methods=METHODS, device: str = "
                     static[method] = _static(model, inputs, handle, visual)
                 if handle is not None:
                     handle.remove()
-    from atp.efficiency import layer_flops, shape_from_config
+    from atp.core.efficiency import layer_flops, shape_from_config
 
     length = inputs["input_ids"].shape[1]
     full = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers  # per sample
@@ -154,7 +162,7 @@ def memory_worker(request: dict) -> dict:
 def measure_memory(name: str, method: str, options: dict, base: BenchConfig, device: str) -> dict:
     request = {"shape": name, "method": options, "config": base.__dict__, "device": device}
     done = subprocess.run(
-        [sys.executable, "-m", "atp.scaling", "--memory-worker", json.dumps(request)],
+        [sys.executable, "-m", "atp.cli.scaling", "--memory-worker", json.dumps(request)],
         capture_output=True,
         text=True,
         check=False,
@@ -235,7 +243,7 @@ def format_table(record: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from atp.arguments import COUNT, NON_NEGATIVE_COUNT
 
-    parser = argparse.ArgumentParser(prog="python -m atp.scaling", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m atp.cli.scaling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
         "--methods",
@@ -275,7 +283,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < least:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least {least}")
     if args.plot:
-        from atp.plotting import require
+        from atp.cli.plotting import require
 
         require("--plot")
     base = BenchConfig(
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
         with open(args.output, "w") as handle:
             handle.write(json.dumps(record) + "\n")
     if args.plot:
-        from atp.plotting import scaling_plot
+        from atp.cli.plotting import scaling_plot
 
         scaling_plot(record, args.plot)
     print(json.dumps(record) if args.json else format_table(record))

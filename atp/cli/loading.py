@@ -50,7 +50,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = "the emb
 def add_atp_arguments(parser: argparse.ArgumentParser, policy: str = "atp") -> None:
     """``--policy``, ``--layers``, ``--option KEY=VALUE`` and ``--atp-checkpoint``."""
     from atp.arguments import LAYER
-    from atp.cli import add_option_argument
+    from atp.cli.app import add_option_argument
 
     parser.add_argument("--policy", default=None, help=f"policy name (default {policy}; see `atp plugins`)")
     parser.add_argument(
@@ -135,7 +135,7 @@ def attach_from_args(model, args: argparse.Namespace, policy: str = "atp", quiet
     """``atp.attach`` with the ATP options of a command line; ``overrides`` are attach keywords
     (and policy options) the command adds. ``quiet`` hides the untrained-heads warning."""
     import atp
-    from atp.cli import parse_options
+    from atp.cli.app import parse_options
 
     name = args.policy
     if args.atp_checkpoint is None:
@@ -154,6 +154,6 @@ def attach_from_args(model, args: argparse.Namespace, policy: str = "atp", quiet
 
 
 def _saved_policy(folder) -> str:
-    from atp.checkpoint import read_config
+    from atp.host.checkpoint import read_config
 
     return read_config(folder)["policy"]

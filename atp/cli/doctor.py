@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from atp import compat
+from atp.host import compat
 
 
 def _greedy(model, batch) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _last_logits(model, batch) -> torch.Tensor:
 def checks() -> list[tuple[str, callable]]:
     """(name, function) pairs; a function returns a short detail or raises on failure."""
     import atp
-    from atp.testing import llava_batch, tiny_llava
+    from atp.tiny.models import llava_batch, tiny_llava
 
     model = tiny_llava(num_layers=4)
     batch = llava_batch(model, [([1, 5], [7, 8, 9], 1), ([1, 5, 6, 4], [7, 8], 1)])

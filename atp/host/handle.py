@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from atp.runtime import Runtime
-from atp.stats import PruningStats
+from atp.core.stats import PruningStats
+from atp.host.runtime import Runtime
 
 CONTAINER_NAME = "atp"
 
@@ -42,7 +42,7 @@ class AtpModules(nn.Module):
         has storage again, the kept weights are copied into it."""
         out = super()._apply(fn, recurse)
         if self.kept is not None and not any(value.is_meta for value in self.policy.state_dict().values()):
-            from atp.checkpoint import restore_weights
+            from atp.host.checkpoint import restore_weights
 
             kept, self.kept = self.kept, None
             restore_weights(self.policy, kept, "kept since atp.attach on the meta device")
@@ -110,8 +110,8 @@ class AttachHandle:
 
     def config(self) -> dict:
         """What ``save_pretrained`` writes next to the weights."""
-        from atp import __version__
-        from atp.checkpoint import model_identity
+        from atp._version import __version__
+        from atp.host.checkpoint import model_identity
 
         budget = self.runtime.budget
         return {
@@ -137,7 +137,7 @@ class AttachHandle:
         DTensors) or partitioned by DeepSpeed ZeRO-3 are gathered first, which is a collective:
         every rank calls this, and the first rank alone writes the full weights.
         """
-        from atp.checkpoint import save_checkpoint
+        from atp.host.checkpoint import save_checkpoint
 
         kept = getattr(self.model._modules.get(CONTAINER_NAME), "kept", None)
         if state_dict is not None:

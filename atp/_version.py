@@ -1,0 +1,3 @@
+"""The version of atp (pyproject.toml has the same)."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,8 @@
+"""The ``atp`` command line: one module per command, the shared model loading in :mod:`atp.cli.loading`.
+
+The library never imports this package; it imports the library.
+"""
+
+from atp.cli.app import main
+
+__all__ = ["main"]
