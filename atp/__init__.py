@@ -5,23 +5,38 @@
 >>> model.generate(**inputs)
 >>> handle.stats.kept, handle.stats.avg_tokens
 >>> handle.remove()
+
+The names below load their modules when first used, so that ``import atp.core`` (the pruning core
+a serving engine reuses) does not import transformers.
 """
 
-from atp._version import __version__
-from atp.core.stats import PruningStats
-from atp.host.attach import attach, default_layers, detach, supported_models
-from atp.host.compat import kv_cache_bytes
-from atp.host.handle import AttachHandle
-from atp.plugins import registry
+from __future__ import annotations
 
-__all__ = [
-    "AttachHandle",
-    "PruningStats",
-    "__version__",
-    "attach",
-    "default_layers",
-    "detach",
-    "kv_cache_bytes",
-    "registry",
-    "supported_models",
-]
+import importlib
+
+from atp._version import __version__
+
+_WHERE = {
+    "attach": "atp.host.attach",
+    "default_layers": "atp.host.attach",
+    "detach": "atp.host.attach",
+    "supported_models": "atp.host.attach",
+    "AttachHandle": "atp.host.handle",
+    "kv_cache_bytes": "atp.host.compat",
+    "registry": "atp.plugins",
+    "PruningStats": "atp.core.stats",
+}
+
+__all__ = ["__version__", *sorted(_WHERE)]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'atp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

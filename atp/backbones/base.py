@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass
-class VisualLayout:
-    """Where the visual tokens of a prefill are.
-
-    Attributes
-    ----------
-    visual : BoolTensor (B, L), the prunable visual tokens (image and video features).
-    structural : BoolTensor (B, L), tokens that belong to an image but are never pruned and
-        are not instruction tokens (row breaks, newline features, image start / end markers).
-    grids : per sample, the (height, width) token grid of each image (or video frame) in
-        the order of the visual tokens; their sizes add up to the sample's visual tokens.
-    """
-
-    visual: torch.Tensor
-    structural: torch.Tensor
-    grids: list[list[tuple[int, int]]]
+from atp.core.state import VisualLayout  # the layout an adapter reads: the core's input
 
 
 class BackboneAdapter:

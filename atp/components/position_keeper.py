@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from atp.core.layout import gather_seq
-from atp.host import compat
 
 
 class KeepPositions:
@@ -33,6 +32,8 @@ class KeepPositions:
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
         """Replacements for the kwargs of a layer in the pruned sequence (slots ``index`` (B, S))."""
+        from atp.host import compat  # transformers' argument names (imported when used)
+
         cos, sin = kwargs[compat.POSITION_EMBEDDINGS]
         seq_dim = compat.rotary_seq_dim(cos, seq_dim)
         out = {compat.POSITION_EMBEDDINGS: (gather_seq(cos, index, seq_dim), gather_seq(sin, index, seq_dim))}
@@ -46,6 +47,8 @@ class KeepPositions:
 
 
 def _position_ids(kwargs: dict, batch: int, length: int, past: int, device) -> torch.Tensor:
+    from atp.host import compat  # transformers' argument names (imported when used)
+
     ids = kwargs.get(compat.POSITION_IDS)
     if ids is None:
         ids = torch.arange(past, past + length, device=device)[None]
@@ -65,6 +68,8 @@ class RenumberPositions(KeepPositions):
         return self.adapter.rotary_embedding()(like, ids)
 
     def select(self, kwargs: dict, index: torch.Tensor, shift: torch.Tensor, seq_dim: int = 1) -> dict:
+        from atp.host import compat  # transformers' argument names (imported when used)
+
         cos = kwargs[compat.POSITION_EMBEDDINGS][0]
         batch, length = index.shape[0], shift.shape[1]
         ids = _position_ids(kwargs, batch, length, 0, index.device)
@@ -75,6 +80,8 @@ class RenumberPositions(KeepPositions):
         return out
 
     def decode(self, kwargs: dict, shift: torch.Tensor, past: int) -> dict:
+        from atp.host import compat  # transformers' argument names (imported when used)
+
         cos = kwargs[compat.POSITION_EMBEDDINGS][0]
         ids = _position_ids(kwargs, shift.shape[0], cos.shape[1], past, cos.device) - shift[:, None]
         out = {compat.POSITION_EMBEDDINGS: self._rotary(ids, cos)}
@@ -100,6 +107,8 @@ class Rope2DPositions(KeepPositions):
 
     def prefill(self, position_embeddings, prefill, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+
+        from atp.host import compat  # transformers' argument names (imported when used)
 
         cos, sin = position_embeddings
         batch, length = prefill.visual_id.shape

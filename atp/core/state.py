@@ -15,6 +15,24 @@ from atp.scorers.spatial import spatial_scores
 
 
 @dataclass
+class VisualLayout:
+    """Where the visual tokens of a prefill are (a host's family adapter reads it from the prompt).
+
+    Attributes
+    ----------
+    visual : BoolTensor (B, L), the prunable visual tokens (image and video features).
+    structural : BoolTensor (B, L), tokens that belong to an image but are never pruned and
+        are not instruction tokens (row breaks, newline features, image start / end markers).
+    grids : per sample, the (height, width) token grid of each image (or video frame) in
+        the order of the visual tokens; their sizes add up to the sample's visual tokens.
+    """
+
+    visual: torch.Tensor
+    structural: torch.Tensor
+    grids: list[list[tuple[int, int]]]
+
+
+@dataclass
 class Layout:
     """Slots of a pruned sequence: original position (B, S) and validity (B, S); fillers left."""
 

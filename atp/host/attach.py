@@ -190,9 +190,71 @@ def attach(
     AttachHandle with ``stats``, ``parameters()``, ``save_pretrained()`` and ``remove()``;
     also a context manager. Everything is validated before the model is touched.
     """
+    adapter = _checked_model(model)
+    num_layers = len(adapter.decoder_layers())
+    budget_given = {"lambda_atp": lambda_atp, "lambda_target": lambda_target, "target_tokens": target_tokens}
+    budget_given = {key: value for key, value in budget_given.items() if value is not None}
+    if from_pretrained is not None:
+        saved = checkpoint.read_config(from_pretrained)
+        checkpoint.check_identity(saved["model"], checkpoint.model_identity(adapter), from_pretrained)
+        layers, policy, positions = _saved_choices(saved, layers, policy, positions)
+        budget_loss = saved.get("budget_loss", "normalized") if budget_loss is None else budget_loss
+        options = {**saved["options"], **options}
+        budget_given = {**saved.get("budget", {}), **budget_given}
+    policy = "atp" if policy is None else policy
+    entry = registry().get("policy", policy)
+    layers = _policy_layers(entry.factory, policy, layers, num_layers)
+    if prune_mode not in PRUNE_MODES:
+        raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
+    if hard_masks is not None and not isinstance(hard_masks, bool):
+        raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
+    budget = Budget(**budget_given, add_to_loss=bool(add_budget_loss))
+    _check_options(entry.factory, policy, options)
+    implementation = _checked_attention(adapter)
+    budget_loss = "normalized" if budget_loss is None else budget_loss
+    loss_factory = registry().get("budget_loss", budget_loss).factory
+    positions = "keep" if positions is None else positions
+    keeper = _position_keeper(adapter, positions, prune_mode)
+    context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
+    policy_module = _policy_module(entry.factory, context, options, from_pretrained)
+
+    # validated: from here on the model is modified ----------------------------------------
+    observers = registry().observers() if observe else []
+    runtime = Runtime(
+        adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper, loss_factory
+    )
+    spec = {
+        "policy": policy,
+        "options": plain_options(options),
+        "positions": positions,
+        "budget_loss": budget_loss,
+    }
+    handle = _install(model, runtime, implementation, spec)
+    if policy_module.untrained:
+        warnings.warn(
+            f"atp.attach(policy={policy!r}): the threshold heads are untrained, so every input gets their "
+            "initial thresholds. Train them or load trained weights before relying on the pruning.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return handle
+
+
+def _policy_module(factory, context: PolicyContext, options: dict, from_pretrained) -> nn.Module:
+    """The policy's module, with a checkpoint's weights when ``from_pretrained`` names one."""
+    with torch.device("cpu"):  # weights that exist (under an ambient meta device there would be none)
+        module = factory(context, **options)
+    if from_pretrained is not None:
+        checkpoint.load_weights(module, from_pretrained)
+        module.untrained = False
+    return module
+
+
+def _checked_model(model: nn.Module):
+    """The adapter of a model atp can attach to (not attached, not compiled, a supported family)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach expects a torch.nn.Module, got {type(model).__name__}")
-    compat.warn_if_untested()
+    compat.warn_if_untested(stacklevel=4)  # at the caller of attach
     existing = model._modules.get(CONTAINER_NAME)
     if isinstance(existing, AtpModules):
         raise ValueError(
@@ -213,55 +275,49 @@ def attach(
     adapter = resolve_adapter(model)
     adapter.check()
     compat.check_hub_kernels(model)
-    num_layers = len(adapter.decoder_layers())
-    saved = None
-    budget_given = {"lambda_atp": lambda_atp, "lambda_target": lambda_target, "target_tokens": target_tokens}
-    budget_given = {key: value for key, value in budget_given.items() if value is not None}
-    if from_pretrained is not None:
-        saved = checkpoint.read_config(from_pretrained)
-        checkpoint.check_identity(saved["model"], checkpoint.model_identity(adapter), from_pretrained)
-        if layers is not None and list(layers) != saved["layers"]:
-            raise ValueError(
-                f"layers={list(layers)} differ from the checkpoint's {saved['layers']}; leave layers out"
-            )
-        if policy is not None and policy != saved["policy"]:
-            raise ValueError(
-                f"policy={policy!r} differs from the checkpoint's {saved['policy']!r}; leave policy out"
-            )
-        layers, policy = saved["layers"], saved["policy"]
-        if positions is not None and positions != saved.get("positions", "keep"):
-            raise ValueError(
-                f"positions={positions!r} differs from the checkpoint's {saved.get('positions')!r}"
-            )
-        positions = saved.get("positions", "keep")
-        if budget_loss is None:  # the default: take the checkpoint's
-            budget_loss = saved.get("budget_loss", "normalized")
-        options = {**saved["options"], **options}
-        budget_given = {**saved.get("budget", {}), **budget_given}
-    policy = "atp" if policy is None else policy
-    entry = registry().get("policy", policy)
-    if entry.factory.pre_llm:
+    return adapter
+
+
+def _saved_choices(saved: dict, layers, policy, positions) -> tuple:
+    """A checkpoint's layers, policy and position keeper; explicit arguments must agree with them."""
+    if layers is not None and list(layers) != saved["layers"]:
+        raise ValueError(
+            f"layers={list(layers)} differ from the checkpoint's {saved['layers']}; leave layers out"
+        )
+    if policy is not None and policy != saved["policy"]:
+        raise ValueError(
+            f"policy={policy!r} differs from the checkpoint's {saved['policy']!r}; leave policy out"
+        )
+    if positions is not None and positions != saved.get("positions", "keep"):
+        raise ValueError(f"positions={positions!r} differs from the checkpoint's {saved.get('positions')!r}")
+    return saved["layers"], saved["policy"], saved.get("positions", "keep")
+
+
+def _policy_layers(factory, policy: str, layers, num_layers: int) -> tuple[int, ...]:
+    """The ATP layers: ``(0,)`` for a policy acting before the language model, else the given or
+    default layers, validated."""
+    if factory.pre_llm:
         if layers not in (None, [0], (0,)):
             raise ValueError(
                 f"policy {policy!r} acts before the language model: leave layers out (or pass [0])"
             )
-        layers = (0,)
-    else:
-        layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
-    if prune_mode not in PRUNE_MODES:
-        raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
-    if hard_masks is not None and not isinstance(hard_masks, bool):
-        raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
-    budget = Budget(**budget_given, add_to_loss=bool(add_budget_loss))
-    known = entry.factory.option_names()
+        return (0,)
+    return validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
+
+
+def _check_options(factory, policy: str, options: dict) -> None:
+    known = factory.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
             f"policy {policy!r} does not take option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(known) or 'none'}"
         )
-    text_config = adapter.text_config()
-    implementation = compat.attention_implementation(text_config)
+
+
+def _checked_attention(adapter) -> str:
+    """The language model's attention implementation, if atp supports it for this family."""
+    implementation = compat.attention_implementation(adapter.text_config())
     if implementation not in adapter.attention_implementations:
         raise ValueError(
             f"atp does not support the {implementation!r} attention implementation of this {adapter.family} "
@@ -274,9 +330,11 @@ def attach(
             "does not support yet for this family (Gemma 3's are supported); when prompt and answer fit in "
             "the window, load the model with the window off (sliding_window=None, or use_sliding_window=False)"
         )
-    budget_loss = "normalized" if budget_loss is None else budget_loss
-    loss_factory = registry().get("budget_loss", budget_loss).factory
-    positions = "keep" if positions is None else positions
+    return implementation
+
+
+def _position_keeper(adapter, positions: str, prune_mode: str):
+    """The registered position keeper ``positions``, if it works with this model and mode."""
     keeper = registry().get("position_keeper", positions).factory(adapter)
     if adapter.positions not in keeper.positions:
         raise ValueError(
@@ -285,21 +343,16 @@ def attach(
         )
     if keeper.drop_only and prune_mode == "mask":
         raise ValueError(f"positions={positions!r} needs prune_mode='drop' (or 'auto' in eval mode)")
-    context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
-    with torch.device("cpu"):  # weights that exist (under an ambient meta device there would be none)
-        policy_module = entry.factory(context, **options)
-    if saved is not None:
-        checkpoint.load_weights(policy_module, from_pretrained)
-        policy_module.untrained = False
+    return keeper
 
-    # validated: from here on the model is modified ----------------------------------------
+
+def _install(model: nn.Module, runtime: Runtime, implementation: str, spec: dict) -> AttachHandle:
+    """Modify the model (validated before): the ATP modules, atp's attention, the hooks, a guarded
+    ``generate``; what ``handle.remove()`` restores is recorded."""
+    adapter, policy_module = runtime.adapter, runtime.policy
     container = AtpModules(policy_module)
     container.place(next(adapter.language_model().parameters()).device)  # meta: kept until to_empty
     policy_module.train(model.training)
-    observers = registry().observers() if observe else []
-    runtime = Runtime(
-        adapter, policy_module, layers, prune_mode, hard_masks, budget, observers, keeper, loss_factory
-    )
     restore = {"attn_implementation": {adapter.text_config_key(): implementation}}
     ignored = {f"{CONTAINER_NAME}.{key}" for key in container.state_dict()}
     restore["keys_to_ignore_on_save"] = model.__dict__.get("_keys_to_ignore_on_save", _MISSING)
@@ -311,21 +364,8 @@ def attach(
     if callable(getattr(model, "generate", None)) and "generate" not in model.__dict__:
         model.__dict__["generate"] = GuardedGenerate(model, runtime)
         restore["generate_patched"] = True
-    spec = {
-        "policy": policy,
-        "options": plain_options(options),
-        "positions": positions,
-        "budget_loss": budget_loss,
-    }
     handle = AttachHandle(model, runtime, restore, spec)
     container.handle = handle
-    if policy_module.untrained:
-        warnings.warn(
-            f"atp.attach(policy={policy!r}): the threshold heads are untrained, so every input gets their "
-            "initial thresholds. Train them or load trained weights before relying on the pruning.",
-            UserWarning,
-            stacklevel=2,
-        )
     return handle
 
 

@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from atp.host.distributed import zero3_gathered
+
 CONFIG_NAME = "atp_config.json"
 WEIGHTS_NAME = "atp_model.safetensors"
 FORMAT = "atp-checkpoint/2"
@@ -98,8 +100,6 @@ def check_identity(saved: dict, current: dict, path) -> None:
 
 def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load ``atp_model.safetensors`` into ``module`` strictly, naming offending keys."""
-    from atp.host.handle import zero3_gathered
-
     file = Path(path) / WEIGHTS_NAME
     try:
         state = load_file(str(file))
@@ -114,8 +114,6 @@ def load_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def restore_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` (full tensors) into ``module`` strictly, as :func:`load_weights` does with a file."""
-    from atp.host.handle import zero3_gathered
-
     with zero3_gathered(module, write=True):
         _load_strict(module, state, source)
 

@@ -90,9 +90,10 @@ class UntestedVersionWarning(UserWarning):
     """An imported torch or transformers is outside the range atp is tested with."""
 
 
-def warn_if_untested() -> None:
+def warn_if_untested(stacklevel: int = 3) -> None:
     """One line when the imported torch or transformers is outside the tested range: not an error
-    (the user may know the release works), but results are then not covered by atp's suite."""
+    (the user may know the release works), but results are then not covered by atp's suite.
+    ``stacklevel`` points the warning at the frame that called atp (3: the caller of its caller)."""
     import warnings
 
     found = versions()
@@ -106,7 +107,7 @@ def warn_if_untested() -> None:
             f"atp {found['atp']} is not tested with {' and '.join(outside)}; `atp doctor` checks this "
             "environment, docs/compatibility.md says how a release is added",
             UntestedVersionWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 

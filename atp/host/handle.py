@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from atp.core.stats import PruningStats
+from atp.host.distributed import gathered_state, zero3_gathered, zero3_params
 from atp.host.runtime import Runtime
 
 CONTAINER_NAME = "atp"
@@ -147,8 +147,8 @@ class AttachHandle:
         else:
             with zero3_gathered(self.policy, write=False):  # DeepSpeed ZeRO-3: every rank calls this
                 state = {name: value.detach().clone() for name, value in self.policy.state_dict().items()}
-        state, writer = _gathered(state)
-        if any(_is_zero3(value) for value in self.policy.parameters()) and torch.distributed.is_initialized():
+        state, writer = gathered_state(state)
+        if zero3_params(self.policy) and torch.distributed.is_initialized():
             writer = writer and torch.distributed.get_rank() == 0
         if writer:
             save_checkpoint(path, self.config(), state)
@@ -183,42 +183,3 @@ class AttachHandle:
             f"AttachHandle({self.runtime.adapter.family}, layers={list(self.layers)}, "
             f"policy={type(self.policy).__name__}, prune_mode={self.runtime.prune_mode!r}, {state})"
         )
-
-
-def _gathered(state: dict) -> tuple[dict, bool]:
-    """``state`` with every DTensor (an FSDP2 shard) gathered into a full tensor, and whether this
-    process writes it: the first rank when weights were sharded, every process otherwise."""
-    import torch.distributed as dist
-
-    if not dist.is_available():  # a torch built without distributed support has no shards
-        return state, True
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(value, DTensor) for value in state.values()):
-        return state, True
-
-    full = {
-        name: value.full_tensor().detach().cpu() if isinstance(value, DTensor) else value
-        for name, value in state.items()
-    }
-    return full, not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _is_zero3(param) -> bool:
-    """A parameter partitioned by DeepSpeed ZeRO-3 (its data is an empty placeholder)."""
-    return hasattr(param, "ds_id")
-
-
-@contextlib.contextmanager
-def zero3_gathered(module: torch.nn.Module, write: bool):
-    """Inside, ``module``'s ZeRO-3-partitioned parameters hold their full values (a collective:
-    every rank enters); with ``write``, what the first rank writes into them is partitioned
-    again on exit. Nothing happens for parameters DeepSpeed does not manage."""
-    params = [param for param in module.parameters() if _is_zero3(param)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if write else None):
-        yield

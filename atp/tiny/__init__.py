@@ -5,6 +5,6 @@
 * :mod:`atp.tiny.checkpoint`: a tiny model saved with a real processor, loaded like a hub model.
 """
 
-from atp.tiny.checkpoint import tiny_model_and_processor, write_tiny_checkpoint
+from atp.tiny.checkpoint import FAMILIES, tiny_model_and_processor, write_tiny_checkpoint
 
-__all__ = ["tiny_model_and_processor", "write_tiny_checkpoint"]
+__all__ = ["FAMILIES", "tiny_model_and_processor", "write_tiny_checkpoint"]
