@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import transformers
 from torch import nn
 
 from atp.components.budget_loss import Budget
@@ -89,7 +88,7 @@ def _whole_model(adapter):
     model = adapter.model
     name = type(model).__name__
     instead = f"pass the full vision-language model ({_full_model_name(model)}) instead"
-    if isinstance(model, transformers.PreTrainedModel) and not callable(getattr(model, "generate", None)):
+    if compat.is_pretrained_model(model) and not callable(getattr(model, "generate", None)):
         raise ValueError(
             f"{name} is the {adapter.family} model without its language-model head: attached to it, atp would "
             f"not guard generate, see the labels or add the budget loss to the loss; {instead}"
@@ -105,11 +104,7 @@ def _whole_model(adapter):
 
 def _full_model_name(model: nn.Module) -> str:
     """The class AutoModelForImageTextToText loads for ``model``'s config, e.g. LlavaForConditionalGeneration."""
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
-    except ImportError:  # a transformers without the mapping: name the loader only
-        names = {}
-    found = names.get(getattr(getattr(model, "config", None), "model_type", None))
+    found = compat.image_text_to_text_class(getattr(getattr(model, "config", None), "model_type", None))
     loads = "as AutoModelForImageTextToText loads it"
     return f"{found}, {loads}" if found else loads
 

@@ -421,3 +421,19 @@ def check_hub_kernels(model: torch.nn.Module, targets: list | None = None) -> No
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of a transformers cache."""
     return sum(tensor.numel() * tensor.element_size() for pair in cache_tensors(cache) for tensor in pair)
+
+
+def is_pretrained_model(model) -> bool:
+    """A transformers model (not a bare module or a part without its own head)."""
+    import transformers
+
+    return isinstance(model, transformers.PreTrainedModel)
+
+
+def image_text_to_text_class(model_type: str | None) -> str | None:
+    """The class name AutoModelForImageTextToText loads for ``model_type`` (None if unknown)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    except ImportError:  # a transformers without the mapping: name the loader only
+        return None
+    return names.get(model_type)

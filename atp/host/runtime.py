@@ -1,20 +1,9 @@
 """The transformers host's hooks: they find each forward's tensors and hand them to the core.
 
 One :class:`Runtime` per attached model; all state lives on it (never global). Each hook is short
-and hands off to a room:
-
-* a pre-hook on the multimodal model sees ``input_ids`` and the cache: a new prompt or a decode
-  step (:mod:`atp.host.calls`, checked in :mod:`atp.host.checks`);
-* a pre-hook on the language model reads the visual layout and starts the
-  :class:`~atp.core.state.Prefill` state (:mod:`atp.host.calls`);
-* atp's attention function hands (query, key, mask) of layer ``i_k - 1`` to the scorer
-  (:func:`atp.core.step.score`);
-* a pre-hook on every decoder layer from the first ATP layer on applies ATP layer ``i_k``'s decision
-  (:func:`atp.core.step.prune`) and gives each later layer what it needs
-  (:mod:`atp.host.strategies`: ``drop`` or ``mask``);
-* a hook on the last decoder layer scatters a pruned output back to full length and keeps the
-  statistics; one on the model adds the budget terms to the loss (:mod:`atp.host.distributed`,
-  with the DDP / FSDP / ZeRO-3 and gradient-checkpointing concerns).
+and hands off: to :mod:`atp.host.calls` (what kind of call), :mod:`atp.core.step` (the ATP layer's
+step), :mod:`atp.host.strategies` (what later layers receive), :mod:`atp.host.distributed`
+(training on several processes, checkpoint replays, the budget terms). docs/architecture.md draws it.
 """
 
 from __future__ import annotations
@@ -66,41 +55,34 @@ class Runtime:
         self.score_index = {layer - 1: k for k, layer in enumerate(layers)} if policy.scorer else {}
         self.num_layers = len(adapter.decoder_layers())
         self.seq_dim = adapter.position_seq_dim()
-        self.prefill: Prefill | None = None
-        self.pending: dict | None = None  # the multimodal model's inputs of a prefill in progress
-        self.latest_pixels = None  # the last images the vision tower saw
-        self.labels = None  # labels of the outer model's forward in progress
-        self.decoding = False
-        self.replaying = False  # re-running a hook for a gradient-checkpointing recompute
-        self.generate_step: int | None = None  # forwards so far of the generate call in progress
-        self.step_past = 0
-        self.step_padding = None
-        self.step_cache: dict = {}
+        self._fresh_call_state()
         self.last_stats: PruningStats | None = None
         self.hooks: list = []
         self.observers = observers or []  # atp_observe implementations, resolved at attach
         self.budget = budget or Budget()
         self.budget_loss = (budget_loss or NormalizedBudgetLoss)(self.budget.target_tokens)
         self.warned_hard = False
-        self.pruned_caches = weakref.WeakSet()  # caches filled by an ATP prefill (weakly held)
-        self.kernel_targets: list | None = None  # layers marked for hub kernels (compat.kernel_targets)
         self.budget_scale = 1.0  # a Trainer sets 1 / accumulation steps when the LM loss is pre-scaled
 
-    # copies and pickles ----------------------------------------------------------------
+    # the state of the calls in progress (not copied) ----------------------------------
     _TRANSIENT = {
-        "prefill": None,
-        "pending": None,
-        "latest_pixels": None,
-        "labels": None,
+        "prefill": None,  # the Prefill state of the last prefill (kept for its decode steps)
+        "pending": None,  # the multimodal model's inputs of a prefill in progress
+        "latest_pixels": None,  # the last images the vision tower saw
+        "labels": None,  # labels of the outer model's forward in progress
         "decoding": False,
-        "replaying": False,
-        "generate_step": None,
-        "step_past": 0,
-        "step_padding": None,
-        "step_cache": dict,
-        "pruned_caches": weakref.WeakSet,
-        "kernel_targets": None,  # modules of this model: found again in a copy
+        "replaying": False,  # re-running a hook for a gradient-checkpointing recompute
+        "generate_step": None,  # forwards so far of the generate call in progress
+        "step_past": 0,  # tokens seen before this decode step (original coordinates)
+        "step_padding": None,  # the decode step's 2D attention mask
+        "step_cache": dict,  # a forward's per-segment layer arguments
+        "pruned_caches": weakref.WeakSet,  # caches filled by an ATP prefill (weakly held)
+        "kernel_targets": None,  # layers marked for hub kernels: modules of this model, found again in a copy
     }
+
+    def _fresh_call_state(self) -> None:
+        for name, fresh in self._TRANSIENT.items():
+            setattr(self, name, fresh() if callable(fresh) else fresh)
 
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, pickle, ``torch.save`` of the model) carries the policy and
@@ -109,8 +91,7 @@ class Runtime:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        for name, fresh in self._TRANSIENT.items():
-            setattr(self, name, fresh() if callable(fresh) else fresh)
+        self._fresh_call_state()
         register_attention()  # an unpickled model in a new process needs atp's attention function
 
     # install / remove ------------------------------------------------------------------

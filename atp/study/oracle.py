@@ -63,7 +63,7 @@ def measure(
     model, eval only) keeping ``fraction`` of the visual tokens from ATP layer ``layer`` on, for every
     policy, first layer and fraction (``spatial``: every stride). A row: policy, layer, fraction,
     avg_tokens (the Token metric), accuracy, coarse, fine (means over the types), per_type."""
-    import atp
+    from atp.host.attach import attach
 
     model.eval()
     examples = list(examples)
@@ -78,7 +78,7 @@ def measure(
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    handle = atp.attach(
+                    handle = attach(
                         model, policy=policy, layers=[layer], **_options(policy, fraction, stride, seed)
                     )
                 try:

@@ -152,11 +152,11 @@ def train(model, handle, config: StudyConfig, output: Path, steps: int, lr: floa
 
 
 def _attach(model, policy: str, config: StudyConfig, **options):
-    import atp
+    from atp.host.attach import attach
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # untrained heads, before training
-        return atp.attach(model, policy=policy, **options)
+        return attach(model, policy=policy, **options)
 
 
 def soft_hard_tokens(model, handle, config: StudyConfig, seed: int) -> dict:
