@@ -124,7 +124,10 @@ def test_the_core_reaches_neither_the_host_nor_the_command_line(name):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n in MODULES if not n.startswith(("atp.cli", "atp.evaluation", "atp.study", "atp.__main__")))
+    "name",
+    sorted(
+        n for n in MODULES if not n.startswith(("atp.cli", "atp.evaluation", "atp.study", "atp.__main__"))
+    ),
 )
 def test_the_library_never_imports_its_command_line(name):
     assert not {other for other in GRAPH[name] if other.startswith("atp.cli")}

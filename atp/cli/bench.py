@@ -12,6 +12,10 @@ user's ``generate`` sees.
 ``atp`` (untrained heads with fixed initial thresholds), ``fastv`` and ``fixed`` are set to the
 same average token count: ``atp`` runs first, ``fixed`` reuses its kept counts at the same
 layers, and ``fastv``'s ratio is solved for the same Token metric.
+
+:func:`add_parser` adds the command, :func:`main` runs it, :func:`run` measures (rounds timed by
+``_time_rounds``, summarised by ``_summarize_methods``); the scaling run (:mod:`atp.cli.scaling`)
+reuses the model, the prompt and the methods built here.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-import atp
-from atp.core.efficiency import report, report_from_stats, shape_from_config
+from atp.core.efficiency import layer_flops, report, report_from_stats, shape_from_config
 from atp.core.measure import Clock, HookTime, paired_ratios, pin_threads, summarize, threads_restored, verdict
 from atp.host import compat
+from atp.host.attach import attach, default_layers
 
 
 @dataclass
@@ -113,7 +117,7 @@ def _attach(model, method: dict):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return atp.attach(model, layers=method["layers"], policy=method["policy"], **method["options"])
+        return attach(model, layers=method["layers"], policy=method["policy"], **method["options"])
 
 
 def solve_fastv_ratio(avg_tokens: float, visual: int, num_layers: int, layer: int) -> float:
@@ -206,10 +210,47 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
     ``--model``) replaces the random LLaVA-1.5-shaped model and its prompt; ``atp_args`` (parsed
     ``--policy``, ``--layers``, ``--option``, ``--atp-checkpoint``) define the ``atp`` row;
     ``profile`` adds op tables of one prefill per method (:func:`profile_prefill`)."""
-    from atp.host.attach import resolve_adapter
-
     threads = pin_threads(config.threads) if not device.startswith("cuda") else torch.get_num_threads()
     config.threads = threads
+    model, inputs = _model_and_inputs(config, device, loaded)
+    num_layers = config.num_layers
+    clock = Clock(device)
+    methods, visual = bench_methods(model, inputs, config, num_layers, atp_args)
+    times, results = _time_rounds(model, inputs, methods, config, device, clock, visual)
+    text = inputs["input_ids"].shape[1] - visual
+    length = inputs["input_ids"].shape[1]
+    full_flops = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers
+    results["unpruned"]["flops"] = full_flops
+    _summarize_methods(times, results, config, clock, inputs, full_flops)
+    targets = bench_targets(times, results, device=device)
+    counted = _count_flops(model, inputs, methods)
+    record = {
+        "model": loaded.name if loaded is not None else "LLaVA-1.5 shape, random weights",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threads": threads,
+        "config": dict(config.__dict__),
+        "visual_tokens": visual,
+        "text_tokens": text,
+        "batch": inputs["input_ids"].shape[0],
+        "flops_convention": "2flops-per-mac (decoder layers only; vision tower and LM head excluded)",
+        "timing": ("CUDA events" if device.startswith("cuda") else "wall clock (time.perf_counter)")
+        + f", median of {config.repeats} interleaved rounds after {config.warmup} warm-up",
+        "interval": "95% percentile bootstrap of the median of per-round ratios (2000 resamples, seeded)",
+        "scoring_overhead": results["keep_all"]["prefill_ratio"] - 1.0,
+        "scoring_overhead_flops": counted["keep_all"] / counted["unpruned"] - 1.0,
+        "targets": targets,
+        "methods": results,
+    }
+    if profile:
+        record["profile"] = profile_prefill(model, inputs, methods, device)
+    return record
+
+
+def _model_and_inputs(config: BenchConfig, device: str, loaded=None) -> tuple:
+    """The model and its prompt: ``loaded``'s (a checkpoint from ``--model``) or the random
+    LLaVA-1.5-shaped model's; the model's decoder depth and width are written into ``config``."""
+    from atp.host.attach import resolve_adapter
+
     if loaded is None:
         model = build_model(config, device)
         inputs = make_inputs(model, config, device)
@@ -218,8 +259,15 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
     adapter = resolve_adapter(model)
     num_layers = len(adapter.decoder_layers())
     config.num_layers, config.hidden_size = num_layers, adapter.text_config().hidden_size
-    clock = Clock(device)
-    methods, visual = bench_methods(model, inputs, config, num_layers, atp_args)
+    return model, inputs
+
+
+def _time_rounds(
+    model, inputs: dict, methods: dict, config: BenchConfig, device: str, clock, visual: int
+) -> tuple[dict, dict]:
+    """``config.warmup`` then ``config.repeats`` rounds, each method once per round (the order
+    rotating): ``times`` (per method, the timed rounds' samples of each kind) and ``results`` (per
+    method, what the first round measures without a clock, :func:`_static`, and the CUDA peak)."""
     kinds = ("prefill", "prefill_cold", "hooks", "ttft", "decode")
     times = {name: {kind: [] for kind in kinds} for name in methods}
     results = {name: {} for name in methods}
@@ -250,12 +298,14 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
                         results[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
                 if handle is not None:
                     handle.remove()
-    text = inputs["input_ids"].shape[1] - visual
-    from atp.core.efficiency import layer_flops
+    return times, results
 
-    length = inputs["input_ids"].shape[1]
-    full_flops = layer_flops(length, shape_from_config(model.config), "2flops-per-mac") * num_layers
-    results["unpruned"]["flops"] = full_flops
+
+def _summarize_methods(
+    times: dict, results: dict, config: BenchConfig, clock, inputs: dict, full_flops: float
+) -> None:
+    """Each method's medians, and its ratios against the unpruned model of the same round with
+    their bootstrap intervals, written into its entry of ``results``."""
     base, base_kv = times["unpruned"], results["unpruned"]["kv_cache_bytes"]
     seed = config.seed
     for name, result in results.items():
@@ -292,7 +342,11 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
             hooks_ms=None if clock.cuda else summarize([t * 1000 for t in own["hooks"]])["median"],
             samples={kind: [t * 1000 for t in values] for kind, values in own.items()},
         )
-    targets = bench_targets(times, results, device=device)
+
+
+def _count_flops(model, inputs: dict, methods: dict) -> dict:
+    """The FLOPs of one prefill, unpruned and with keep_all (``FlopCounterMode``): the scoring
+    overhead in FLOPs, deterministic."""
     counted = {}
     for name in ("unpruned", "keep_all"):  # the same overhead in FLOPs: deterministic
         handle = _attach(model, methods[name])
@@ -302,32 +356,13 @@ def run(config: BenchConfig, device: str = "cpu", loaded=None, atp_args=None, pr
         counted[name] = counter.get_total_flops()
         if handle is not None:
             handle.remove()
-    record = {
-        "model": loaded.name if loaded is not None else "LLaVA-1.5 shape, random weights",
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "threads": threads,
-        "config": dict(config.__dict__),
-        "visual_tokens": visual,
-        "text_tokens": text,
-        "batch": inputs["input_ids"].shape[0],
-        "flops_convention": "2flops-per-mac (decoder layers only; vision tower and LM head excluded)",
-        "timing": ("CUDA events" if device.startswith("cuda") else "wall clock (time.perf_counter)")
-        + f", median of {config.repeats} interleaved rounds after {config.warmup} warm-up",
-        "interval": "95% percentile bootstrap of the median of per-round ratios (2000 resamples, seeded)",
-        "scoring_overhead": results["keep_all"]["prefill_ratio"] - 1.0,
-        "scoring_overhead_flops": counted["keep_all"] / counted["unpruned"] - 1.0,
-        "targets": targets,
-        "methods": results,
-    }
-    if profile:
-        record["profile"] = profile_prefill(model, inputs, methods, device)
-    return record
+    return counted
 
 
 def bench_methods(model, inputs: dict, config: BenchConfig, num_layers: int, atp_args=None) -> dict:
     """The methods to time (``atp``'s counts calibrating ``fastv`` and ``fixed``) and the prompt's
     visual tokens per sample."""
-    layers = atp.default_layers(num_layers)
+    layers = default_layers(num_layers)
     methods = {
         "unpruned": {"policy": None, "layers": None, "options": {}},
         "keep_all": {"policy": "keep_all", "layers": layers, "options": {}},  # the scoring overhead alone
@@ -373,7 +408,7 @@ def bench_methods(model, inputs: dict, config: BenchConfig, num_layers: int, atp
 def _static(model, inputs: dict, handle, visual: int) -> dict:
     """What does not need a clock: kept counts, Token metric, FLOPs and KV-cache bytes."""
     out = model(**inputs, use_cache=True)
-    result = {"kv_cache_bytes": atp.kv_cache_bytes(compat.output_cache(out))}
+    result = {"kv_cache_bytes": compat.kv_cache_bytes(compat.output_cache(out))}
     if handle is None:
         result.update(kept=[], layers=[], avg_tokens=float(visual), kv_ratio_analytic=1.0)
         return result
@@ -594,6 +629,49 @@ def plot(record: dict, path: str) -> None:
     from atp.cli.plotting import bench_plot
 
     bench_plot(record, path)
+
+
+def add_parser(sub) -> None:
+    from atp.arguments import at_least
+    from atp.cli.loading import add_atp_arguments, add_model_arguments
+
+    bench = sub.add_parser(
+        "bench", help="prefill / decode latency and memory: unpruned vs atp vs fastv vs fixed"
+    )
+    add_model_arguments(bench, "a random LLaVA-1.5-shaped model sized by --num-layers / --hidden-size")
+    add_atp_arguments(bench)
+    bench.add_argument("--small", action="store_true", help="on a GPU, use the CPU-sized model")
+    bench.add_argument(
+        "--num-layers", type=at_least(2), default=None, help="decoder layers (CPU default 8, GPU 32)"
+    )
+    bench.add_argument(
+        "--hidden-size", type=at_least(16), default=None, help="LM width (CPU default 1024, GPU 4096)"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=at_least(1),
+        default=None,
+        help="timed rounds, median and bootstrap interval reported (default 10)",
+    )
+    bench.add_argument(
+        "--warmup", type=at_least(0), default=None, help="untimed rounds first (CPU default 1, GPU 3)"
+    )
+    bench.add_argument(
+        "--threads",
+        type=at_least(1),
+        default=None,
+        help="torch threads on CPU (default: the cores this process may use)",
+    )
+    bench.add_argument(
+        "--profile", action="store_true", help="add torch.profiler op tables of one prefill, unpruned vs atp"
+    )
+    bench.add_argument("--new-tokens", type=at_least(1), default=None, help="decode steps timed (default 8)")
+    bench.add_argument(
+        "--text-tokens", type=at_least(9), default=None, help="prompt text tokens (default 48)"
+    )
+    bench.add_argument("--output", default=None, help="also write the JSON record to this file")
+    bench.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    bench.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
 
 
 def main(args) -> int:

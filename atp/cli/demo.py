@@ -3,7 +3,8 @@
 Everything is built from configs (no download): a CLIP tower at 336 px / patch 14
 (576 visual tokens, as LLaVA-1.5) and a 32-layer Llama language model of hidden size 64.
 The weights are random, so the generated tokens are meaningless; the pruning machinery,
-the statistics and the KV-cache savings are real.
+the statistics and the KV-cache savings are real. ``--model`` runs a checkpoint instead
+(:mod:`atp.cli.loading`). :func:`add_parser` adds the command, :func:`main` runs it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,28 @@ import time
 import numpy as np
 import torch
 
-import atp
 from atp.host import compat
 from atp.tiny.models import clip_pixel_values, llava_prompt, tiny_llava
+
+
+def add_parser(sub) -> None:
+    from atp.arguments import COUNT, OPEN_FRACTION, SEED
+    from atp.cli.loading import add_atp_arguments, add_model_arguments
+
+    demo = sub.add_parser("demo", help="prune a model's visual tokens on one image and print what was kept")
+    add_model_arguments(demo, "a tiny random LLaVA-1.5-shaped model, offline")
+    add_atp_arguments(demo)
+    demo.add_argument(
+        "--theta-r", type=OPEN_FRACTION, default=0.5, help="initial redundancy threshold (atp policy)"
+    )
+    demo.add_argument(
+        "--theta-s", type=OPEN_FRACTION, default=0.9, help="initial spatial threshold (atp policy)"
+    )
+    demo.add_argument("--image", default=None, help="an image file (default: a synthetic picture)")
+    demo.add_argument("--prompt", default="Describe the image.", help="the question (with --model)")
+    demo.add_argument("--max-new-tokens", type=COUNT, default=8)
+    demo.add_argument("--seed", type=SEED, default=0, help="the embedded model's weights")
+    demo.add_argument("--json", action="store_true", help="print one JSON record instead of a table")
 
 
 def synthetic_image(size: int = 336):
@@ -110,8 +130,8 @@ def run(args) -> dict:
         "visual_tokens": int(stats.num_visual[0]),
         "kept": stats.kept[0].tolist(),
         "avg_tokens": stats.avg_tokens,
-        "kv_cache_bytes": atp.kv_cache_bytes(compat.output_cache(pruned)),
-        "kv_cache_bytes_full": atp.kv_cache_bytes(compat.output_cache(full)),
+        "kv_cache_bytes": compat.kv_cache_bytes(compat.output_cache(pruned)),
+        "kv_cache_bytes_full": compat.kv_cache_bytes(compat.output_cache(full)),
         "generated": pruned.sequences[0, prompt_length:].tolist(),
         "generated_full": full.sequences[0, prompt_length:].tolist(),
         "seconds": round(time.perf_counter() - started, 2),

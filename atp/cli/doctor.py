@@ -3,7 +3,8 @@
 What a user pastes into a bug report. The self-check runs the library's central invariants on a
 tiny random LLaVA (no download): keep-all equals the unattached model, drop mode equals mask mode
 with the same binary masks, the KV cache shrinks by exactly the pruned tokens, and generate
-decodes from the pruned cache. Exit status 1 when a check fails.
+decodes from the pruned cache. Exit status 1 when a check fails. :func:`add_parser` adds the
+command, :func:`main` runs it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import torch
 from atp.host import compat
 
 
+def add_parser(sub) -> None:
+    doctor = sub.add_parser(
+        "doctor", help="versions, tested range, plugins and a self-check on a tiny model (for bug reports)"
+    )
+    doctor.add_argument("--json", action="store_true")
+
+
 def _greedy(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(**batch, max_new_tokens=4, do_sample=False)
@@ -30,7 +38,7 @@ def _last_logits(model, batch) -> torch.Tensor:
 
 def checks() -> list[tuple[str, callable]]:
     """(name, function) pairs; a function returns a short detail or raises on failure."""
-    import atp
+    from atp.host.attach import attach
     from atp.tiny.models import llava_batch, tiny_llava
 
     model = tiny_llava(num_layers=4)
@@ -39,7 +47,7 @@ def checks() -> list[tuple[str, callable]]:
 
     def keep_all():
         reference, tokens = _last_logits(model, batch), _greedy(model, batch)
-        with atp.attach(model, layers=[1, 3], policy="keep_all"):
+        with attach(model, layers=[1, 3], policy="keep_all"):
             if not torch.equal(_last_logits(model, batch), reference) or not torch.equal(
                 _greedy(model, batch), tokens
             ):
@@ -49,7 +57,7 @@ def checks() -> list[tuple[str, callable]]:
     def drop_equals_mask():
         out = {}
         for mode in ("drop", "mask"):
-            with atp.attach(model, layers=[1, 3], policy="fixed", keep=keep, prune_mode=mode) as handle:
+            with attach(model, layers=[1, 3], policy="fixed", keep=keep, prune_mode=mode) as handle:
                 out[mode] = (_last_logits(model, batch), _greedy(model, batch), handle.stats.kept.tolist())
         if not out["drop"][2] == out["mask"][2] == [keep, keep]:
             raise AssertionError(f"kept counts differ: drop {out['drop'][2]}, mask {out['mask'][2]}")
@@ -60,7 +68,7 @@ def checks() -> list[tuple[str, callable]]:
 
     def cache_shrinks():
         length = batch["input_ids"].shape[1]
-        with atp.attach(model, layers=[1, 3], policy="fixed", keep=keep), torch.no_grad():
+        with attach(model, layers=[1, 3], policy="fixed", keep=keep), torch.no_grad():
             out = model.generate(**batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         cache = compat.output_cache(out)
         widths = [compat.cache_length(cache, layer) for layer in range(4)]

@@ -1,5 +1,8 @@
 """What every command that runs a model shares: where the model comes from, and how atp attaches.
 
+Used by the commands in :mod:`atp.cli` (demo, visualize, bench, train) and by
+:mod:`atp.evaluation` (the lmms-eval model); the ``--option`` flag itself is :mod:`atp.cli.options`.
+
 ``--model PATH_OR_ID`` loads a checkpoint folder or hub id the way a user loads
 ``llava-hf/llava-1.5-7b-hf`` (``AutoModelForImageTextToText`` + ``AutoProcessor``, safetensors
 only, no code from the checkpoint); without it a command uses its embedded tiny model.
@@ -50,7 +53,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str = "the emb
 def add_atp_arguments(parser: argparse.ArgumentParser, policy: str = "atp") -> None:
     """``--policy``, ``--layers``, ``--option KEY=VALUE`` and ``--atp-checkpoint``."""
     from atp.arguments import LAYER
-    from atp.cli.app import add_option_argument
+    from atp.cli.options import add_option_argument
 
     parser.add_argument("--policy", default=None, help=f"policy name (default {policy}; see `atp plugins`)")
     parser.add_argument(
@@ -134,8 +137,8 @@ def load_from_args(args: argparse.Namespace, embedded) -> Loaded:
 def attach_from_args(model, args: argparse.Namespace, policy: str = "atp", quiet: bool = True, **overrides):
     """``atp.attach`` with the ATP options of a command line; ``overrides`` are attach keywords
     (and policy options) the command adds. ``quiet`` hides the untrained-heads warning."""
-    import atp
-    from atp.cli.app import parse_options
+    from atp.cli.options import parse_options
+    from atp.host.attach import attach
 
     name = args.policy
     if args.atp_checkpoint is None:
@@ -144,7 +147,7 @@ def attach_from_args(model, args: argparse.Namespace, policy: str = "atp", quiet
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore", UserWarning)
-        return atp.attach(
+        return attach(
             model,
             layers=args.layers,
             policy=name,

@@ -309,10 +309,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def markdown(record: dict) -> str:
     """The scaling record as one markdown table (docs/benchmarks.md shows it, checked by its tests)."""
     rows = [
@@ -334,3 +330,7 @@ def markdown(record: dict) -> str:
                 f"{rise} | {peak} |"
             )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,10 @@ tiny random model on a CPU (a toy run, nothing downloaded). ``--config recipe.ya
 options from a recipe (``configs/recipes/``; flags given too override it), ``--dry-run`` prints the
 resolved plan without loading weights (atp/training/recipe.py), ``--check`` trains a few steps with
 the diagnostics (atp/training/diagnostics.py), prints them and exits 1 on a warning, saving nothing.
+
+:func:`add_parser` adds the command (its options in groups: mode, model, data, atp, optimizer,
+schedule, launch), :func:`main` runs it, :func:`run` builds and trains. The data, the model family
+and the images per record are checked by atp/training/inputs.py, the same for the dry run.
 """
 
 from __future__ import annotations
@@ -19,20 +23,21 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from atp.arguments import (
-        COUNT,
-        LAYER,
-        MAX_STEPS,
-        NON_NEGATIVE,
-        NON_NEGATIVE_COUNT,
-        POSITIVE,
-        SEED,
-        WARMUP,
-    )
-    from atp.cli.loading import ATTENTION, DTYPES
-    from atp.cli.app import add_option_argument
-
     train = sub.add_parser("train", help="train ATP modules on LLaVA-format conversations")
+    _mode_arguments(train)
+    _model_arguments(train)
+    _data_arguments(train)
+    _atp_arguments(train)
+    _optimizer_arguments(train)
+    _schedule_arguments(train)
+    _launch_arguments(train)
+    _read_recipes(train)
+
+
+def _mode_arguments(train: argparse.ArgumentParser) -> None:
+    """``--config``, ``--dry-run``, ``--check`` and ``--check-steps``: how the command runs."""
+    from atp.arguments import COUNT
+
     train.add_argument(
         "--config", default=None, metavar="FILE", help="a recipe (YAML of these options); flags override it"
     )
@@ -46,6 +51,13 @@ def add_parser(sub) -> None:
         "with OK / WARN verdicts, exit 1 on a warning; nothing is saved",
     )
     train.add_argument("--check-steps", type=COUNT, default=5, help="optimizer steps of --check (default 5)")
+
+
+def _model_arguments(train: argparse.ArgumentParser) -> None:
+    """The model, its dtype and attention, the policy and its ``--option``s."""
+    from atp.cli.loading import ATTENTION, DTYPES
+    from atp.cli.options import add_option_argument
+
     train.add_argument(
         "--model",
         default="tiny",
@@ -57,6 +69,10 @@ def add_parser(sub) -> None:
     train.add_argument("--attn-implementation", choices=ATTENTION, default="sdpa", help="the vision tower's")
     train.add_argument("--policy", default=None, help="policy name (default atp; fixed ratios train nothing)")
     add_option_argument(train)
+
+
+def _data_arguments(train: argparse.ArgumentParser) -> None:
+    """The conversations, their images, and where the run writes."""
     train.add_argument(
         "--data", default=None, help="LLaVA-format conversation JSON (llava_v1_5_mix665k); required"
     )
@@ -68,6 +84,12 @@ def add_parser(sub) -> None:
         help="records whose image file is missing: stop before training (default) or skip them",
     )
     train.add_argument("--output-dir", default=None, help="required")
+
+
+def _atp_arguments(train: argparse.ArgumentParser) -> None:
+    """ATP's layers, losses and heads, the checkpoint to start from, and what trains."""
+    from atp.arguments import LAYER, NON_NEGATIVE, POSITIVE
+
     train.add_argument("--layers", type=LAYER, nargs="+", default=None, help="ATP layers (default 4 14 24)")
     train.add_argument(
         "--lambda-atp", type=NON_NEGATIVE, default=0.05, help="weight of L_ATP (paper 0.01-0.1)"
@@ -106,6 +128,12 @@ def add_parser(sub) -> None:
     train.add_argument(
         "--freeze-lm", action="store_true", help="train only the ATP modules (Table 3, frozen)"
     )
+
+
+def _optimizer_arguments(train: argparse.ArgumentParser) -> None:
+    """Learning rates, epochs and steps, batches and sequence length."""
+    from atp.arguments import COUNT, MAX_STEPS, NON_NEGATIVE, POSITIVE
+
     train.add_argument(
         "--learning-rate", type=NON_NEGATIVE, default=2e-5, help="language model / projector (paper 2e-5)"
     )
@@ -119,6 +147,12 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--grad-accum", type=COUNT, default=1)
     train.add_argument("--max-length", type=COUNT, default=2048)
+
+
+def _schedule_arguments(train: argparse.ArgumentParser) -> None:
+    """The sampler, warm-up, precision, checkpoints and logging, workers, DeepSpeed, resuming, seed."""
+    from atp.arguments import COUNT, NON_NEGATIVE_COUNT, SEED, WARMUP
+
     train.add_argument(
         "--group-by-modality-length",
         action="store_true",
@@ -135,6 +169,12 @@ def add_parser(sub) -> None:
     )
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to resume from")
     train.add_argument("--seed", type=SEED, default=42)
+
+
+def _launch_arguments(train: argparse.ArgumentParser) -> None:
+    """The accelerate config and world size the run is launched with (checked by ``--dry-run``)."""
+    from atp.arguments import COUNT
+
     train.add_argument(
         "--accelerate-config",
         default=None,
@@ -147,7 +187,6 @@ def add_parser(sub) -> None:
         default=None,
         help="world size for --dry-run (default: the accelerate config's)",
     )
-    _read_recipes(train)
 
 
 def _read_recipes(train: argparse.ArgumentParser) -> None:
@@ -181,6 +220,7 @@ def _read_recipes(train: argparse.ArgumentParser) -> None:
 def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementation: str = "sdpa"):
     """The model, its tokenizer and image processor. ``tiny`` needs no download."""
     from atp.cli.loading import DTYPES, load
+    from atp.training.inputs import check_llava
 
     dtype = dtype or ("bfloat16" if bf16 else "float32")
     if name == "tiny":
@@ -190,59 +230,6 @@ def load_model(name: str, bf16: bool, dtype: str | None = None, attn_implementat
     loaded = load(name, dtype, "cpu", attn_implementation)
     check_llava(loaded.model.config, name)
     return loaded.model, loaded.processor.tokenizer, loaded.processor.image_processor
-
-
-def check_llava(config, name: str) -> None:
-    if config.model_type != "llava":
-        raise ValueError(
-            f"atp train's data pipeline is LLaVA-1.5's (one <image> expanded to image_seq_length tokens); "
-            f"{name} is a {config.model_type!r} model. Train other families with AtpTrainer "
-            "and the family's processor (docs/training.md)"
-        )
-
-
-def dataset_from_args(args: argparse.Namespace, quiet: bool = False):
-    """The indexed dataset; records with a missing image raise or are skipped (``--missing-images``)."""
-    from atp.training.data import ConversationDataset
-
-    for option in ("data",) if getattr(args, "check", False) else ("data", "output_dir"):
-        if getattr(args, option) is None:
-            raise ValueError(
-                f"atp train needs --{option.replace('_', '-')} (on the command line or in --config)"
-            )
-    check_paths(args)
-    dataset = ConversationDataset(args.data, args.image_folder, args.missing_images)
-    if dataset.skipped and not quiet and int(os.environ.get("RANK", "0")) == 0:
-        examples = [path for _, _, path in dataset.missing[:3]]
-        print(
-            f"atp train: skipped {dataset.skipped} records with missing images (e.g. {examples})",
-            file=sys.stderr,
-        )
-    return dataset
-
-
-def check_paths(args: argparse.Namespace) -> None:
-    """The files and folders the run reads exist and are of the right kind (``ValueError`` naming
-    the path and its flag), before anything is indexed or loaded."""
-    from pathlib import Path
-
-    data, images = Path(args.data), Path(args.image_folder)
-    if not data.is_file():
-        found = "is a folder" if data.is_dir() else "does not exist"
-        raise ValueError(f"--data {data} {found}; give the LLaVA-format conversation JSON file")
-    if not images.is_dir():
-        found = "is a file" if images.exists() else "does not exist"
-        raise ValueError(
-            f"--image-folder {images} {found}; give the folder the records' image paths are relative to"
-        )
-    if args.atp_checkpoint is not None:
-        from atp.host.checkpoint import read_config
-
-        read_config(args.atp_checkpoint)  # names the folder and what it lacks
-    if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
-        raise ValueError(
-            f"--resume {args.resume} is not a folder; give 'latest' or a checkpoint-N folder of --output-dir"
-        )
 
 
 def attach_atp(model, args: argparse.Namespace):
@@ -269,21 +256,6 @@ def attach_atp(model, args: argparse.Namespace):
     return handle
 
 
-def check_images_per_record(handle, dataset, visual: int) -> None:
-    """Records with several images give ``images x visual`` visual tokens in one sample: refuse,
-    before training, threshold heads built for fewer (the paper's head takes a fixed count)."""
-    most = int(dataset.image_counts.max()) if len(dataset) else 0
-    fixed = [getattr(head, "num_visual_tokens", None) for head in getattr(handle.policy, "heads", ())]
-    fixed = [count for count in fixed if count is not None and count < most * visual]
-    if fixed:
-        several = int((dataset.image_counts > 1).sum())
-        raise ValueError(
-            f"{several} records have several images (up to {most}, {most * visual} visual tokens per sample) "
-            f"but the threshold heads take at most {fixed[0]} (the paper's fixed-size head); pass "
-            "--option threshold_head=binned (size-agnostic), or drop those records"
-        )
-
-
 def run(args: argparse.Namespace, output_dir: str | None = None):
     """Build everything from the parsed arguments, train, save; returns the trainer. With
     ``--check``: ``--check-steps`` steps into ``output_dir`` with the diagnostics logged every step,
@@ -293,6 +265,7 @@ def run(args: argparse.Namespace, output_dir: str | None = None):
 
     from atp.host import compat
     from atp.training.data import LlavaCollator
+    from atp.training.inputs import check_images_per_record, dataset_from_args
     from atp.training.recipe import check_launch, launch_settings
     from atp.training.trainer import AtpTrainer, check_extension_locks
 
@@ -423,7 +396,7 @@ def main(args: argparse.Namespace) -> int:
         # the plan alone on stdout (`atp train --dry-run > plan.json`): what libraries print while
         # it is resolved (DeepSpeed announces its accelerator) goes to stderr
         with output_to_stderr():
-            plan = dry_run(args)
+            plan = dry_run(args, attach_atp)
         print(json.dumps(plan, indent=2))
         return 0
     if args.check:

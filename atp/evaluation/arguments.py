@@ -80,5 +80,5 @@ def _layers(value) -> list[int]:
 
 
 def _option_pair(key: str, value) -> str:
-    """``KEY=VALUE`` for :func:`atp.cli.parse_options` (lmms-eval has turned true / 0.5 into Python)."""
+    """``KEY=VALUE`` for :func:`atp.cli.options.parse_options` (lmms-eval has turned true / 0.5 into Python)."""
     return f"{key}={value if isinstance(value, str) else json.dumps(value)}"

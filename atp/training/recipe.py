@@ -4,6 +4,9 @@ A recipe's keys are ``atp train``'s long options, with dashes or underscores (``
 ``learning_rate``); flags on the command line override it. ``--dry-run`` resolves a run without
 loading weights (the model is built on the meta device) and returns its plan: parameters and
 optimizer groups, the data pipeline, world size, batch, steps, schedule and checkpoints.
+
+The command itself is :mod:`atp.cli.train`; this module never imports the command line (it
+checks the inputs with :mod:`atp.training.inputs` and is handed how atp attaches).
 """
 
 from __future__ import annotations
@@ -284,10 +287,12 @@ def sample_token_lengths(dataset, collator, count: int = 16) -> dict:
     }
 
 
-def dry_run(args) -> dict:
-    """The plan of ``atp train`` with these arguments, resolved without loading weights."""
-    from atp.cli.train import attach_atp, check_images_per_record, check_llava, dataset_from_args
+def dry_run(args, attach) -> dict:
+    """The plan of ``atp train`` with these arguments, resolved without loading weights;
+    ``attach(model, args)`` attaches atp as the run would (``atp train`` passes its own,
+    ``atp.cli.train.attach_atp``) and returns the handle."""
     from atp.training.data import LlavaCollator
+    from atp.training.inputs import check_images_per_record, check_llava, dataset_from_args
 
     settings = launch_settings(args)
     passed = check_launch(args, settings)
@@ -296,7 +301,7 @@ def dry_run(args) -> dict:
     index_seconds = time.perf_counter() - started
     model, processor = model_on_meta(args.model)
     check_llava(model.config, args.model)
-    handle = attach_atp(model, args)
+    handle = attach(model, args)
     visual = int(model.config.image_seq_length)
     check_images_per_record(handle, dataset, visual)
     grouping = check_zero3_grouping(args, settings, dataset)
