@@ -18,7 +18,7 @@ ROOT = Path(atp.__file__).parent
 LONGEST_CLASS = 300  # lines, docstrings included
 LONGEST_FUNCTION = 100
 ROOM_LINES = 250  # the host's rooms (compat, the one place of transformers knowledge, is not a room)
-ROOMS = ("runtime", "calls", "checks", "strategies", "distributed", "handle", "checkpoint")
+ROOMS = ("runtime", "calls", "checks", "strategies", "distributed", "handle", "checkpoint", "generate")
 
 
 def modules() -> dict[str, Path]:

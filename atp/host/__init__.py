@@ -2,6 +2,7 @@
 
 * :mod:`atp.host.attach`: ``atp.attach`` / ``atp.detach``, the checks before anything changes.
 * :mod:`atp.host.handle`: the handle ``attach`` returns (stats, saving, removing).
+* :mod:`atp.host.generate`: ``model.generate`` while attached (the modes atp follows, checked first).
 * :mod:`atp.host.runtime`: the hooks, which hand each forward's tensors to :mod:`atp.core`.
 * :mod:`atp.host.calls`: what kind of call a forward is (prefill, decode, continuation) and the
   checks of its cache.

@@ -91,7 +91,7 @@ def check_continuation(rt, args: tuple, kwargs: dict) -> None:
         return
     ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
     mask = kwargs.get("attention_mask")
-    seen = original_past(cache, compat.cache_length(cache))
+    seen = original_past(rt, compat.cache_length(cache))
     if ids is not None and mask is not None and mask.dim() == 2 and mask.shape[1] == seen + ids.shape[1]:
         return
     raise ValueError(
