@@ -210,6 +210,34 @@ def test_cli_writes_a_checkpoint_the_auto_classes_load(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_llava_weights_are_named_as_on_the_hub_and_load_as_written(tmp_path, family):
+    """Serving engines read the hub's names (``vision_tower.vision_model.*``); transformers reads both."""
+    from safetensors import safe_open
+
+    folder = write_tiny_checkpoint(tmp_path, family, num_layers=2, head_dim=32)
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    tower = [name for name in names if name.startswith("vision_tower.")]
+    assert tower and all(name.startswith("vision_tower.vision_model.") for name in tower)
+    written, _ = tiny_model_and_processor(family, num_layers=2, head_dim=32)
+    loaded = load(folder)[1]
+    expected, found = written.state_dict(), loaded.state_dict()
+    assert expected.keys() == found.keys() and all(torch.equal(expected[k], found[k]) for k in expected)
+    assert loaded.config.text_config.hidden_size == 128  # 4 heads of 32
+
+
+def test_cli_sets_the_head_width(tmp_path, capsys):
+    folder = tmp_path / "wide"
+    assert main(["tiny-checkpoint", str(folder), "--family", "qwen2_5_vl", "--head-dim", "32"]) == 0
+    assert "head_dim 32" in capsys.readouterr().out
+    text = load(folder)[1].config.text_config
+    assert (text.hidden_size, text.num_attention_heads) == (128, 4)
+    assert sum(text.rope_parameters["mrope_section"]) == 32 // 2  # M-RoPE covers the rotary half
+    assert main(["tiny-checkpoint", str(tmp_path / "odd"), "--head-dim", "33"]) == 2
+    assert "--head-dim must be even" in capsys.readouterr().err and not (tmp_path / "odd").exists()
+
+
 def test_bad_arguments_name_the_choices(tmp_path):
     with pytest.raises(ValueError, match="choose one of llava, llava_next, qwen2_vl, qwen2_5_vl"):
         write_tiny_checkpoint(tmp_path, "gpt2")

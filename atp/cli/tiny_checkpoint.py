@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from atp.arguments import COUNT, SEED
+    from atp.arguments import COUNT, SEED, at_least
     from atp.tiny.checkpoint import FAMILIES
 
     tiny = sub.add_parser(
@@ -26,6 +26,14 @@ def add_parser(sub) -> None:
     tiny.add_argument(
         "--seed", type=SEED, default=0, metavar="S", help="seed of the random weights (default 0)"
     )
+    tiny.add_argument(
+        "--head-dim",
+        type=at_least(2),
+        default=16,
+        metavar="D",
+        help="width of the language model's 4 attention heads (default 16; vLLM's CPU attention takes 32 "
+        "to 512, docs/serving.md)",
+    )
     tiny.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
 
 
@@ -43,10 +51,13 @@ def main(args) -> int:
         raise ValueError(f"{folder} is a file; give a folder to write the checkpoint to")
     if folder.is_dir() and any(folder.iterdir()) and not args.force:
         raise ValueError(f"{folder} is not empty; give an empty or new folder, or --force to write into it")
-    write_tiny_checkpoint(folder, args.family, args.num_layers, args.seed)
+    if args.head_dim % 2:
+        raise ValueError(f"--head-dim must be even (rotary positions rotate pairs), got {args.head_dim}")
+    write_tiny_checkpoint(folder, args.family, args.num_layers, args.seed, args.head_dim)
     files = ", ".join(sorted(path.name for path in folder.iterdir()))
-    print(
-        f"wrote a tiny random {args.family} ({args.num_layers} layers, seed {args.seed}) to {folder}: {files}"
+    shape = f"{args.num_layers} layers, seed {args.seed}" + (
+        f", head_dim {args.head_dim}" if args.head_dim != 16 else ""
     )
+    print(f"wrote a tiny random {args.family} ({shape}) to {folder}: {files}")
     print(f"load it with AutoProcessor / AutoModelForImageTextToText.from_pretrained({str(folder)!r})")
     return 0

@@ -89,14 +89,17 @@ def word_tokenizer(specials: dict[int, str], vocab_size: int, unk: str, bos: str
     return fast
 
 
-def _llava(num_layers: int, seed: int, tiled: bool):
+def _llava(num_layers: int, seed: int, tiled: bool, hidden_size: int = 64):
     """A tiny LLaVA-1.5 (``tiled``: LLaVA-NeXT) and its processor, the CLIP tower's CLS token
     counted and dropped as the "default" feature strategy does."""
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
     from atp.tiny.models import tiny_llava, tiny_llava_next
 
-    model = tiny_llava_next(num_layers, seed) if tiled else tiny_llava(num_layers, seed=seed)
+    if tiled:
+        model = tiny_llava_next(num_layers, seed, hidden_size=hidden_size)
+    else:
+        model = tiny_llava(num_layers, seed=seed, hidden_size=hidden_size)
     config, text, vision = model.config, model.config.text_config, model.config.vision_config
     specials = {text.pad_token_id: "<pad>", text.bos_token_id: "<s>", text.eos_token_id: "</s>"}
     specials.update({3: "<unk>", config.image_token_id: "<image>"})
@@ -118,7 +121,7 @@ def _llava(num_layers: int, seed: int, tiled: bool):
     )
 
 
-def _qwen(num_layers: int, seed: int, version: str):
+def _qwen(num_layers: int, seed: int, version: str, hidden_size: int = 64):
     """A tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL and its processor: an image is resized to
     h x w pixels, multiples of 4 with 64 <= h * w <= 1024, and gives (h / 2) x (w / 2) patches
     merged 2 x 2 (h * w / 16 tokens)."""
@@ -131,7 +134,7 @@ def _qwen(num_layers: int, seed: int, version: str):
 
     from atp.tiny.models import tiny_qwen2_vl
 
-    model = tiny_qwen2_vl(num_layers, seed, version)
+    model = tiny_qwen2_vl(num_layers, seed, version, hidden_size=hidden_size)
     config, text, vision = model.config, model.config.text_config, model.config.vision_config
     roles = {
         "image_token": (config.image_token_id, "<|image_pad|>"),
@@ -166,19 +169,24 @@ def _qwen(num_layers: int, seed: int, version: str):
     )
 
 
-def tiny_model_and_processor(family: str = "llava", num_layers: int = 4, seed: int = 0):
-    """``(model, processor)``: what :func:`write_tiny_checkpoint` writes, in memory."""
+def tiny_model_and_processor(family: str = "llava", num_layers: int = 4, seed: int = 0, head_dim: int = 16):
+    """``(model, processor)``: what :func:`write_tiny_checkpoint` writes, in memory. The language
+    model has 4 heads of ``head_dim`` (hidden ``4 * head_dim``)."""
     if family not in FAMILIES:
         raise ValueError(f"no tiny checkpoint for family {family!r}; choose one of {', '.join(FAMILIES)}")
-    for name, value, least in (("num_layers", num_layers, 1), ("seed", seed, 0)):
+    for name, value, least in (("num_layers", num_layers, 1), ("seed", seed, 0), ("head_dim", head_dim, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (rotary positions rotate pairs), got {head_dim}")
     if family.startswith("qwen"):
-        return _qwen(num_layers, seed, "2" if family == "qwen2_vl" else "2.5")
-    return _llava(num_layers, seed, tiled=family == "llava_next")
+        return _qwen(num_layers, seed, "2" if family == "qwen2_vl" else "2.5", hidden_size=4 * head_dim)
+    return _llava(num_layers, seed, tiled=family == "llava_next", hidden_size=4 * head_dim)
 
 
-def write_tiny_checkpoint(folder, family: str = "llava", num_layers: int = 4, seed: int = 0) -> Path:
+def write_tiny_checkpoint(
+    folder, family: str = "llava", num_layers: int = 4, seed: int = 0, head_dim: int = 16
+) -> Path:
     """Write a tiny random ``family`` model with its processor to ``folder`` and return the path.
 
     The folder holds what a hub checkpoint holds: ``config.json``, ``generation_config.json``,
@@ -193,9 +201,33 @@ def write_tiny_checkpoint(folder, family: str = "llava", num_layers: int = 4, se
     family : one of :data:`FAMILIES` (``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``).
     num_layers : decoder layers of the language model.
     seed : seed of the random weights.
+    head_dim : width of the language model's attention heads (4 heads; serving engines' CPU
+        attention kernels take 32 and more).
+
+    The weights are named as on the hub: the LLaVA families' vision tower under
+    ``vision_tower.vision_model.`` (transformers 5 writes ``vision_tower.`` and reads both; serving
+    engines read the hub's names).
     """
-    model, processor = tiny_model_and_processor(family, num_layers, seed)
+    model, processor = tiny_model_and_processor(family, num_layers, seed, head_dim)
     folder = Path(folder)
     model.save_pretrained(folder)  # safetensors
     processor.save_pretrained(folder)
+    if family.startswith("llava"):
+        _hub_vision_names(folder / "model.safetensors")
     return folder
+
+
+def _hub_vision_names(path: Path) -> None:
+    """Rename a LLaVA checkpoint's ``vision_tower.*`` weights to the hub's ``vision_tower.vision_model.*``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    weights = load_file(str(path))
+    prefix, hub = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        hub + name[len(prefix) :] if name.startswith(prefix) and not name.startswith(hub) else name: value
+        for name, value in weights.items()
+    }
+    save_file(renamed, str(path), metadata=metadata)

@@ -25,6 +25,13 @@ _TEXT = {
 }
 
 
+def _width(hidden_size: int) -> dict:
+    """The text config's widths for ``hidden_size`` (4 heads, 2 KV heads: head_dim hidden_size / 4)."""
+    if hidden_size % 8:
+        raise ValueError(f"hidden_size must be a multiple of 8 (4 heads of an even width), got {hidden_size}")
+    return {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size}
+
+
 def _build(model_class, config, seed: int):
     """A model with random weights from ``seed``, in eval mode, padding with token 0."""
     torch.manual_seed(seed)
@@ -170,14 +177,15 @@ class TinyImageProcessor:
 QWEN_IDS = {"image": 151, "video": 152, "start": 153, "end": 154}
 
 
-def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
+def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2", hidden_size: int = 64):
     """A random Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): 2-layer vision tower with
-    patch 2 and merge 2 (an (h x w)-patch image gives h * w / 4 tokens), Qwen2 LM of hidden 64."""
+    patch 2 and merge 2 (an (h x w)-patch image gives h * w / 4 tokens), Qwen2 LM of hidden
+    ``hidden_size`` (4 heads; M-RoPE sections 1/4, 3/8, 3/8 of the rotary half)."""
     if version == "2":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": hidden_size, "num_heads": 2}
     else:
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
@@ -185,18 +193,21 @@ def tiny_qwen2_vl(num_layers: int = 4, seed: int = 0, version: str = "2"):
         vision = {
             "depth": 2,
             "hidden_size": 32,
-            "out_hidden_size": 64,
+            "out_hidden_size": hidden_size,
             "num_heads": 2,
             "intermediate_size": 64,
             "fullatt_block_indexes": [1],
             "window_size": 8,
         }
     vision.update(patch_size=2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    half = hidden_size // 4 // 2  # the rotary half of a head
+    sections = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]  # [2, 3, 3] at hidden 64
     text = {
         **_TEXT,
+        **_width(hidden_size),
         "num_hidden_layers": num_layers,
         "vocab_size": 160,  # room for the vision ids 151..154
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        "rope_parameters": {"rope_type": "default", "mrope_section": sections, "rope_theta": 10000.0},
     }
     config = Config(
         text_config=text,
@@ -532,11 +543,13 @@ def llava_batch(
     return batch
 
 
-def tiny_llava_next(num_layers: int = 4, seed: int = 0, onevision: bool = False, video: bool = False):
+def tiny_llava_next(
+    num_layers: int = 4, seed: int = 0, onevision: bool = False, video: bool = False, hidden_size: int = 64
+):
     """A random LLaVA-NeXT (``onevision``: LLaVA-OneVision, ``video``: LLaVA-NeXT-Video, frames pooled
     by 2 to 2 x 2) with 32 px tiles of 8 px patches (4 x 4 base grid), pinpoints up to 64 x 64 and a
-    Llama (NeXT) or Qwen2 (OneVision) LM of hidden 64."""
-    text = {**_TEXT, "num_hidden_layers": num_layers}
+    Llama (NeXT) or Qwen2 (OneVision) LM of hidden ``hidden_size`` (4 heads)."""
+    text = {**_TEXT, "num_hidden_layers": num_layers, **_width(hidden_size)}
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
