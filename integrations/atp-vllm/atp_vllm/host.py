@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import torch
 
 from atp.core import step
-from atp.core.state import Prefill, VisualLayout
+from atp.core.state import Prefill
 
-logger = logging.getLogger("atp_vllm")
+logger = logging.getLogger("vllm.atp")  # under vLLM's logger: its handler and level, in every process
 
 
 @dataclasses.dataclass
@@ -54,39 +53,16 @@ class Request:
         return self.end - self.start
 
 
-def square_grids(visual: torch.Tensor) -> list[tuple[int, int]]:
-    """The (h, w) token grid of each run of visual tokens (one image each, square as in LLaVA-1.5)."""
-    flags = visual.tolist()
-    runs, count = [], 0
-    for flag in [*flags, False]:
-        if flag:
-            count += 1
-        elif count:
-            runs.append(count)
-            count = 0
-    grids = []
-    for run in runs:
-        side = math.isqrt(run)
-        if side * side != run:
-            raise ValueError(
-                f"an image of {run} tokens is not a square grid; atp-vllm reads LLaVA-1.5 layouts"
-            )
-        grids.append((side, side))
-    return grids
-
-
 class VllmHost:
     """Prunes one vLLM language model (its decoder ``layers`` and attention layer names)."""
 
-    def __init__(
-        self, layers, attention_names: list[str], policy, atp_layers: tuple[int, ...], image_token_id: int
-    ):
+    def __init__(self, layers, attention_names: list[str], policy, atp_layers: tuple[int, ...], read_layout):
         self.layers = layers
         self.names = attention_names
         self.policy = policy
         self.atp_layers = atp_layers
         self.atp_index = {layer: k for k, layer in enumerate(atp_layers)}
-        self.image_token_id = image_token_id
+        self.read_layout = read_layout  # (token ids (L,), positions (..., L)) -> one prompt's VisualLayout
         self.pruned_requests: dict[int, list[int]] = {}  # first KV block -> tokens removed per segment
         self.kept_log: list[dict] = []  # per pruned prefill: kept visual tokens after each ATP layer
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,7 +90,7 @@ class VllmHost:
         if not isinstance(metadata, dict) or self.names[0] not in metadata or input_ids is None:
             return self._plain(model, positions, hidden)  # a profiling or dummy run
         first = metadata[self.names[0]]
-        requests = self._requests(first, input_ids)
+        requests = self._requests(first, input_ids, positions)
         if not any(r.prefill is not None or r.pruned is not None for r in requests):
             return self._plain(model, positions, hidden)
         saved = {name: (metadata[name], context.slot_mapping.get(name)) for name in self.names}
@@ -136,21 +112,19 @@ class VllmHost:
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
-    def _requests(self, metadata, input_ids) -> list[Request]:
+    def _requests(self, metadata, input_ids, positions) -> list[Request]:
         starts = metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens.tolist()
         firsts = metadata.block_table[: len(seq_lens), 0].tolist()
         requests = []
         for r, (seq_len, key) in enumerate(zip(seq_lens, firsts)):
             request = Request(r, starts[r], starts[r + 1], seq_len, key)
-            visual = input_ids[request.start : request.end] == self.image_token_id
-            has_images = bool(visual.any())
+            rows = slice(request.start, request.end)
+            layout = self.read_layout(input_ids[rows], positions[..., rows])
+            has_images = bool(layout.visual.any())
             if seq_len == request.query_len:  # a new prompt: whatever this block held before is gone
                 self.pruned_requests.pop(key, None)
                 if has_images:
-                    layout = VisualLayout(
-                        visual[None], torch.zeros_like(visual)[None], [square_grids(visual)]
-                    )
                     request.prefill = Prefill.start(
                         layout,
                         {},
@@ -173,7 +147,9 @@ class VllmHost:
     def _pruned(self, model, context, first, requests, positions, hidden):
         rows = torch.arange(first.num_actual_tokens, device=hidden.device)  # original row of each row
         ranges = [(r.start, r.end) for r in requests]
-        full = hidden
+        # every row's residual stream as it last was: a pruned token keeps its state at the ATP layer
+        # that pruned it, as atp's drop mode keeps it on transformers (prompt log-probabilities read it)
+        full = hidden.clone()
         hidden = hidden[: first.num_actual_tokens]
         current_positions = positions[..., : first.num_actual_tokens]
         residual = None
@@ -182,15 +158,14 @@ class VllmHost:
                 k = self.atp_index[i]
                 stream = hidden if residual is None else hidden + residual
                 residual = None
+                full[rows] = stream
                 hidden, rows, ranges = self._atp_layer(k, i, requests, stream, rows, ranges)
                 current_positions = positions[..., rows]
                 self._install_segment(k, context, first, requests, ranges)
             hidden, residual = layer(current_positions, hidden, residual)
-        hidden, _ = model.norm(hidden, residual)
+        full[rows] = hidden if residual is None else hidden + residual
         self._remember(requests)
-        out = full.new_zeros(full.shape[0], hidden.shape[-1])
-        out[rows] = hidden  # the runner reads each request's last row, which is never pruned
-        return out
+        return model.norm(full)
 
     def _atp_layer(self, k: int, layer: int, requests, stream, rows, ranges):
         pieces, kept_rows, new_ranges, offset = [], [], [], 0

@@ -4,8 +4,12 @@ by :class:`atp_vllm.host.VllmHost`. Chosen per engine with ``hf_overrides={"arch
 
 from __future__ import annotations
 
+import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
+from atp.core.state import VisualLayout
 from atp_vllm.host import VllmHost
 from atp_vllm.settings import build_policy, read_settings
 
@@ -32,25 +36,87 @@ def check_engine(vllm_config) -> None:
         )
 
 
-class AtpLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LLaVA-1.5 with atp's in-LLM pruning."""
+def llava_layout(config):
+    """LLaVA-1.5: each run of image placeholders is one image's (side x side) grid."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    token = config.image_token_index
+
+    def read(input_ids: torch.Tensor, positions: torch.Tensor) -> VisualLayout:
+        visual = input_ids == token
+        count = int(visual.sum())
+        if count % (side * side):
+            raise ValueError(
+                f"{count} image tokens are not whole {side} x {side} grids; atp-vllm reads LLaVA-1.5"
+            )
+        return VisualLayout(
+            visual[None], torch.zeros_like(visual)[None], [[(side, side)] * (count // (side * side))]
+        )
+
+    return read
+
+
+def qwen_layout(config):
+    """Qwen2-VL / Qwen2.5-VL: as atp's Qwen adapter reads it, the grids from the M-RoPE positions."""
+    from atp.backbones.qwen2_vl import Qwen2VLAdapter
+
+    image, video = config.image_token_id, config.video_token_id
+    markers = (config.vision_start_token_id, config.vision_end_token_id)
+
+    def read(input_ids: torch.Tensor, positions: torch.Tensor) -> VisualLayout:
+        visual = (input_ids == image) | (input_ids == video)
+        structural = (input_ids == markers[0]) | (input_ids == markers[1])
+        grids = (
+            Qwen2VLAdapter._grids_from_positions(visual[None], positions[:, None])
+            if bool(visual.any())
+            else [[]]
+        )
+        return VisualLayout(visual[None], structural[None], grids)
+
+    return read
+
+
+class AtpPruning:
+    """What every atp model class adds to vLLM's: the host, built and checked at engine start."""
 
     requires_raw_input_tokens = True  # the host finds the image placeholders in the token ids
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    def _attach_atp(self, vllm_config, read_layout, num_visual: int | None) -> None:
         check_engine(vllm_config)
         config = vllm_config.model_config.hf_config
         layers = self.language_model.model.layers
         settings = read_settings(config, len(layers))
-        vision = config.vision_config
-        num_visual = (vision.image_size // vision.patch_size) ** 2
         policy = build_policy(settings, len(layers), num_visual)
         names = [layer.self_attn.attn.layer_name for layer in layers]
-        self.atp = VllmHost(layers, names, policy, settings.layers, config.image_token_index)
+        self.atp = VllmHost(layers, names, policy, settings.layers, read_layout)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         model = self.language_model.model
         if inputs_embeds is None:
             inputs_embeds = model.embed_input_ids(input_ids)
         return self.atp.forward(model, input_ids, positions, inputs_embeds)
+
+
+class AtpLlavaForConditionalGeneration(AtpPruning, LlavaForConditionalGeneration):
+    """LLaVA-1.5 with atp's in-LLM pruning."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        self._attach_atp(vllm_config, llava_layout(config), int(config.image_seq_length))
+
+
+class AtpQwen2VLForConditionalGeneration(AtpPruning, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with atp's in-LLM pruning (M-RoPE positions kept)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), None)
+
+
+class AtpQwen2_5_VLForConditionalGeneration(AtpPruning, Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (vLLM's name)
+    """Qwen2.5-VL with atp's in-LLM pruning (M-RoPE positions kept)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), None)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-ARCHITECTURES = {"AtpLlavaForConditionalGeneration": "atp_vllm.models:AtpLlavaForConditionalGeneration"}
+ARCHITECTURES = {
+    name: f"atp_vllm.models:{name}"
+    for name in (
+        "AtpLlavaForConditionalGeneration",
+        "AtpQwen2VLForConditionalGeneration",
+        "AtpQwen2_5_VLForConditionalGeneration",
+    )
+}
 
 
 def register() -> None:
