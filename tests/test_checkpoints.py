@@ -227,6 +227,22 @@ def test_llava_weights_are_named_as_on_the_hub_and_load_as_written(tmp_path, fam
     assert loaded.config.text_config.hidden_size == 128  # 4 heads of 32
 
 
+def test_llava_takes_its_image_and_patch_size():
+    """LLaVA-1.5's 576 visual tokens (336 px, 14 px patches), for benchmarks at the paper's shape."""
+    import numpy as np
+    from PIL import Image
+
+    model, processor = tiny_model_and_processor("llava", num_layers=1, image_size=336, patch_size=14)
+    image = Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8))
+    inputs = processor(text="USER: <image>\nWhat is it ? ASSISTANT:", images=image, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+    assert inputs["pixel_values"].shape[-2:] == (336, 336)
+    with pytest.raises(ValueError, match="LLaVA-1.5's options"):
+        tiny_model_and_processor("qwen2_vl", image_size=64)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_model_and_processor("llava", image_size=30, patch_size=8)
+
+
 def test_cli_sets_the_head_width(tmp_path, capsys):
     folder = tmp_path / "wide"
     assert main(["tiny-checkpoint", str(folder), "--family", "qwen2_5_vl", "--head-dim", "32"]) == 0

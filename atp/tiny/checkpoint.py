@@ -89,7 +89,7 @@ def word_tokenizer(specials: dict[int, str], vocab_size: int, unk: str, bos: str
     return fast
 
 
-def _llava(num_layers: int, seed: int, tiled: bool, hidden_size: int = 64):
+def _llava(num_layers: int, seed: int, tiled: bool, hidden_size: int = 64, image: tuple[int, int] = (32, 8)):
     """A tiny LLaVA-1.5 (``tiled``: LLaVA-NeXT) and its processor, the CLIP tower's CLS token
     counted and dropped as the "default" feature strategy does."""
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
@@ -99,7 +99,9 @@ def _llava(num_layers: int, seed: int, tiled: bool, hidden_size: int = 64):
     if tiled:
         model = tiny_llava_next(num_layers, seed, hidden_size=hidden_size)
     else:
-        model = tiny_llava(num_layers, seed=seed, hidden_size=hidden_size)
+        model = tiny_llava(
+            num_layers, seed=seed, hidden_size=hidden_size, image_size=image[0], patch_size=image[1]
+        )
     config, text, vision = model.config, model.config.text_config, model.config.vision_config
     specials = {text.pad_token_id: "<pad>", text.bos_token_id: "<s>", text.eos_token_id: "</s>"}
     specials.update({3: "<unk>", config.image_token_id: "<image>"})
@@ -169,9 +171,18 @@ def _qwen(num_layers: int, seed: int, version: str, hidden_size: int = 64):
     )
 
 
-def tiny_model_and_processor(family: str = "llava", num_layers: int = 4, seed: int = 0, head_dim: int = 16):
+def tiny_model_and_processor(
+    family: str = "llava",
+    num_layers: int = 4,
+    seed: int = 0,
+    head_dim: int = 16,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+):
     """``(model, processor)``: what :func:`write_tiny_checkpoint` writes, in memory. The language
-    model has 4 heads of ``head_dim`` (hidden ``4 * head_dim``)."""
+    model has 4 heads of ``head_dim`` (hidden ``4 * head_dim``); LLaVA-1.5's images are
+    ``image_size`` pixels square in ``patch_size`` patches (336 / 14: LLaVA-1.5's 576 tokens)."""
     if family not in FAMILIES:
         raise ValueError(f"no tiny checkpoint for family {family!r}; choose one of {', '.join(FAMILIES)}")
     for name, value, least in (("num_layers", num_layers, 1), ("seed", seed, 0), ("head_dim", head_dim, 2)):
@@ -179,13 +190,25 @@ def tiny_model_and_processor(family: str = "llava", num_layers: int = 4, seed: i
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (rotary positions rotate pairs), got {head_dim}")
+    if (image_size, patch_size) != (32, 8):
+        if family != "llava":
+            raise ValueError(f"image_size and patch_size are LLaVA-1.5's options, not {family}'s")
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     if family.startswith("qwen"):
         return _qwen(num_layers, seed, "2" if family == "qwen2_vl" else "2.5", hidden_size=4 * head_dim)
-    return _llava(num_layers, seed, tiled=family == "llava_next", hidden_size=4 * head_dim)
+    return _llava(num_layers, seed, family == "llava_next", 4 * head_dim, (image_size, patch_size))
 
 
 def write_tiny_checkpoint(
-    folder, family: str = "llava", num_layers: int = 4, seed: int = 0, head_dim: int = 16
+    folder,
+    family: str = "llava",
+    num_layers: int = 4,
+    seed: int = 0,
+    head_dim: int = 16,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
 ) -> Path:
     """Write a tiny random ``family`` model with its processor to ``folder`` and return the path.
 
@@ -203,12 +226,16 @@ def write_tiny_checkpoint(
     seed : seed of the random weights.
     head_dim : width of the language model's attention heads (4 heads; serving engines' CPU
         attention kernels take 32 and more).
+    image_size, patch_size : LLaVA-1.5's picture and patch sizes in pixels (``image_size /
+        patch_size`` squared visual tokens per image; 336 and 14 give LLaVA-1.5's 576).
 
     The weights are named as on the hub: the LLaVA families' vision tower under
     ``vision_tower.vision_model.`` (transformers 5 writes ``vision_tower.`` and reads both; serving
     engines read the hub's names).
     """
-    model, processor = tiny_model_and_processor(family, num_layers, seed, head_dim)
+    model, processor = tiny_model_and_processor(
+        family, num_layers, seed, head_dim, image_size=image_size, patch_size=patch_size
+    )
     folder = Path(folder)
     model.save_pretrained(folder)  # safetensors
     processor.save_pretrained(folder)
