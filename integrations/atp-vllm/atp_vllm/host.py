@@ -141,6 +141,12 @@ class VllmHost:
                 )
             else:
                 request.pruned = self.pruned_requests.get(key)
+                if request.pruned is not None and request.query_len > 1:
+                    raise RuntimeError(
+                        "a pruned prompt continued with several tokens in one step (a chunked prefill, or "
+                        "speculative decoding), which atp cannot follow: disable chunked prefill "
+                        "(enable_chunked_prefill=False) and speculative decoding"
+                    )
             requests.append(request)
         return requests
 

@@ -23,11 +23,11 @@ def check_engine(vllm_config) -> None:
             "start the engine with enable_prefix_caching=False (vllm serve --no-enable-prefix-caching)"
         )
     scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
-    if scheduler.max_num_batched_tokens < model.max_model_len:
+    if scheduler.enable_chunked_prefill or getattr(scheduler, "long_prefill_token_threshold", 0):
         raise ValueError(
-            f"max_num_batched_tokens={scheduler.max_num_batched_tokens} is below max_model_len="
-            f"{model.max_model_len}, so chunked prefill may split a multimodal prompt, which atp scores in one "
-            "forward: set max_num_batched_tokens >= max_model_len"
+            "chunked prefill may split a prompt when other requests share the step's token budget, and atp "
+            "scores and prunes a whole prompt in one forward: start the engine with enable_chunked_prefill=False "
+            "(vllm serve --no-enable-chunked-prefill) and no long_prefill_token_threshold"
         )
     if not model.enforce_eager:
         raise ValueError(

@@ -35,6 +35,7 @@ def engine(spec: dict):
         "limit_mm_per_prompt": {"image": 1},
         "seed": 0,
         "enable_prefix_caching": False,
+        "enable_chunked_prefill": False,
         **spec.get("engine", {}),
     }
     if spec.get("atp") is not None:

@@ -240,10 +240,12 @@ def test_qwen_keeps_and_generates_as_on_transformers(qwen_checkpoints, family, n
 
 
 # refusals: at engine start, with what to change ----------------------------------------------------
-def engine_config(prefix_caching=False, batched=1024, eager=True):
+def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True):
     return SimpleNamespace(
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
-        scheduler_config=SimpleNamespace(max_num_batched_tokens=batched),
+        scheduler_config=SimpleNamespace(
+            enable_chunked_prefill=chunked, long_prefill_token_threshold=threshold
+        ),
         model_config=SimpleNamespace(max_model_len=1024, enforce_eager=eager),
     )
 
@@ -252,7 +254,8 @@ def engine_config(prefix_caching=False, batched=1024, eager=True):
     ("settings", "message"),
     [
         ({"prefix_caching": True}, "enable_prefix_caching=False"),
-        ({"batched": 512}, "max_num_batched_tokens >= max_model_len"),
+        ({"chunked": True}, "enable_chunked_prefill=False"),
+        ({"threshold": 256}, "no long_prefill_token_threshold"),
         ({"eager": False}, "enforce_eager=True"),
     ],
 )
@@ -323,7 +326,7 @@ def test_vllm_serve_answers_chat_requests_as_atp_on_transformers(checkpoint, tmp
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint), "--host", "127.0.0.1",
         "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-        "--no-enable-prefix-caching", "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
+        "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--limit-mm-per-prompt", '{"image": 1}', "--seed", "0",
         "--hf-overrides", json.dumps(overrides),
     ]  # fmt: skip
     log = tmp_path / "server.log"
