@@ -216,7 +216,9 @@ def write_tiny_checkpoint(
     ``model.safetensors`` (random weights from ``seed``), ``tokenizer.json``,
     ``tokenizer_config.json``, ``processor_config.json`` (the image processor and the token
     counts; Qwen's also the video processor) and ``chat_template.jinja``. Files of the same name
-    already in ``folder`` are overwritten.
+    already in ``folder`` are overwritten. The weights are named as on the hub: the LLaVA families'
+    vision tower under ``vision_tower.vision_model.`` (transformers 5 writes ``vision_tower.`` and
+    reads both; serving engines read the hub's names).
 
     Parameters
     ----------
@@ -228,10 +230,6 @@ def write_tiny_checkpoint(
         attention kernels take 32 and more).
     image_size, patch_size : LLaVA-1.5's picture and patch sizes in pixels (``image_size /
         patch_size`` squared visual tokens per image; 336 and 14 give LLaVA-1.5's 576).
-
-    The weights are named as on the hub: the LLaVA families' vision tower under
-    ``vision_tower.vision_model.`` (transformers 5 writes ``vision_tower.`` and reads both; serving
-    engines read the hub's names).
     """
     model, processor = tiny_model_and_processor(
         family, num_layers, seed, head_dim, image_size=image_size, patch_size=patch_size

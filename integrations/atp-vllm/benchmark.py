@@ -18,8 +18,8 @@ max_tokens 16, greedy.
   before the forward, for all layers alike, so pruning saves compute here, not KV memory; see
   docs/serving.md).
 
-FLOPs convention for the ratio printed beside: 2 FLOPs per multiply-add, decoder layers only
-(atp.core.efficiency, the vision tower and LM head excluded).
+``Token`` is the paper's metric (visual tokens at the input of each decoder layer, averaged over the
+8 layers); no FLOPs figure is printed here (``atp flops`` gives them for a schedule).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 METHODS = {
     "unpruned": None,
-    "fastv": {"layers": [2], "policy": "fastv", "options": {"ratio": 0.25}},
+    "fastv": {"layers": [2], "policy": "fastv", "options": {"ratio": 0.75}},  # FastV's R: the share dropped
     "fixed": {"layers": [2], "policy": "fixed", "options": {"keep": [0.25]}},
     "atp": {"layers": [1, 4, 6], "policy": "atp", "options": {}},
 }
