@@ -69,6 +69,8 @@ class VllmHost:
         self.hooks = []
         if policy.scorer is not None:
             for k, layer in enumerate(atp_layers):
+                if layer == 0:  # a policy before the language model reads no attention
+                    continue
                 attention = layers[layer - 1].self_attn.attn
                 self.hooks.append(attention.register_forward_pre_hook(self._capture(k)))
 
@@ -181,7 +183,7 @@ class VllmHost:
             if p is None:
                 piece, piece_rows = stream[start:end], rows[start:end]
             else:
-                if self.policy.scorer is not None:
+                if self.policy.scorer is not None and layer > 0:
                     attention = self.layers[layer - 1].self_attn.attn
                     heads, kv_heads, width = attention.num_heads, attention.num_kv_heads, attention.head_size
                     q = query[start:end].view(end - start, heads, width).transpose(0, 1)[None]

@@ -7,7 +7,9 @@ A model opts in with ``hf_overrides`` (``LLM(..., hf_overrides=...)`` or ``vllm 
      "atp": {"layers": [2], "policy": "fastv", "options": {"ratio": 0.5}}}
 
 ``atp`` takes what ``atp.attach`` takes: ``layers``, ``policy``, ``options`` and ``checkpoint`` (a
-folder written by ``handle.save_pretrained``: its layers, policy, options and weights).
+folder written by ``handle.save_pretrained``: its layers, policy, options and weights). A policy that
+acts before the language model (``pool``) runs at layer 0's input, as on transformers: its kept
+tokens keep their original positions, and every layer computes only them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def read_settings(config, num_layers: int) -> AtpSettings:
     """The ``atp`` entry of the model's config, checked (the engine does not start on a bad one)."""
     from atp.host.attach import default_layers, validate_layers
     from atp.host.checkpoint import read_config
+    from atp.plugins import registry
 
     given = getattr(config, "atp", None)
     if given is None:
@@ -57,6 +60,12 @@ def read_settings(config, num_layers: int) -> AtpSettings:
             )
         layers, policy, options = saved["layers"], saved["policy"], {**saved["options"], **options}
     policy = "atp" if policy is None else policy
+    if registry().get("policy", policy).factory.pre_llm:  # as atp.attach: it acts before layer 0
+        if layers not in (None, [0], (0,)):
+            raise ValueError(
+                f"policy {policy!r} acts before the language model: leave layers out (or pass [0])"
+            )
+        return AtpSettings(layers=(0,), policy=policy, options=options, checkpoint=checkpoint)
     layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
     return AtpSettings(layers=layers, policy=policy, options=options, checkpoint=checkpoint)
 
@@ -68,10 +77,6 @@ def build_policy(settings: AtpSettings, num_layers: int, num_visual: int):
     from atp.policies.base import PolicyContext
 
     entry = registry().get("policy", settings.policy)
-    if entry.factory.pre_llm:
-        raise ValueError(
-            f"policy {settings.policy!r} acts before the language model; atp-vllm runs in-LLM policies only so far"
-        )
     known = entry.factory.option_names()
     unknown = sorted(set(settings.options) - set(known))
     if unknown:

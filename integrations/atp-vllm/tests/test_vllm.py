@@ -83,7 +83,7 @@ def transformers_reference(
             handle = atp.attach(model, from_pretrained=settings["checkpoint"])
         else:
             handle = atp.attach(
-                model, layers=settings["layers"], policy=settings["policy"], **settings.get("options", {})
+                model, layers=settings.get("layers"), policy=settings["policy"], **settings.get("options", {})
             )
     outputs, kept = [], []
     for index, (prompt, seed) in enumerate(zip(PROMPTS, IMAGES)):
@@ -131,6 +131,7 @@ POLICIES = {
     "random": {"layers": [2], "policy": "random", "options": {"keep": [0.5], "seed": 3}},
     "atp": {"layers": [1, 3], "policy": "atp", "options": {}},
     "keep_all": {"layers": [2], "policy": "keep_all", "options": {}},
+    "pool": {"policy": "pool", "options": {"stride": 2}},  # before layer 0: a 2 x 2 average
 }
 
 
