@@ -71,6 +71,7 @@ BOUNDS = {  # (command, flag): (values accepted, values refused), the intent of 
     ("bench", "--new-tokens"): ("1", "0"),
     ("bench", "--text-tokens"): ("9", "8"),
     ("tiny-checkpoint", "--num-layers"): ("1", "0 -1"),
+    ("tiny-checkpoint", "--head-dim"): ("2 32", "1 0 -1"),
     **{("atp.cli.scaling", f): ("1", "0") for f in ("--num-layers", "--hidden-size", "--heads", "--repeats")},
     **{("atp.cli.scaling", f): ("1", "0") for f in ("--new-tokens", "--threads")},
     ("atp.cli.scaling", "--warmup"): ("0", "-1"),
