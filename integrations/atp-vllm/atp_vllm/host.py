@@ -89,8 +89,13 @@ class VllmHost:
 
         context = get_forward_context() if is_forward_context_available() else None
         metadata = getattr(context, "attn_metadata", None)
-        if not isinstance(metadata, dict) or self.names[0] not in metadata or input_ids is None:
-            return self._plain(model, positions, hidden)  # a profiling or dummy run
+        if not isinstance(metadata, dict) or self.names[0] not in metadata:
+            return self._plain(model, positions, hidden)  # a profiling or dummy run: nothing to prune
+        if input_ids is None:
+            raise RuntimeError(
+                "vLLM ran the model without its token ids, so atp cannot find the image placeholders (the model "
+                "class asks for them with requires_raw_input_tokens; this vLLM release did not honour it)"
+            )
         first = metadata[self.names[0]]
         requests = self._requests(first, input_ids, positions)
         if not any(r.prefill is not None or r.pruned is not None for r in requests):
