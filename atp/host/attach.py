@@ -192,26 +192,26 @@ def attach(
     if from_pretrained is not None:
         saved = checkpoint.read_config(from_pretrained)
         checkpoint.check_identity(saved["model"], checkpoint.model_identity(adapter), from_pretrained)
-        layers, policy, positions = _saved_choices(saved, layers, policy, positions)
+        layers, policy, positions = saved_choices(saved, layers, policy, positions)
         budget_loss = saved.get("budget_loss", "normalized") if budget_loss is None else budget_loss
         options = {**saved["options"], **options}
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
     entry = registry().get("policy", policy)
-    layers = _policy_layers(entry.factory, policy, layers, num_layers)
+    layers = policy_layers(entry.factory, policy, layers, num_layers)
     if prune_mode not in PRUNE_MODES:
         raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
     if hard_masks is not None and not isinstance(hard_masks, bool):
         raise TypeError(f"hard_masks must be True, False or None, got {hard_masks!r}")
     budget = Budget(**budget_given, add_to_loss=bool(add_budget_loss))
-    _check_options(entry.factory, policy, options)
+    check_options(entry.factory, policy, options)
     implementation = _checked_attention(adapter)
     budget_loss = "normalized" if budget_loss is None else budget_loss
     loss_factory = registry().get("budget_loss", budget_loss).factory
     positions = "keep" if positions is None else positions
     keeper = _position_keeper(adapter, positions, prune_mode)
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
-    policy_module = _policy_module(entry.factory, context, options, from_pretrained)
+    policy_module = build_policy_module(entry.factory, context, options, from_pretrained)
 
     # validated: from here on the model is modified ----------------------------------------
     observers = registry().observers() if observe else []
@@ -235,7 +235,7 @@ def attach(
     return handle
 
 
-def _policy_module(factory, context: PolicyContext, options: dict, from_pretrained) -> nn.Module:
+def build_policy_module(factory, context: PolicyContext, options: dict, from_pretrained) -> nn.Module:
     """The policy's module, with a checkpoint's weights when ``from_pretrained`` names one."""
     with torch.device("cpu"):  # weights that exist (under an ambient meta device there would be none)
         module = factory(context, **options)
@@ -273,7 +273,7 @@ def _checked_model(model: nn.Module):
     return adapter
 
 
-def _saved_choices(saved: dict, layers, policy, positions) -> tuple:
+def saved_choices(saved: dict, layers, policy, positions) -> tuple:
     """A checkpoint's layers, policy and position keeper; explicit arguments must agree with them."""
     if layers is not None and list(layers) != saved["layers"]:
         raise ValueError(
@@ -288,7 +288,7 @@ def _saved_choices(saved: dict, layers, policy, positions) -> tuple:
     return saved["layers"], saved["policy"], saved.get("positions", "keep")
 
 
-def _policy_layers(factory, policy: str, layers, num_layers: int) -> tuple[int, ...]:
+def policy_layers(factory, policy: str, layers, num_layers: int) -> tuple[int, ...]:
     """The ATP layers: ``(0,)`` for a policy acting before the language model, else the given or
     default layers, validated."""
     if factory.pre_llm:
@@ -300,7 +300,8 @@ def _policy_layers(factory, policy: str, layers, num_layers: int) -> tuple[int, 
     return validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
 
 
-def _check_options(factory, policy: str, options: dict) -> None:
+def check_options(factory, policy: str, options: dict) -> None:
+    """Every option is one the policy takes (its constructor checks the values)."""
     known = factory.option_names()
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -48,6 +48,7 @@ def worker(checkpoint: str, settings: dict | None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import numpy as np
+    from atp_vllm import ENGINE_ARGUMENTS
     from PIL import Image
     from vllm import LLM, SamplingParams
 
@@ -55,11 +56,9 @@ def worker(checkpoint: str, settings: dict | None) -> None:
         "model": checkpoint,
         "dtype": "float32",
         "max_model_len": 1024,
-        "enforce_eager": True,
         "limit_mm_per_prompt": {"image": 1},
         "seed": 0,
-        "enable_prefix_caching": False,
-        "enable_chunked_prefill": False,
+        **ENGINE_ARGUMENTS,
         "max_num_batched_tokens": 16 * 1024,
     }
     if settings is not None:

@@ -22,6 +22,13 @@ def check_engine(vllm_config) -> None:
             "atp prunes each prompt's KV cache, so a cached prefix would hold another prompt's kept tokens: "
             "start the engine with enable_prefix_caching=False (vllm serve --no-enable-prefix-caching)"
         )
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ValueError(
+            "atp scores the visual tokens from all attention heads of a layer, and under tensor or pipeline "
+            "parallelism a process holds only some heads or layers: use tensor_parallel_size=1 and "
+            "pipeline_parallel_size=1 (data parallel replicas are fine)"
+        )
     scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
     if scheduler.enable_chunked_prefill or getattr(scheduler, "long_prefill_token_threshold", 0):
         raise ValueError(
@@ -81,11 +88,17 @@ class AtpPruning:
 
     requires_raw_input_tokens = True  # the host finds the image placeholders in the token ids
 
-    def _attach_atp(self, vllm_config, read_layout, num_visual: int | None) -> None:
+    def _attach_atp(self, vllm_config, read_layout, family: str, num_visual: int | None) -> None:
         check_engine(vllm_config)
         config = vllm_config.model_config.hf_config
         layers = self.language_model.model.layers
-        settings = read_settings(config, len(layers))
+        identity = {
+            "family": family,
+            "hidden_size": config.get_text_config().hidden_size,
+            "num_layers": len(layers),
+            "num_visual_tokens": num_visual,
+        }
+        settings = read_settings(config, len(layers), identity)
         policy = build_policy(settings, len(layers), num_visual)
         names = [layer.self_attn.attn.layer_name for layer in layers]
         self.atp = VllmHost(layers, names, policy, settings.layers, read_layout)
@@ -103,7 +116,7 @@ class AtpLlavaForConditionalGeneration(AtpPruning, LlavaForConditionalGeneration
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
-        self._attach_atp(vllm_config, llava_layout(config), int(config.image_seq_length))
+        self._attach_atp(vllm_config, llava_layout(config), "llava", int(config.image_seq_length))
 
 
 class AtpQwen2VLForConditionalGeneration(AtpPruning, Qwen2VLForConditionalGeneration):
@@ -111,7 +124,7 @@ class AtpQwen2VLForConditionalGeneration(AtpPruning, Qwen2VLForConditionalGenera
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), None)
+        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), "qwen2_vl", None)
 
 
 class AtpQwen2_5_VLForConditionalGeneration(AtpPruning, Qwen2_5_VLForConditionalGeneration):  # noqa: N801 (vLLM's name)
@@ -119,4 +132,4 @@ class AtpQwen2_5_VLForConditionalGeneration(AtpPruning, Qwen2_5_VLForConditional
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), None)
+        self._attach_atp(vllm_config, qwen_layout(vllm_config.model_config.hf_config), "qwen2_5_vl", None)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 KEYS = ("layers", "policy", "options", "checkpoint")
 
 
@@ -29,10 +27,12 @@ class AtpSettings:
     checkpoint: str | None = None
 
 
-def read_settings(config, num_layers: int) -> AtpSettings:
-    """The ``atp`` entry of the model's config, checked (the engine does not start on a bad one)."""
-    from atp.host.attach import default_layers, validate_layers
-    from atp.host.checkpoint import read_config
+def read_settings(config, num_layers: int, identity: dict) -> AtpSettings:
+    """The ``atp`` entry of the model's config, checked as ``atp.attach`` checks its arguments (the
+    engine does not start on a bad one). ``identity``: the served model's family and sizes, which a
+    checkpoint must agree with (:func:`atp.host.checkpoint.model_identity`'s keys)."""
+    from atp.host.attach import policy_layers, saved_choices
+    from atp.host.checkpoint import check_identity, read_config
     from atp.plugins import registry
 
     given = getattr(config, "atp", None)
@@ -50,43 +50,26 @@ def read_settings(config, num_layers: int) -> AtpSettings:
     checkpoint = given.get("checkpoint")
     if checkpoint is not None:
         saved = read_config(checkpoint)
-        if layers is not None and list(layers) != saved["layers"]:
+        check_identity(saved["model"], identity, checkpoint)
+        layers, policy, positions = saved_choices(saved, layers, policy, None)
+        if positions != "keep":
             raise ValueError(
-                f"layers {list(layers)} differ from the checkpoint's {saved['layers']}; leave them out"
+                f"the checkpoint {checkpoint} was trained with positions={positions!r}; atp-vllm keeps the "
+                "original positions only (positions='keep')"
             )
-        if policy is not None and policy != saved["policy"]:
-            raise ValueError(
-                f"policy {policy!r} differs from the checkpoint's {saved['policy']!r}; leave it out"
-            )
-        layers, policy, options = saved["layers"], saved["policy"], {**saved["options"], **options}
+        options = {**saved["options"], **options}
     policy = "atp" if policy is None else policy
-    if registry().get("policy", policy).factory.pre_llm:  # as atp.attach: it acts before layer 0
-        if layers not in (None, [0], (0,)):
-            raise ValueError(
-                f"policy {policy!r} acts before the language model: leave layers out (or pass [0])"
-            )
-        return AtpSettings(layers=(0,), policy=policy, options=options, checkpoint=checkpoint)
-    layers = validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
+    layers = policy_layers(registry().get("policy", policy).factory, policy, layers, num_layers)
     return AtpSettings(layers=layers, policy=policy, options=options, checkpoint=checkpoint)
 
 
-def build_policy(settings: AtpSettings, num_layers: int, num_visual: int):
+def build_policy(settings: AtpSettings, num_layers: int, num_visual: int | None):
     """The policy module, as ``atp.attach`` builds it (weights from the checkpoint when given)."""
-    from atp.host.checkpoint import load_weights
+    from atp.host.attach import build_policy_module, check_options
     from atp.plugins import registry
     from atp.policies.base import PolicyContext
 
-    entry = registry().get("policy", settings.policy)
-    known = entry.factory.option_names()
-    unknown = sorted(set(settings.options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"policy {settings.policy!r} does not take option(s) {', '.join(unknown)}; "
-            f"its options are: {', '.join(known) or 'none'}"
-        )
-    with torch.device("cpu"):
-        policy = entry.factory(PolicyContext(settings.layers, num_layers, num_visual), **settings.options)
-    if settings.checkpoint is not None:
-        load_weights(policy, settings.checkpoint)
-        policy.untrained = False
-    return policy.eval()
+    factory = registry().get("policy", settings.policy).factory
+    check_options(factory, settings.policy, settings.options)
+    context = PolicyContext(settings.layers, num_layers, num_visual)
+    return build_policy_module(factory, context, settings.options, settings.checkpoint).eval()

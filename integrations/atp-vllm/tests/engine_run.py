@@ -25,17 +25,16 @@ def picture(seed: int):
 
 
 def engine(spec: dict):
+    from atp_vllm import ENGINE_ARGUMENTS
     from vllm import LLM
 
     arguments = {
         "model": spec["model"],
         "dtype": "float32",
         "max_model_len": 1024,
-        "enforce_eager": True,
         "limit_mm_per_prompt": {"image": 1},
         "seed": 0,
-        "enable_prefix_caching": False,
-        "enable_chunked_prefill": False,
+        **ENGINE_ARGUMENTS,
         **spec.get("engine", {}),
     }
     if spec.get("atp") is not None:

@@ -241,8 +241,9 @@ def test_qwen_keeps_and_generates_as_on_transformers(qwen_checkpoints, family, n
 
 
 # refusals: at engine start, with what to change ----------------------------------------------------
-def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True):
+def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True, tensor=1, pipeline=1):
     return SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline),
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
         scheduler_config=SimpleNamespace(
             enable_chunked_prefill=chunked, long_prefill_token_threshold=threshold
@@ -256,6 +257,8 @@ def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True):
     [
         ({"prefix_caching": True}, "enable_prefix_caching=False"),
         ({"chunked": True}, "enable_chunked_prefill=False"),
+        ({"tensor": 2}, "tensor_parallel_size=1"),
+        ({"pipeline": 2}, "pipeline_parallel_size=1"),
         ({"threshold": 256}, "no long_prefill_token_threshold"),
         ({"eager": False}, "enforce_eager=True"),
     ],
@@ -266,6 +269,28 @@ def test_engine_settings_atp_cannot_follow_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         check_engine(engine_config(**settings))
     check_engine(engine_config())  # the defaults of these tests pass
+
+
+IDENTITY = {"family": "llava", "hidden_size": 128, "num_layers": 4, "num_visual_tokens": 16}
+
+
+def test_a_checkpoint_for_another_model_or_other_positions_is_refused(tmp_path):
+    from atp_vllm.settings import read_settings
+
+    from atp.tiny.models import tiny_llava
+
+    model = tiny_llava(num_layers=4, hidden_size=64)  # not the served width
+    atp.attach(model, layers=[1, 3], policy="atp").save_pretrained(tmp_path / "narrow")
+    config = SimpleNamespace(atp={"checkpoint": str(tmp_path / "narrow")})
+    with pytest.raises(ValueError, match="made for another model.*hidden_size: checkpoint 64, model 128"):
+        read_settings(config, num_layers=4, identity=IDENTITY)
+    model = tiny_llava(num_layers=4, hidden_size=128)
+    atp.attach(model, layers=[1, 3], policy="fixed", keep=[8, 4], positions="renumber").save_pretrained(
+        tmp_path / "renumbered"
+    )
+    config = SimpleNamespace(atp={"checkpoint": str(tmp_path / "renumbered")})
+    with pytest.raises(ValueError, match="positions='renumber'; atp-vllm keeps the original positions"):
+        read_settings(config, num_layers=4, identity=IDENTITY)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +308,7 @@ def test_bad_atp_settings_are_refused_with_what_to_do(given, message):
 
     config = SimpleNamespace(atp=given) if given is not None else SimpleNamespace()
     with pytest.raises((ValueError, TypeError), match=message):
-        build_policy(read_settings(config, num_layers=4), num_layers=4, num_visual=16)
+        build_policy(read_settings(config, num_layers=4, identity=IDENTITY), num_layers=4, num_visual=16)
 
 
 def test_a_refusal_stops_the_engine_with_the_message(checkpoint):
