@@ -9,8 +9,8 @@ engine: median and a 95% bootstrap interval over rounds (atp bench's convention)
 
 The model: a random LLaVA-1.5-shaped checkpoint written offline (336 px images in 14 px patches:
 576 visual tokens; 8 decoder layers of width 1024 in 4 heads of 256), float32, vLLM's CPU engine
-in eager mode. Per round and concurrency C in (1, 4, 16): C requests with different images at once,
-max_tokens 16, greedy.
+in eager mode (``--compile``: vLLM's default compilation). Per round and concurrency C in
+(1, 4, 16): C requests with different images at once, max_tokens 16, greedy.
 
 * ``ttft``: the time to the first token of one request alone (max_tokens 1): the prefill.
 * ``requests/s`` and ``output tokens/s`` at each concurrency.
@@ -43,7 +43,7 @@ CONCURRENCY = (1, 4, 16)
 QUESTION = "USER: <image>\nWhat is shown in the image ? ASSISTANT:"
 
 
-def worker(checkpoint: str, settings: dict | None) -> None:
+def worker(checkpoint: str, settings: dict | None, compiled: bool) -> None:
     """Hold one engine; answer the driver's commands (one JSON line each) until stdin closes."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -59,6 +59,7 @@ def worker(checkpoint: str, settings: dict | None) -> None:
         "limit_mm_per_prompt": {"image": 1},
         "seed": 0,
         **ENGINE_ARGUMENTS,
+        "enforce_eager": not compiled,
         "max_num_batched_tokens": 16 * 1024,
     }
     if settings is not None:
@@ -126,10 +127,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--output", help="also write the JSON record here")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="vLLM's default compilation for every engine (default: eager mode)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("CHECKPOINT", "SETTINGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], json.loads(args.worker[1]))
+        worker(args.worker[0], json.loads(args.worker[1]), args.compile)
         return 0
     from atp.core.measure import paired_ratios, summarize
 
@@ -138,7 +144,8 @@ def main() -> int:
     workers = {}
     for name, settings in METHODS.items():
         workers[name] = subprocess.Popen(
-            [sys.executable, __file__, "--worker", checkpoint, json.dumps(settings)],
+            [sys.executable, __file__, "--worker", checkpoint, json.dumps(settings)]
+            + ["--compile"] * args.compile,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -169,6 +176,7 @@ def main() -> int:
     record = {
         "model": "LLaVA-1.5 shape, random weights, 8 layers x 1024, 576 visual tokens",
         "rounds": args.rounds,
+        "mode": "compiled (vLLM's default compilation)" if args.compile else "eager (enforce_eager=True)",
     }
     record["methods"] = {}
     base = samples["unpruned"]

@@ -4,4 +4,4 @@
 settings atp needs (others are refused at engine start, :func:`atp_vllm.models.check_engine`).
 """
 
-ENGINE_ARGUMENTS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
+ENGINE_ARGUMENTS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 
 import torch
 
@@ -53,11 +54,59 @@ class Request:
         return self.end - self.start
 
 
+class LayerRuns:
+    """Runs of consecutive decoder layers ``[start, stop)``: eager, or, when the engine compiles its
+    model (``compile_options``: ``torch.compile``'s backend and options), one compiled function per
+    run. Between ATP layers the token count changes per request, so each run is compiled with a
+    dynamic token dimension (at most two graphs: one token, and more) and the pruning steps
+    themselves (scoring, gathers, the compacted metadata) stay eager between the runs."""
+
+    def __init__(self, layers, compile_options: dict | None):
+        self.layers = layers
+        self.compile_options = compile_options
+        self.runs: dict[tuple[int, int], object] = {}
+        self.codes: dict[tuple[int, int], types.CodeType] = {}  # each compiled run's own code object
+
+    def __call__(self, start: int, stop: int, positions, hidden, residual):
+        if stop <= start:
+            return hidden, residual
+        run = self.runs.get((start, stop))
+        if run is None:
+            run = self.runs[(start, stop)] = self._build(start, stop)
+        return run(positions, hidden, residual)
+
+    def _build(self, start: int, stop: int):
+        layers = list(self.layers[start:stop])
+
+        def run(positions, hidden, residual):
+            for layer in layers:
+                hidden, residual = layer(positions, hidden, residual)
+            return hidden, residual
+
+        if self.compile_options is None:
+            return run
+        # a code object of its own: dynamo keeps compiled graphs (and counts recompilations) per code
+        # object, and every run would otherwise share ``run``'s
+        code = run.__code__.replace(co_name=f"atp_layers_{start}_{stop}")
+        run = types.FunctionType(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
+        self.codes[(start, stop)] = code
+        return torch.compile(run, dynamic=True, fullgraph=True, **self.compile_options)
+
+
 class VllmHost:
     """Prunes one vLLM language model (its decoder ``layers`` and attention layer names)."""
 
-    def __init__(self, layers, attention_names: list[str], policy, atp_layers: tuple[int, ...], read_layout):
+    def __init__(
+        self,
+        layers,
+        attention_names: list[str],
+        policy,
+        atp_layers: tuple[int, ...],
+        read_layout,
+        compile_options: dict | None = None,
+    ):
         self.layers = layers
+        self.runs = LayerRuns(layers, compile_options)
         self.names = attention_names
         self.policy = policy
         self.atp_layers = atp_layers
@@ -89,8 +138,10 @@ class VllmHost:
 
         context = get_forward_context() if is_forward_context_available() else None
         metadata = getattr(context, "attn_metadata", None)
-        if not isinstance(metadata, dict) or self.names[0] not in metadata:
-            return self._plain(model, positions, hidden)  # a profiling or dummy run: nothing to prune
+        if not isinstance(metadata, dict) or self.names[0] not in metadata:  # a profiling or dummy run
+            if self.runs.compile_options is not None and not self.warm:
+                self._warm_up(positions, hidden)
+            return self._plain(model, positions, hidden)
         if input_ids is None:
             raise RuntimeError(
                 "vLLM ran the model without its token ids, so atp cannot find the image placeholders (the model "
@@ -112,10 +163,36 @@ class VllmHost:
                 if slots is not None:
                     context.slot_mapping[name] = slots
 
+    warm = False
+
+    def _warm_up(self, positions, hidden) -> None:
+        """Compile, during vLLM's warm-up, the layer runs a pruned forward takes (between the layers
+        that keep queries and keys and the ATP layers), for many tokens and for one, so that no
+        request waits for a compilation. Nothing is pruned: a dummy run has no requests. Requests
+        run in inference mode, and dynamo's guards tell its tensors from a dummy run's."""
+        with torch.inference_mode():
+            positions, hidden = positions.clone(), hidden.clone()
+            for rows in (slice(None), slice(0, 1)):
+                self._warm_up_rows(positions[..., rows], hidden[rows])
+        self.warm = True
+
+    def _warm_up_rows(self, positions, hidden) -> None:
+        piece, residual, done = hidden, None, 0
+        for i in self.atp_layers:
+            stop = i - 1 if self._captures(i) else i
+            piece, residual = self.runs(done, stop, positions, piece, residual)
+            if stop >= done and self._captures(i):
+                piece, residual = self.layers[stop](positions, piece, residual)
+            piece, residual, done = piece if residual is None else piece + residual, None, i
+        self.runs(done, len(self.layers), positions, piece, residual)
+        self.runs(0, len(self.layers), positions, hidden, None)
+
+    def _captures(self, layer: int) -> bool:
+        """Whether ATP layer ``layer`` scores from the queries and keys of layer ``layer - 1``."""
+        return self.policy.scorer is not None and layer > 0
+
     def _plain(self, model, positions, hidden):
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        hidden, residual = self.runs(0, len(self.layers), positions, hidden, None)
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
@@ -165,17 +242,21 @@ class VllmHost:
         full = hidden.clone()
         hidden = hidden[: first.num_actual_tokens]
         current_positions = positions[..., : first.num_actual_tokens]
-        residual = None
-        for i, layer in enumerate(self.layers):
-            if i in self.atp_index:
-                k = self.atp_index[i]
-                stream = hidden if residual is None else hidden + residual
-                residual = None
-                full[rows] = stream
-                hidden, rows, ranges = self._atp_layer(k, i, requests, stream, rows, ranges)
-                current_positions = positions[..., rows]
-                self._install_segment(k, context, first, requests, ranges)
-            hidden, residual = layer(current_positions, hidden, residual)
+        residual, done = None, 0  # layers [0, done) have run
+        for k, i in enumerate(self.atp_layers):
+            captures = self._captures(i)  # layer i - 1 keeps its queries and keys
+            stop = i - 1 if captures else i
+            hidden, residual = self.runs(done, stop, current_positions, hidden, residual)
+            if captures and stop >= done:  # eager, so that its attention's pre-hook runs
+                hidden, residual = self.layers[stop](current_positions, hidden, residual)
+            stream = hidden if residual is None else hidden + residual
+            residual = None
+            full[rows] = stream
+            hidden, rows, ranges = self._atp_layer(k, i, requests, stream, rows, ranges)
+            current_positions = positions[..., rows]
+            self._install_segment(k, context, first, requests, ranges)
+            done = i
+        hidden, residual = self.runs(done, len(self.layers), current_positions, hidden, residual)
         full[rows] = hidden if residual is None else hidden + residual
         self._remember(requests)
         return model.norm(full)

@@ -5,6 +5,7 @@ by :class:`atp_vllm.host.VllmHost`. Chosen per engine with ``hf_overrides={"arch
 from __future__ import annotations
 
 import torch
+from vllm.config import CompilationMode
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -29,18 +30,36 @@ def check_engine(vllm_config) -> None:
             "parallelism a process holds only some heads or layers: use tensor_parallel_size=1 and "
             "pipeline_parallel_size=1 (data parallel replicas are fine)"
         )
-    scheduler, model = vllm_config.scheduler_config, vllm_config.model_config
+    scheduler = vllm_config.scheduler_config
     if scheduler.enable_chunked_prefill or getattr(scheduler, "long_prefill_token_threshold", 0):
         raise ValueError(
             "chunked prefill may split a prompt when other requests share the step's token budget, and atp "
             "scores and prunes a whole prompt in one forward: start the engine with enable_chunked_prefill=False "
             "(vllm serve --no-enable-chunked-prefill) and no long_prefill_token_threshold"
         )
-    if not model.enforce_eager:
+    compiling = vllm_config.compilation_config
+    if compiling.mode not in (
+        CompilationMode.NONE,
+        CompilationMode.DYNAMO_TRACE_ONCE,
+        CompilationMode.VLLM_COMPILE,
+    ):
         raise ValueError(
-            "atp-vllm runs in eager mode only so far (the pruned layers' shapes change per request): "
-            "start the engine with enforce_eager=True (vllm serve --enforce-eager)"
+            f"compilation mode {compiling.mode.name} compiles the whole model forward as one graph, and atp's "
+            "pruning steps between the layers are per-request Python: use vLLM's default compilation "
+            "(mode VLLM_COMPILE) or enforce_eager=True"
         )
+
+
+def compile_options(vllm_config) -> dict | None:
+    """``torch.compile``'s backend and options for the language model's layer runs, as vLLM would
+    compile the model (its backend and inductor settings), or None in eager mode."""
+    compiling = vllm_config.compilation_config
+    if vllm_config.model_config.enforce_eager or compiling.mode == CompilationMode.NONE:
+        return None
+    backend = compiling.backend or "inductor"
+    if backend != "inductor":
+        return {"backend": backend}
+    return {"backend": backend, "options": dict(compiling.inductor_compile_config)}
 
 
 def llava_layout(config):
@@ -101,7 +120,7 @@ class AtpPruning:
         settings = read_settings(config, len(layers), identity)
         policy = build_policy(settings, len(layers), num_visual)
         names = [layer.self_attn.attn.layer_name for layer in layers]
-        self.atp = VllmHost(layers, names, policy, settings.layers, read_layout)
+        self.atp = VllmHost(layers, names, policy, settings.layers, read_layout, compile_options(vllm_config))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         model = self.language_model.model

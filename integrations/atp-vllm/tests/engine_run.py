@@ -34,6 +34,7 @@ def engine(spec: dict):
         "max_model_len": 1024,
         "limit_mm_per_prompt": {"image": 1},
         "seed": 0,
+        "enforce_eager": True,  # starts in half the time; the compile-mode tests turn it off
         **ENGINE_ARGUMENTS,
         **spec.get("engine", {}),
     }
@@ -80,11 +81,21 @@ def staggered(llm, requests, params) -> list[dict]:
     return outputs([finished[str(index)] for index in range(len(requests))])
 
 
+def atp_graphs(llm) -> int:
+    """The graphs dynamo holds for atp's compiled layer runs."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    return sum(len(_debug_get_cache_entry_list(code)) for code in model.atp.runs.codes.values())
+
+
 def main() -> None:
     from vllm import SamplingParams
 
     spec = json.loads(sys.argv[1])
     llm = engine(spec)
+    in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and spec.get("atp") is not None
+    graphs_at_start = atp_graphs(llm) if in_process else None  # compiled while the engine started
     requests = [
         {"prompt": prompt, "multi_modal_data": {"image": picture(seed)}}
         for prompt, seed in zip(spec["prompts"], spec["images"])
@@ -99,11 +110,16 @@ def main() -> None:
         results = staggered(llm, requests, params)
     else:
         results = outputs(llm.generate(requests, params, use_tqdm=False))
-    kept = None
-    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and spec.get("atp") is not None:
+    kept, compiled = None, None
+    if in_process:
         model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         kept = model.atp.kept_log
-    print("ATP-RESULT " + json.dumps({"outputs": results, "kept": kept}), flush=True)
+        compiled = {  # the layer runs atp built, and the graphs dynamo holds for them
+            "runs": sorted(model.atp.runs.runs),
+            "graphs_at_start": graphs_at_start,
+            "graphs": atp_graphs(llm),
+        }
+    print("ATP-RESULT " + json.dumps({"outputs": results, "kept": kept, "compiled": compiled}), flush=True)
 
 
 if __name__ == "__main__":

@@ -241,8 +241,14 @@ def test_qwen_keeps_and_generates_as_on_transformers(qwen_checkpoints, family, n
 
 
 # refusals: at engine start, with what to change ----------------------------------------------------
-def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True, tensor=1, pipeline=1):
+def engine_config(
+    prefix_caching=False, chunked=False, threshold=0, eager=True, tensor=1, pipeline=1, mode=None
+):
+    from vllm.config import CompilationMode
+
+    mode = CompilationMode.NONE if eager else (mode or CompilationMode.DYNAMO_TRACE_ONCE)
     return SimpleNamespace(
+        compilation_config=SimpleNamespace(mode=mode),
         parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline),
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
         scheduler_config=SimpleNamespace(
@@ -260,15 +266,57 @@ def engine_config(prefix_caching=False, chunked=False, threshold=0, eager=True, 
         ({"tensor": 2}, "tensor_parallel_size=1"),
         ({"pipeline": 2}, "pipeline_parallel_size=1"),
         ({"threshold": 256}, "no long_prefill_token_threshold"),
-        ({"eager": False}, "enforce_eager=True"),
+        ({"eager": False, "mode": "STOCK_TORCH_COMPILE"}, "compiles the whole model forward as one graph"),
     ],
 )
 def test_engine_settings_atp_cannot_follow_are_refused(settings, message):
     from atp_vllm.models import check_engine
+    from vllm.config import CompilationMode
 
+    if "mode" in settings:
+        settings = {**settings, "mode": CompilationMode[settings["mode"]]}
     with pytest.raises(ValueError, match=message):
         check_engine(engine_config(**settings))
     check_engine(engine_config())  # the defaults of these tests pass
+    check_engine(engine_config(eager=False))  # vLLM's compilation (on a CPU: traced once by dynamo)
+
+
+# torch.compile mode: the layer runs between ATP layers compiled, the pruning steps eager -----------------
+def test_compile_mode_keeps_and_generates_as_on_transformers(checkpoint):
+    """vLLM's default compilation (enforce_eager=False): requests that arrive while others decode,
+    so compiled runs see prefills, decodes and both in one step; the same kept tokens and greedy
+    tokens as atp on transformers, log-probabilities within the same tolerance."""
+    settings = POLICIES["atp"]  # ATP layers 1 and 3: runs [0, 0), [1, 2), [3, 4) around eager layers 0 and 2
+    served = run_engine(checkpoint, settings, mode="staggered", engine={"enforce_eager": False})
+    reference = transformers_reference(checkpoint, settings)
+    assert [entry["masks"] for entry in served["kept"]] == reference["kept"]
+    assert_same(served, reference)
+    # compiled for real: the whole stack (dummy runs, steps without a pruned request) and the runs
+    # between the eager layers that keep queries and keys (layer 0 and 2) and the ATP layers, all
+    # during the engine's warm-up (for many tokens and for one): no request waited for a compilation
+    assert served["compiled"]["runs"] == [[0, 4], [1, 2], [3, 4]]
+    assert served["compiled"]["graphs_at_start"] >= 6
+    assert served["compiled"]["graphs"] == served["compiled"]["graphs_at_start"]
+
+
+def test_compile_mode_serves_qwen_with_mrope_positions(qwen_checkpoints):
+    from transformers import AutoProcessor
+
+    checkpoint = qwen_checkpoints["qwen2_vl"]
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    prompts = [
+        processor.apply_chat_template(chat_messages(prompt, {"type": "image"}), add_generation_prompt=True)
+        for prompt in PROMPTS
+    ]
+    settings = POLICIES["fixed"]  # ranks by attention at layers 1, 2, 3: layers 0-2 eager, [3, 4) compiled
+    served = run_engine(
+        checkpoint, settings, architecture=QWEN["qwen2_vl"], prompts=prompts, engine={"enforce_eager": False}
+    )
+    reference = transformers_reference(checkpoint, settings, prompts=prompts)
+    assert [entry["masks"] for entry in served["kept"]] == reference["kept"]
+    assert_same(served, reference)
+    assert served["compiled"]["runs"] == [[0, 4], [3, 4]]
+    assert served["compiled"]["graphs"] == served["compiled"]["graphs_at_start"]
 
 
 IDENTITY = {"family": "llava", "hidden_size": 128, "num_layers": 4, "num_visual_tokens": 16}
