@@ -111,7 +111,8 @@ class VllmHost:
         self.policy = policy
         self.atp_layers = atp_layers
         self.atp_index = {layer: k for k, layer in enumerate(atp_layers)}
-        self.read_layout = read_layout  # (token ids (L,), positions (..., L)) -> one prompt's VisualLayout
+        # (token ids (L,), positions (..., L), input embeddings (L, D)) -> one prompt's VisualLayout
+        self.read_layout = read_layout
         self.pruned_requests: dict[int, list[int]] = {}  # first KV block -> tokens removed per segment
         self.kept_log: list[dict] = []  # per pruned prefill: kept visual tokens after each ATP layer
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -148,7 +149,7 @@ class VllmHost:
                 "class asks for them with requires_raw_input_tokens; this vLLM release did not honour it)"
             )
         first = metadata[self.names[0]]
-        requests = self._requests(first, input_ids, positions)
+        requests = self._requests(first, input_ids, positions, hidden)
         if not any(r.prefill is not None or r.pruned is not None for r in requests):
             return self._plain(model, positions, hidden)
         saved = {name: (metadata[name], context.slot_mapping.get(name)) for name in self.names}
@@ -196,7 +197,7 @@ class VllmHost:
         hidden, _ = model.norm(hidden, residual)
         return hidden
 
-    def _requests(self, metadata, input_ids, positions) -> list[Request]:
+    def _requests(self, metadata, input_ids, positions, embeds) -> list[Request]:
         starts = metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens.tolist()
         firsts = metadata.block_table[: len(seq_lens), 0].tolist()
@@ -204,7 +205,7 @@ class VllmHost:
         for r, (seq_len, key) in enumerate(zip(seq_lens, firsts)):
             request = Request(r, starts[r], starts[r + 1], seq_len, key)
             rows = slice(request.start, request.end)
-            layout = self.read_layout(input_ids[rows], positions[..., rows])
+            layout = self.read_layout(input_ids[rows], positions[..., rows], embeds[rows])
             has_images = bool(layout.visual.any())
             if seq_len == request.query_len:  # a new prompt: whatever this block held before is gone
                 self.pruned_requests.pop(key, None)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 from vllm.config import CompilationMode
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
+from atp.backbones.base import runs
 from atp.core.state import VisualLayout
 from atp_vllm.host import VllmHost
 from atp_vllm.settings import build_policy, read_settings
@@ -68,7 +70,7 @@ def llava_layout(config):
     side = vision.image_size // vision.patch_size
     token = config.image_token_index
 
-    def read(input_ids: torch.Tensor, positions: torch.Tensor) -> VisualLayout:
+    def read(input_ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor) -> VisualLayout:
         visual = input_ids == token
         count = int(visual.sum())
         if count % (side * side):
@@ -89,7 +91,7 @@ def qwen_layout(config):
     image, video = config.image_token_id, config.video_token_id
     markers = (config.vision_start_token_id, config.vision_end_token_id)
 
-    def read(input_ids: torch.Tensor, positions: torch.Tensor) -> VisualLayout:
+    def read(input_ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor) -> VisualLayout:
         visual = (input_ids == image) | (input_ids == video)
         structural = (input_ids == markers[0]) | (input_ids == markers[1])
         grids = (
@@ -98,6 +100,26 @@ def qwen_layout(config):
             else [[]]
         )
         return VisualLayout(visual[None], structural[None], grids)
+
+    return read
+
+
+def llava_next_layout(config, newline: torch.Tensor):
+    """LLaVA-NeXT: as atp's LLaVA-NeXT adapter reads it. Each image is its base grid, then its
+    unpadded high-resolution grid with the learned ``image_newline`` closing every row; the
+    newlines are found by their embedding, are structural (never pruned), and give the grid."""
+    from atp.backbones.llava_next import newline_positions, tiled_grids
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    token = config.image_token_index
+
+    def read(input_ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor) -> VisualLayout:
+        tokens = (input_ids == token)[None]
+        structural = newline_positions({"inputs_embeds": embeds[None]}, tokens, newline)
+        flags = structural[0].tolist()
+        grids = [grid for start, stop in runs(tokens)[0] for grid in tiled_grids(flags[start:stop], side)]
+        return VisualLayout(tokens & ~structural, structural, [grids])
 
     return read
 
@@ -136,6 +158,21 @@ class AtpLlavaForConditionalGeneration(AtpPruning, LlavaForConditionalGeneration
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         self._attach_atp(vllm_config, llava_layout(config), "llava", int(config.image_seq_length))
+
+
+class AtpLlavaNextForConditionalGeneration(AtpPruning, LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT (LLaVA-1.6) with atp's in-LLM pruning; the newline features are never pruned."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy == "full" and getattr(config.vision_config, "model_type", "") == "clip_vision_model":
+            raise ValueError(
+                "vision_feature_select_strategy='full' with a CLIP tower keeps the CLS token in every tile, "
+                "so the tiles are not grids of patches; atp-vllm serves the 'default' strategy"
+            )
+        self._attach_atp(vllm_config, llava_next_layout(config, self.image_newline), "llava_next", None)
 
 
 class AtpQwen2VLForConditionalGeneration(AtpPruning, Qwen2VLForConditionalGeneration):

@@ -6,6 +6,7 @@ ARCHITECTURES = {
     name: f"atp_vllm.models:{name}"
     for name in (
         "AtpLlavaForConditionalGeneration",
+        "AtpLlavaNextForConditionalGeneration",
         "AtpQwen2VLForConditionalGeneration",
         "AtpQwen2_5_VLForConditionalGeneration",
     )

@@ -2,7 +2,8 @@
 
 ``python engine_run.py SPEC_JSON``; SPEC: ``model`` (a folder), ``atp`` (the hf_overrides entry, or
 null for vLLM's own class), ``prompts`` and ``images`` (seeds of random 32 x 32 pictures),
-``architecture`` (atp's model class, LLaVA's by default), ``max_tokens``, ``mode`` ("batch": all requests at once; "staggered": a request joins while the
+``sizes`` (their (height, width), 32 x 32 by default), ``architecture`` (atp's model class, LLaVA's by
+default), ``max_tokens``, ``mode`` ("batch": all requests at once; "staggered": a request joins while the
 others decode) and ``engine`` (more engine arguments). Each run is its own process: vLLM's engine
 holds process-wide state.
 """
@@ -17,11 +18,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def picture(seed: int):
+def picture(seed: int, size: tuple[int, int] = (32, 32)):
+    """A random picture, ``size`` = (height, width) in pixels."""
     import numpy as np
     from PIL import Image
 
-    return Image.fromarray((np.random.default_rng(seed).random((32, 32, 3)) * 255).astype("uint8"))
+    return Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8"))
 
 
 def engine(spec: dict):
@@ -97,8 +99,8 @@ def main() -> None:
     in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and spec.get("atp") is not None
     graphs_at_start = atp_graphs(llm) if in_process else None  # compiled while the engine started
     requests = [
-        {"prompt": prompt, "multi_modal_data": {"image": picture(seed)}}
-        for prompt, seed in zip(spec["prompts"], spec["images"])
+        {"prompt": prompt, "multi_modal_data": {"image": picture(seed, size)}}
+        for prompt, seed, size in zip(spec["prompts"], spec["images"], spec.get("sizes") or [(32, 32)] * 3)
     ]
     params = SamplingParams(
         max_tokens=spec.get("max_tokens", 8),

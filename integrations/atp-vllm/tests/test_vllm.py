@@ -64,7 +64,12 @@ def chat_messages(prompt: str, image) -> list[dict]:
 
 
 def transformers_reference(
-    checkpoint: Path, atp_settings: dict | None, max_tokens: int = 8, chat: bool = False, prompts=None
+    checkpoint: Path,
+    atp_settings: dict | None,
+    max_tokens: int = 8,
+    chat: bool = False,
+    prompts=None,
+    sizes=None,
 ) -> dict:
     """atp on transformers, one prompt at a time: greedy tokens, their log-probabilities, kept masks.
     ``chat``: the prompt as a chat request renders it (the chat template, no special tokens added);
@@ -87,17 +92,18 @@ def transformers_reference(
             )
     outputs, kept = [], []
     for index, (prompt, seed) in enumerate(zip(PROMPTS, IMAGES)):
+        image = picture(seed, tuple(sizes[index])) if sizes is not None else picture(seed)
         if prompts is not None:
             inputs = processor(
-                text=prompts[index], images=picture(seed), return_tensors="pt", add_special_tokens=False
+                text=prompts[index], images=image, return_tensors="pt", add_special_tokens=False
             )
         elif chat:
             text = processor.apply_chat_template(
                 chat_messages(prompt, {"type": "image"}), add_generation_prompt=True
             )
-            inputs = processor(text=text, images=picture(seed), return_tensors="pt", add_special_tokens=False)
+            inputs = processor(text=text, images=image, return_tensors="pt", add_special_tokens=False)
         else:
-            inputs = processor(text=prompt, images=picture(seed), return_tensors="pt")
+            inputs = processor(text=prompt, images=image, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -237,6 +243,29 @@ def test_qwen_keeps_and_generates_as_on_transformers(qwen_checkpoints, family, n
     reference = transformers_reference(checkpoint, settings, prompts=prompts)
     assert [entry["masks"] for entry in served["kept"]] == reference["kept"]
     assert_same(served, reference)
+    assert all(sum(mask[-1]) < len(mask[-1]) for mask in reference["kept"])  # every prompt was pruned
+
+
+# LLaVA-NeXT: any-resolution grids, the newline features structural ------------------------------------
+NEXT_SIZES = [[32, 32], [40, 70], [20, 30]]  # (height, width): three different high-resolution grids
+
+
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("llava_next"), "llava_next", num_layers=4, head_dim=32
+    )
+
+
+@pytest.mark.parametrize("name", ["atp", "fixed"])
+def test_llava_next_keeps_and_generates_as_on_transformers(next_checkpoint, name):
+    settings = POLICIES[name]
+    architecture = "AtpLlavaNextForConditionalGeneration"
+    served = run_engine(next_checkpoint, settings, architecture=architecture, sizes=NEXT_SIZES)
+    reference = transformers_reference(next_checkpoint, settings, sizes=NEXT_SIZES)
+    assert [entry["masks"] for entry in served["kept"]] == reference["kept"]
+    assert_same(served, reference)
+    assert len({len(mask[-1]) for mask in reference["kept"]}) == 3  # three layouts, three visual counts
     assert all(sum(mask[-1]) < len(mask[-1]) for mask in reference["kept"])  # every prompt was pruned
 
 
