@@ -15,26 +15,36 @@ import torch
 
 from atp.host.attach import resolve_adapter
 from atp.tiny.models import (
+    aya_vision_batch,
     gemma3_batch,
+    gemma4_batch,
     idefics3_batch,
     internvl_batch,
+    lfm2_vl_batch,
     llava_batch,
     llava_next_batch,
     mistral3_batch,
+    ovis2_batch,
     qwen_batch,
+    tiny_aya_vision,
     tiny_gemma3,
+    tiny_gemma4,
     tiny_glm4v,
+    tiny_glm46v,
     tiny_idefics3,
     tiny_internvl,
+    tiny_lfm2_vl,
     tiny_llava,
     tiny_llava_next,
     tiny_mistral3,
+    tiny_ovis2,
     tiny_qwen2_vl,
+    tiny_qwen3_5,
     tiny_qwen3_vl,
 )
 
 # text ids that are no family's special token (pad / bos / eos 0-2, Mistral 3's break / end
-# 12-13, InternVL's markers 124-125, image / video ids 126-127, Qwen's vision ids 151-154, Gemma 3's 150-152)
+# 12-13, InternVL's markers 124-125, image / video ids 126-127, Qwen's vision ids 151-154, Gemma 3's 150-152, Gemma 4's 150-156)
 TEXT_IDS = range(14, 124)
 
 
@@ -225,6 +235,75 @@ FAMILIES.append(
         [[[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]], [[1], ("image", 8, 12), [4, 5, 6, 7]]],
         lambda model, specs, seeds: qwen_batch(specs, seeds, glm=True),
         {"image": QWEN_MEDIA["image"]},
+    )
+)
+
+FAMILIES.append(
+    Family(  # GLM-4.1V's layout and text model inside Glm46VForConditionalGeneration (AutoModel-built LM)
+        "glm46v",
+        tiny_glm46v,
+        [[[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]], [[1], ("image", 8, 12), [4, 5, 6, 7]]],
+        lambda model, specs, seeds: qwen_batch(specs, seeds, glm=True),
+        {"image": QWEN_MEDIA["image"]},
+    )
+)
+
+FAMILIES.append(
+    Family(  # a global image alone; the global image and 2 x 2 tiles (rows and columns marked)
+        "ovis2",
+        tiny_ovis2,
+        [[[1, 5], ("image", 1, 1), [7, 8, 9]], [[1], ("image", 2, 2), [4, 5, 6, 7]]],
+        lambda model, specs, seeds: ovis2_batch(specs, seeds),
+        {"image": [("image", 1, 1), ("image", 1, 2), ("image", 2, 2)]},
+    )
+)
+
+FAMILIES.append(
+    Family(  # layers S, S, F, S, F, S, F: 5 and 6 read the keys of 3 and 4 (KV sharing), per-layer inputs;
+        # images of 4 x 3 and 2 x 4 tokens (not square), two back to back; sliding window 8
+        "gemma4",
+        lambda num_layers, seed: tiny_gemma4(max(num_layers, 7), seed),
+        [
+            [[1, 5, 6], ("image", 8, 6), [7, 8, 9, 10]],
+            [[1], ("image", 4, 8), ("image", 4, 4), [4, 5, 6, 7, 8]],
+        ],
+        lambda model, specs, seeds: gemma4_batch(specs, seeds),
+        {"image": [("image", 4, 4), ("image", 4, 6), ("image", 8, 6)]},  # patches: 2 x 2, 2 x 3, 4 x 3 tokens
+    )
+)
+
+FAMILIES.append(
+    Family(  # the thumbnail alone; three tiles and the thumbnail. Cohere2: S, S, S, F with a window of 8
+        "aya_vision",
+        tiny_aya_vision,
+        [[[1, 5], ("image", 1), [7, 8, 9]], [[1], ("image", 3), [4, 5, 6, 7, 8, 9, 10, 11]]],
+        lambda model, specs, seeds: aya_vision_batch(specs, seeds),
+        {"image": [("image", 1), ("image", 2), ("image", 3)]},
+    )
+)
+
+for _name, _moe in (("qwen3_5", False), ("qwen3_5_moe", True)):
+    FAMILIES.append(
+        Family(  # layers F, F, F, L, L, F: linear layers after every suite ATP layer, full ones to score from
+            _name,
+            lambda num_layers, seed, moe=_moe: tiny_qwen3_5(max(num_layers, 6), seed, moe=moe),
+            [
+                [[1, 5], ("image", 8, 8), [6], ("image", 4, 8), [7, 8, 9]],
+                [[1], ("image", 8, 12), [4, 5], ("video", 4, 4, 4), [6, 7, 8, 9, 10]],
+            ],
+            lambda model, specs, seeds: qwen_batch(specs, seeds, frame_blocks=True),
+            QWEN_MEDIA,
+            routed=_moe,
+        )
+    )
+
+FAMILIES.append(
+    Family(  # layers F, F, F, C, C, F: convolutions after every suite ATP layer; crops of different shapes
+        "lfm2_vl",
+        lambda num_layers, seed: tiny_lfm2_vl(max(num_layers, 6), seed),
+        [[[1, 5], ("image", 12, 8), [7, 8, 9]], [[1], ("image", 8, 12, 1, 2), [4, 5, 6, 7]]],
+        lambda model, specs, seeds: lfm2_vl_batch(specs, seeds),
+        {"image": [("image", 8, 8), ("image", 12, 8), ("image", 8, 12, 1, 2)]},
     )
 )
 

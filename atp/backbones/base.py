@@ -19,6 +19,9 @@ class BackboneAdapter:
     positions : how positions are built ("1d-rope", "mrope").
     visual_inputs : forward kwargs that carry images / videos (refused after the prefill).
     cache_layers : the transformers cache layer classes (by name) the family works with.
+    token_arguments : decoder-layer arguments beyond the hidden states that hold one row per token
+        (B, L, ...), as positions in ``args`` or keyword names; drop mode gathers them at the kept
+        tokens like the hidden states (e.g. Gemma 4's per-layer input).
     """
 
     family = ""
@@ -27,6 +30,7 @@ class BackboneAdapter:
     positions = "1d-rope"
     visual_inputs: tuple[str, ...] = ("pixel_values",)
     cache_layers: tuple[str, ...] = ("DynamicLayer",)  # not StaticLayer, sliding-window or quantized layers
+    token_arguments: tuple[int | str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -39,6 +43,24 @@ class BackboneAdapter:
         """Called by ``attach`` before anything is touched, and again at every prefill (the config
         may change after attach): raise ``ValueError`` (saying what to do instead) for a config
         variant the forward could not lay out."""
+
+    def default_layers(self, paper: list[int]) -> list[int]:
+        """The ATP layers ``attach`` uses when none are given, from the paper's scaled to this depth.
+        With recurrent layers (Qwen3.5, LFM2-VL) each moves to the nearest layer right after an
+        attention layer past the first one (the earlier on a tie): where a scoring policy reads
+        queries and keys, and after the layer transformers counts the cache by."""
+        kinds = [self.recurrent(i) for i in range(len(self.decoder_layers()))]
+        if not any(kinds) or all(kinds):
+            return paper  # all alike (attach's checks refuse what cannot work)
+        first = kinds.index(False)
+        allowed = [i + 1 for i in range(first, len(kinds) - 1) if not kinds[i]]
+        if not allowed:
+            return paper
+        return sorted({min(allowed, key=lambda a: (abs(a - layer), a)) for layer in paper})
+
+    def check_layers(self, layers: tuple[int, ...]) -> None:
+        """Called by ``attach`` with the ATP layers before anything is touched: raise ``ValueError``
+        (saying which layers work) where the family cannot prune before one of them."""
 
     def check_call(self, kwargs: dict) -> None:
         """Called at every prefill with the multimodal model's keyword arguments: raise
@@ -84,6 +106,18 @@ class BackboneAdapter:
         """The attention type of decoder layer ``layer`` when layers differ (each type gets its own
         mask and rotary cos / sin, e.g. Gemma 3's sliding and full layers); None when all are alike."""
         return None
+
+    def kv_layer(self, layer: int) -> int:
+        """The decoder layer whose keys and values (and cache entry) layer ``layer`` attends to:
+        itself, unless the family shares them across layers (Gemma 4's last layers)."""
+        return layer
+
+    def recurrent(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` mixes tokens through a recurrent state (linear attention,
+        state space) instead of attention: it has no attention map to score with, takes a 2D keep
+        mask (B, L) multiplied into its input, and caches a fixed-size state, not keys. atp runs it
+        on the kept tokens only in both modes (docs/backbones.md, Qwen3.5)."""
+        return False
 
     def sliding_window(self, layer: int) -> int | None:
         """The window (in tokens, the query included) of a sliding-window layer atp follows, else None."""
@@ -135,3 +169,23 @@ def runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
                 start = None
         out.append(spans)
     return out
+
+
+def square_tiles(visual: torch.Tensor, side: int) -> list[list[tuple[int, int]]]:
+    """Per row of a BoolTensor (B, L) of visual tokens, one ``side x side`` grid per ``side**2`` tokens
+    of each run (tiles of a fixed size written back to back or between markers). A run that is not a
+    whole number of tiles raises: the prompt was not built by the model's processor."""
+    per_tile = side * side
+    grids = []
+    for sample, spans in enumerate(runs(visual)):
+        sample_grids = []
+        for start, stop in spans:
+            if (stop - start) % per_tile:
+                raise ValueError(
+                    f"sample {sample} has a run of {stop - start} image tokens, not a multiple of the {per_tile} "
+                    f"tokens of a tile ({side} x {side}): build input_ids with the model's processor, and pass "
+                    "the whole prompt in one forward"
+                )
+            sample_grids += [(side, side)] * ((stop - start) // per_tile)
+        grids.append(sample_grids)
+    return grids

@@ -35,6 +35,28 @@ class VisionShape:
 
 
 @dataclass(frozen=True)
+class LinearShape:
+    """The linear-attention (Gated-DeltaNet) layers of a hybrid language model (Qwen3.5): which
+    layers, their key / value heads and widths, and the depthwise conv's width."""
+
+    layers: tuple[int, ...]
+    key_heads: int
+    value_heads: int
+    key_dim: int
+    value_dim: int
+    conv_kernel: int = 4
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def state_elements(self) -> int:
+        """Per sample: the conv window (channels x kernel) and one key x value matrix per value head,
+        whatever the number of tokens."""
+        return self.conv_channels * self.conv_kernel + self.value_heads * self.key_dim * self.value_dim
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """What the analytic count needs from a language model (no weights)."""
 
@@ -48,6 +70,8 @@ class ModelShape:
     vocab: int
     visual_tokens: int  # per image, for presets
     vision: VisionShape | None = None
+    linear: LinearShape | None = None  # hybrid models: the linear-attention layers
+    output_gate: bool = False  # full attention's query projection also makes a sigmoid gate (Qwen3.5)
 
 
 PRESETS = {
@@ -77,6 +101,26 @@ PRESETS = {
     "gemma-3-4b": ModelShape(
         "gemma-3-4b", 34, 2560, 10240, 8, 4, 256, 262208, 256, VisionShape(27, 1152, 4304, 4096)
     ),
+    # Qwen/Qwen3.5-35B-A3B: transformers' Qwen3_5MoeConfig defaults (named after that checkpoint; the
+    # same numbers as public training recipes): 40 layers, 3 Gated-DeltaNet linear-attention layers
+    # then 1 full one (GQA 16/2, head 256, output gate); linear layers 16 key / 32 value heads of 128,
+    # conv 4. MoE: the FFN counted is the active one, 8 experts of 512 plus a shared one of 512 (the
+    # router's d x 256 matmul is left out). Vision 27 x 1152 (patch 16, merge 2): a 512 x 512 image ->
+    # 32 x 32 patches -> 256 tokens
+    "qwen3.5-35b-a3b": ModelShape(
+        "qwen3.5-35b-a3b",
+        40,
+        2048,
+        8 * 512 + 512,
+        16,
+        2,
+        256,
+        248320,
+        256,
+        VisionShape(27, 1152, 4304, 1024),
+        LinearShape(tuple(i for i in range(40) if i % 4 != 3), 16, 32, 128, 128, 4),
+        output_gate=True,
+    ),
 }
 
 
@@ -89,27 +133,63 @@ def shape_from_config(config, name: str = "") -> ModelShape:
     vision_type = getattr(getattr(config, "vision_config", None), "model_type", "")
     fixed = getattr(config, "model_type", None) == "llava" and vision_type != "pixtral"
     visual = (getattr(config, "image_seq_length", None) or 0) if fixed else 0
+    intermediate = getattr(text, "intermediate_size", None)
+    if intermediate is None and getattr(text, "moe_intermediate_size", None):  # MoE only: the active FFN
+        intermediate = text.num_experts_per_tok * text.moe_intermediate_size
+        intermediate += getattr(text, "shared_expert_intermediate_size", 0) or 0
+    types = list(getattr(text, "layer_types", None) or [])
+    linear = None
+    if "linear_attention" in types:
+        linear = LinearShape(
+            tuple(i for i, kind in enumerate(types) if kind == "linear_attention"),
+            text.linear_num_key_heads,
+            text.linear_num_value_heads,
+            text.linear_key_head_dim,
+            text.linear_value_head_dim,
+            text.linear_conv_kernel_dim,
+        )
     return ModelShape(
         name or getattr(config, "model_type", "model"),
         text.num_hidden_layers,
         text.hidden_size,
-        text.intermediate_size,
+        intermediate,
         heads,
         getattr(text, "num_key_value_heads", None) or heads,
         head_dim,
         text.vocab_size,
         int(visual),
+        linear=linear,
+        output_gate=getattr(text, "model_type", "") in GATED_ATTENTION,
     )
 
 
-def layer_flops(tokens: float, shape: ModelShape, convention: str) -> float:
-    """FLOPs of one decoder layer over ``tokens`` tokens (prefill)."""
+# text models whose full-attention query projection also makes the output gate (twice its width)
+GATED_ATTENTION = ("qwen3_5_text", "qwen3_5_moe_text")
+
+
+def layer_flops(tokens: float, shape: ModelShape, convention: str, layer: int | None = None) -> float:
+    """FLOPs of decoder layer ``layer`` (None: a full-attention one) over ``tokens`` tokens (prefill).
+
+    A linear-attention layer (``shape.linear``) mixes tokens in time linear in their number: the
+    paper's convention drops its ``2 L^2 d`` attention term; 2 FLOPs per MAC counts its projections
+    (q, k, v, the gate z, a and b in, the output out), its depthwise conv and the recurrent form's
+    state update (``S^T k``, ``S += k delta^T``, ``S^T q``: 3 key x value MACs per token and value
+    head; transformers' chunked prefill kernel does more per token, a decode step this)."""
     length, d, m = float(tokens), shape.hidden, shape.intermediate
+    linear = shape.linear if shape.linear is not None and layer in shape.linear.layers else None
     if convention == "paper":
-        return 4 * length * d * d + 2 * length * length * d + 2 * length * d * m
+        mixing = 0.0 if linear is not None else 2 * length * length * d
+        return 4 * length * d * d + mixing + 2 * length * d * m
     if convention == "2flops-per-mac":
+        if linear is not None:
+            value_width = linear.value_heads * linear.value_dim
+            widths = linear.conv_channels + 2 * value_width + 2 * linear.value_heads  # qkv, z, out, a, b
+            conv = 2 * length * linear.conv_channels * linear.conv_kernel
+            state = 6 * length * linear.value_heads * linear.key_dim * linear.value_dim
+            return 2 * length * d * widths + conv + state + 6 * length * d * m
         q_width, kv_width = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-        projections = 2 * length * d * (2 * q_width + 2 * kv_width)
+        q_out = 3 * q_width if shape.output_gate else 2 * q_width  # queries (and the gate), output
+        projections = 2 * length * d * (q_out + 2 * kv_width)
         attention = 4 * length * length * q_width
         return projections + attention + 6 * length * d * m
     raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -199,6 +279,9 @@ class EfficiencyReport:
     kv_cache_bytes: float
     kv_cache_bytes_full: float
     includes: list[str] = field(default_factory=list)
+    # linear-attention layers' conv windows and recurrent states (one sample): a fixed size that
+    # pruning does not change, outside the KV cache (whose per-layer entries are 0 for those layers)
+    state_bytes: float = 0.0
 
     @property
     def flops_ratio(self) -> float:
@@ -237,6 +320,11 @@ class EfficiencyReport:
             f"KV cache: {self.kv_cache_bytes / 2**20:.1f} MiB of {self.kv_cache_bytes_full / 2**20:.1f} MiB "
             f"({self.kv_ratio:.1%}, saves {1 - self.kv_ratio:.1%})",
         ]
+        if self.state_bytes:
+            rows.append(
+                f"linear-attention state: {self.state_bytes / 2**20:.1f} MiB per sample, whatever is pruned "
+                "(not in the KV cache above)"
+            )
         return "\n".join(rows)
 
 
@@ -274,8 +362,8 @@ def report(
     layers = check_layers(layers, shape.num_layers)
     kept = check_kept(layers, list(kept), visual, fractions)
     per_layer_visual = tokens_per_layer(shape.num_layers, layers, kept, visual)
-    per_layer = [layer_flops(text_tokens + v, shape, convention) for v in per_layer_visual]
-    full = layer_flops(text_tokens + visual, shape, convention) * shape.num_layers
+    per_layer = [layer_flops(text_tokens + v, shape, convention, i) for i, v in enumerate(per_layer_visual)]
+    full = sum(layer_flops(text_tokens + visual, shape, convention, i) for i in range(shape.num_layers))
     flops, includes = sum(per_layer), []
     if include_vision and shape.vision is not None:
         extra = vision_flops(shape.vision) * images
@@ -286,7 +374,9 @@ def report(
         flops, full = flops + extra, full + extra
         includes.append("LM head")
     kv_width = 2 * shape.kv_heads * shape.head_dim * kv_bytes_per_element  # K and V per token
-    kv_per_layer = [(text_tokens + v) * kv_width for v in per_layer_visual]
+    keyed = [shape.linear is None or i not in shape.linear.layers for i in range(shape.num_layers)]
+    kv_per_layer = [(text_tokens + v) * kv_width * k for v, k in zip(per_layer_visual, keyed)]
+    state = 0 if shape.linear is None else len(shape.linear.layers) * shape.linear.state_elements()
     return EfficiencyReport(
         model=shape.name,
         flops_convention=convention,
@@ -301,8 +391,9 @@ def report(
         flops_full=full,
         kv_cache_bytes_per_layer=kv_per_layer,
         kv_cache_bytes=sum(kv_per_layer),
-        kv_cache_bytes_full=(text_tokens + visual) * kv_width * shape.num_layers,
+        kv_cache_bytes_full=(text_tokens + visual) * kv_width * sum(keyed),
         includes=includes,
+        state_bytes=float(state * kv_bytes_per_element),
     )
 
 

@@ -176,3 +176,24 @@ def additive_mask(
         raise TypeError(f"expected a boolean attention mask, got {base.dtype}")
     bias = bias.to(dtype).clamp_min(floor)
     return torch.where(base, bias[:, None, None, :], torch.tensor(floor, dtype=dtype, device=bias.device))
+
+
+def compact_padding(
+    base: torch.Tensor | None, index: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The 2D mask (B, S) of a pruned sequence for a recurrent layer (linear attention), which
+    multiplies it into its input: ``base`` (B, L) gathered at the slots, 0 at fillers, times the
+    slots' soft keep ``weight`` (B, S) when given.
+
+    A zeroed slot is not a removed one for such a layer (it still decays the state and sits in the
+    conv window), so fillers must sit before every real token (left, as :func:`mask_to_index`'s
+    ``align="left"`` puts them), where the state is still zero. None when ``base`` is None, no slot
+    is a filler and no weight is given (the layer's unmasked fast path, as for the full sequence).
+    """
+    if base is None:
+        if weight is None and bool(valid.all()):
+            return None
+        mask = valid.long()
+    else:
+        mask = gather_seq(base, index) * valid
+    return mask if weight is None else mask * weight

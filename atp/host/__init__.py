@@ -8,6 +8,8 @@
   checks of its cache.
 * :mod:`atp.host.strategies`: what the layers after an ATP layer receive, ``drop`` (pruned tokens
   removed) or ``mask`` (kept in place, masked as keys).
+* :mod:`atp.host.recurrent`: recurrent layers (linear attention, no keys to mask) in mask mode:
+  they run on the kept tokens only, as in drop mode.
 * :mod:`atp.host.distributed`: DDP / FSDP / ZeRO-3 and gradient-checkpointing concerns.
 * :mod:`atp.host.compat`: everything atp knows about transformers' internals (one place).
 * :mod:`atp.host.attention`: atp's attention function (it hands queries and keys to the scorer).

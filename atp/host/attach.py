@@ -52,9 +52,26 @@ def default_layers(num_layers: int) -> list[int]:
 NOT_SUPPORTED = {
     "gemma3n": "its decoder layers take per-layer inputs and AltUp hidden states (an extra leading axis), "
     "and later layers reuse earlier layers' keys and values, which pruned and unpruned layers would mix",
-    "gemma4": "its decoder layers take per-layer inputs and share keys and values across layers, which "
-    "pruned and unpruned layers would mix",
     "glm4v_moe": "it is not in atp's tested suite yet (GLM-4.1V, model_type 'glm4v', is)",
+    "lfm3_vl": "it is not in atp's tested suite yet (transformers >= 5.25): images and videos laid out by "
+    "grid_thw, and an LFM3 language model that mixes sliding-window and full attention (a rotary each) with "
+    "short-convolution layers (LFM2-VL, model_type 'lfm2_vl', is supported)",
+    "llama4": "its language model attends within chunks of attention_chunk_size tokens on the RoPE layers, and "
+    "on every no-RoPE layer scales the queries by their slot in the sequence (attn_temperature_tuning), which "
+    "after pruning is not the token's original position; with its mixture-of-experts layers, not in atp's "
+    "tested suite yet",
+    "minicpmv4_6": "an image is a thumbnail and slices of different token counts (grids from target_sizes, "
+    "slice markers the config does not name) around a Qwen3.5 hybrid language model (Gated-DeltaNet "
+    "linear-attention layers): not in atp's tested suite yet",
+    "minicpmv4_7": "an image is a thumbnail and slices of different token counts (grids from target_sizes, "
+    "slice markers the config does not name, 3D positions) around a Qwen3.5 hybrid language model "
+    "(Gated-DeltaNet linear-attention layers): not in atp's tested suite yet",
+    "phi4_multimodal": "the image (and audio) features are embedded inside the language model's own forward "
+    "(no separate language model receives them), and the released checkpoints run the vision LoRA adapter "
+    "on the language model's layers",
+    "kimi_k25": "its language model is DeepSeek-V3's (multi-head latent attention, whose keys carry a separate "
+    "rotary part and a width other than the values', and mixture-of-experts layers): not in atp's tested "
+    "suite yet",
 }
 
 
@@ -198,7 +215,7 @@ def attach(
         budget_given = {**saved.get("budget", {}), **budget_given}
     policy = "atp" if policy is None else policy
     entry = registry().get("policy", policy)
-    layers = policy_layers(entry.factory, policy, layers, num_layers)
+    layers = policy_layers(entry.factory, policy, layers, num_layers, adapter)
     if prune_mode not in PRUNE_MODES:
         raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
     if hard_masks is not None and not isinstance(hard_masks, bool):
@@ -212,6 +229,7 @@ def attach(
     keeper = _position_keeper(adapter, positions, prune_mode)
     context = PolicyContext(layers, num_layers, adapter.num_visual_tokens())
     policy_module = build_policy_module(entry.factory, context, options, from_pretrained)
+    check_scored_layers(adapter, layers, policy_module)
 
     # validated: from here on the model is modified ----------------------------------------
     observers = registry().observers() if observe else []
@@ -288,16 +306,40 @@ def saved_choices(saved: dict, layers, policy, positions) -> tuple:
     return saved["layers"], saved["policy"], saved.get("positions", "keep")
 
 
-def policy_layers(factory, policy: str, layers, num_layers: int) -> tuple[int, ...]:
+def policy_layers(factory, policy: str, layers, num_layers: int, adapter=None) -> tuple[int, ...]:
     """The ATP layers: ``(0,)`` for a policy acting before the language model, else the given or
-    default layers, validated."""
+    default layers (the paper's scaled, moved where the family's ``adapter`` needs it), validated
+    (and, given the ``adapter``, checked against the layers it cannot prune before)."""
     if factory.pre_llm:
         if layers not in (None, [0], (0,)):
             raise ValueError(
                 f"policy {policy!r} acts before the language model: leave layers out (or pass [0])"
             )
         return (0,)
-    return validate_layers(default_layers(num_layers) if layers is None else layers, num_layers)
+    if layers is None:
+        layers = default_layers(num_layers)
+        layers = adapter.default_layers(layers) if adapter is not None else layers
+    checked = validate_layers(layers, num_layers)
+    if adapter is not None:
+        adapter.check_layers(checked)
+    return checked
+
+
+def check_scored_layers(adapter, layers: tuple[int, ...], policy) -> None:
+    """A policy with a scorer reads the attention of the layer before each ATP layer: refuse a layer
+    that has none (a recurrent layer, e.g. linear attention), naming the ATP layers that work."""
+    if policy.scorer is None:
+        return
+    unscored = [layer for layer in layers if layer > 0 and adapter.recurrent(layer - 1)]
+    if unscored:
+        num_layers = len(adapter.decoder_layers())
+        allowed = [i + 1 for i in range(num_layers - 1) if not adapter.recurrent(i)]
+        raise ValueError(
+            f"ATP layer(s) {unscored} follow a {adapter.family} layer without attention (a recurrent, "
+            f"linear-attention layer: no queries and keys), which the policy's scorer reads; put each ATP "
+            f"layer right after an attention layer ({', '.join(map(str, allowed))}), or use a policy that "
+            "does not score (fixed keep masks: policy='manual')"
+        )
 
 
 def check_options(factory, policy: str, options: dict) -> None:

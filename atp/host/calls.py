@@ -27,6 +27,7 @@ PREFILL_INPUTS = (
     "image_grid_thw",
     "video_grid_thw",
     "image_sizes",
+    "image_position_ids",
 )
 
 

@@ -68,6 +68,8 @@ def check_decode_cache(rt, layer: int, segment: int, args, kwargs) -> None:
     cache = compat.find_cache(args, kwargs)
     if cache is None:
         raise compat.CompatibilityError(f"decoder layer {layer} received no KV cache in a decode step")
+    if rt.adapter.recurrent(layer) or rt.adapter.kv_layer(layer) != layer:  # a fixed-size state: no width
+        return  # to compare; or keys another layer stored, checked at that layer this step (same segment)
     p = rt.prefill
     kept = p.segments.get(segment)
     width = (kept.index.shape[1] if isinstance(kept, Layout) else p.length) + rt.step_past - p.length
@@ -135,8 +137,10 @@ def check_cache(rt, cache, past: int, batch: int) -> None:
     ok = p.visual_valid.shape[0] == batch and past >= p.length
     ok = ok and (p.cache is None or p.cache() is cache)
     last = p.segments.get(len(rt.layers) - 1)
-    if ok and isinstance(last, Layout):
-        ok = compat.cache_length(cache, rt.layers[-1]) == last.index.shape[1] + past - p.length
+    # the first layer from the last ATP layer on that caches keys (recurrent layers hold a state)
+    keyed = next((i for i in range(rt.layers[-1], rt.num_layers) if not rt.adapter.recurrent(i)), None)
+    if ok and isinstance(last, Layout) and keyed is not None:
+        ok = compat.cache_length(cache, rt.adapter.kv_layer(keyed)) == last.index.shape[1] + past - p.length
     if not ok:
         raise ValueError(
             "this KV cache does not continue the last prefill atp pruned (another cache object, or its "

@@ -21,7 +21,7 @@ from importlib import metadata
 import torch
 from packaging.version import Version
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401 (atp.host.attention calls it)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -134,11 +134,15 @@ def find_cache(args: tuple, kwargs: dict) -> Cache | None:
 
 
 def cache_length(cache: Cache, layer: int | None = None) -> int:
-    """Tokens held by ``cache`` in ``layer`` (default: layer 0, which atp never prunes)."""
+    """Tokens held by ``cache`` in ``layer`` (default: layer 0, which atp never prunes). A recurrent
+    layer's state (linear attention: a conv window and a fixed-size matrix) holds no tokens: 0 in
+    every release (5.18 gives its layer no length, later releases count the tokens it took in)."""
     if layer is None:
         return int(cache.get_seq_length())
     layers = cache.layers
-    return int(layers[layer].get_seq_length()) if layer < len(layers) else 0
+    if layer >= len(layers) or not isinstance(layers[layer], CacheLayerMixin):
+        return 0
+    return int(layers[layer].get_seq_length())
 
 
 def cache_layer_types(cache: Cache) -> list[str]:

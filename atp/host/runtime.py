@@ -21,7 +21,7 @@ from atp.core.state import Prefill
 from atp.core.stats import PruningStats
 from atp.host import calls, checks, compat, distributed
 from atp.host.attention import SCORE_REQUEST, register_attention
-from atp.host.strategies import segment_kwargs
+from atp.host.strategies import segment_inputs
 from atp.policies.base import Policy
 
 
@@ -171,8 +171,7 @@ class Runtime:
             if segment is None:
                 return None
             checks.check_decode_cache(self, layer, segment, args, kwargs)
-            kwargs.update(segment_kwargs(self, segment, kwargs, layer))
-            return args, kwargs
+            return segment_inputs(self, segment, args, kwargs, layer)
         if layer in p.snapshots:  # a gradient-checkpointing recompute
             return distributed.replay(self, layer, p, segment, args, kwargs)
         if p.replays:
@@ -202,7 +201,7 @@ class Runtime:
             hidden = self._prune(self.atp_index[layer], compat.layer_hidden(args, kwargs))
             args, kwargs = compat.with_layer_hidden(args, kwargs, hidden)
         if segment is not None:
-            kwargs.update(segment_kwargs(self, segment, kwargs, layer))
+            args, kwargs = segment_inputs(self, segment, args, kwargs, layer)
         if layer in self.score_index:
             kwargs[SCORE_REQUEST] = functools.partial(self._score, p, self.score_index[layer])
         return args, kwargs
@@ -220,9 +219,9 @@ class Runtime:
         if not recompute:
             self.last_stats = stats
             p.context["inputs"] = {}  # pixels are not needed after the prefill
-        if p.layout is None:
-            return None
         hidden = output[0] if isinstance(output, tuple) else output
+        if p.layout is None or hidden.shape[1] != p.layout.index.shape[1]:  # or generate kept the last token
+            return None
         full = step.unpruned(p, hidden)
         if not p.replays:
             p.full_hidden = None

@@ -230,6 +230,18 @@ def tiny_glm4v(num_layers: int = 4, seed: int = 0):
     h * w / 4 tokens), a GLM-4 LM of hidden 64 with 3D M-RoPE on half of each head (partial rotary)."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
+    return _glm(Glm4vConfig, Glm4vForConditionalGeneration, num_layers, seed)
+
+
+def tiny_glm46v(num_layers: int = 4, seed: int = 0):
+    """A random GLM-4.6V: :func:`tiny_glm4v`'s tower, ids and dense GLM-4.1V text model, in
+    ``Glm46VForConditionalGeneration`` (its language model built by ``AutoModel`` from the text config)."""
+    from transformers import Glm46VConfig, Glm46VForConditionalGeneration
+
+    return _glm(Glm46VConfig, Glm46VForConditionalGeneration, num_layers, seed)
+
+
+def _glm(config_class, model_class, num_layers: int, seed: int):
     text = {
         **_TEXT,
         "num_hidden_layers": num_layers,
@@ -253,7 +265,7 @@ def tiny_glm4v(num_layers: int = 4, seed: int = 0):
         "in_channels": 3,
         "image_size": 16,
     }
-    config = Glm4vConfig(
+    config = config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=GLM_IDS["image"],
@@ -263,7 +275,7 @@ def tiny_glm4v(num_layers: int = 4, seed: int = 0):
         video_start_token_id=GLM_IDS["video_start"],
         video_end_token_id=GLM_IDS["video_end"],
     )
-    model = _build(Glm4vForConditionalGeneration, config, seed)
+    model = _build(model_class, config, seed)
     model.generation_config.eos_token_id = 2
     return model
 
@@ -376,6 +388,80 @@ def qwen_batch(
     return batch
 
 
+QWEN3_5_LAYERS = ("full_attention",) * 3 + ("linear_attention",) * 2 + ("full_attention",)
+
+
+def tiny_qwen3_5(
+    num_layers: int = 6, seed: int = 0, layer_types: tuple[str, ...] | str | None = None, moe: bool = False
+):
+    """A random Qwen3.5 (``moe``: Qwen3.5-MoE, 4 experts, 2 per token, a shared expert): a 2-layer
+    vision tower (patch 2, merge 2: an (h x w)-patch image gives h * w / 4 tokens, no DeepStack) and
+    a hybrid LM of hidden 64 whose ``layer_types`` mix full attention (head 32, output gate, a
+    partial interleaved M-RoPE on half of each head) with Gated-DeltaNet linear attention (2 key /
+    4 value heads of 16, conv width 4). The default types (:data:`QWEN3_5_LAYERS`: F, F, F, L, L, F,
+    cut or continued with full layers to ``num_layers``) let ATP layers 1-3 score from a full layer
+    and put linear layers after them; ``layer_types="released"`` uses the released pattern (L, L, L,
+    F, repeated)."""
+    if moe:
+        from transformers import Qwen3_5MoeConfig as Config
+        from transformers import Qwen3_5MoeForConditionalGeneration as Model
+    else:
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
+
+    if layer_types == "released":
+        layer_types = tuple("full_attention" if i % 4 == 3 else "linear_attention" for i in range(num_layers))
+    elif layer_types is None:
+        layer_types = (QWEN3_5_LAYERS + ("full_attention",) * num_layers)[:num_layers]
+    text = {
+        **_TEXT,
+        "num_hidden_layers": num_layers,
+        "layer_types": list(layer_types),
+        "head_dim": 32,
+        "vocab_size": 160,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "rope_parameters": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.5,
+            "rope_theta": 10000.0,
+        },
+    }
+    if moe:  # experts only, as the released configs (no dense intermediate_size)
+        del text["intermediate_size"]
+        text.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        )
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 2,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "num_position_embeddings": 64,
+    }
+    config = Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IDS["image"],
+        video_token_id=QWEN_IDS["video"],
+        vision_start_token_id=QWEN_IDS["start"],
+        vision_end_token_id=QWEN_IDS["end"],
+    )
+    model = _build(Model, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
 GEMMA_IDS = {"boi": 150, "eoi": 151, "image": 152}
 
 
@@ -444,6 +530,102 @@ def gemma3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
     }
     if pixels:
         batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
+GEMMA4_IDS = {"boi": 150, "eoi": 151, "image": 152, "video": 153, "audio": 154, "boa": 155, "eoa": 156}
+
+
+def tiny_gemma4(num_layers: int = 7, seed: int = 0, sliding_window: int = 8, kv_shared: int = 2):
+    """A random Gemma 4 like the small released variants: per-layer inputs and the last ``kv_shared``
+    layers reading the keys and values of earlier ones. A 2-layer vision tower of 4 px patches pooled
+    2 x 2 (a ``rows / 2 x cols / 2`` grid per image, read from the patch positions), a language model
+    of hidden 64 whose layers are S, S, F, S, F, ... with the last full: sliding layers (window
+    ``sliding_window``, head dim 16, bidirectional inside an image) and full ones (head dim 32, a
+    quarter of it rotated). With 7 layers and 2 shared, layers 5 (S) and 6 (F) read the keys of
+    layers 3 (S) and 4 (F)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    types = ["full_attention" if i % 2 == 0 and i > 1 else "sliding_attention" for i in range(num_layers)]
+    types[-1] = "full_attention"
+    text = {
+        **_TEXT,
+        "num_hidden_layers": num_layers,
+        "head_dim": 16,
+        "global_head_dim": 32,
+        "vocab_size": 160,
+        "vocab_size_per_layer_input": 160,
+        "hidden_size_per_layer_input": 8,
+        "sliding_window": sliding_window,
+        "layer_types": types,
+        "num_kv_shared_layers": kv_shared,
+        "use_bidirectional_attention": "vision",
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "patch_size": 4,
+        "pooling_kernel_size": 2,
+        "position_embedding_size": 64,
+    }
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        boi_token_id=GEMMA4_IDS["boi"],
+        eoi_token_id=GEMMA4_IDS["eoi"],
+        image_token_id=GEMMA4_IDS["image"],
+        video_token_id=GEMMA4_IDS["video"],
+        audio_token_id=GEMMA4_IDS["audio"],
+        boa_token_id=GEMMA4_IDS["boa"],
+        eoa_token_index=GEMMA4_IDS["eoa"],
+    )
+    model = _build(Gemma4ForConditionalGeneration, config, seed)
+    model.set_attn_implementation("sdpa")
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def gemma4_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Gemma 4 inputs as its processor makes them: each image is ``<boi>`` + one token per
+    2 x 2 patches + ``<eoi>``, its patches flattened (images, max_patches, 48) with their (x, y)
+    positions in ``image_position_ids`` ((-1, -1) pads an image to the batch's largest), and
+    ``mm_token_type_ids`` 1 on image tokens. Each sample is a list of parts: text id lists and
+    images as ``("image", rows, cols)`` in patches (even: a ``rows / 2 x cols / 2`` token grid);
+    pixels of sample i from ``seeds[i]`` (default i)."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    prompts, images = [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            _, rows, cols = part
+            ids += [GEMMA4_IDS["boi"]] + [GEMMA4_IDS["image"]] * (rows // 2 * cols // 2) + [GEMMA4_IDS["eoi"]]
+            images.append((rows, cols, torch.randn(rows * cols, 48, generator=generator)))
+        prompts.append(ids)
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == GEMMA4_IDS["image"]).long(),
+    }
+    if images:
+        most = max(rows * cols for rows, cols, _ in images)
+        pixels = torch.zeros(len(images), most, 48)
+        positions = torch.full((len(images), most, 2), -1, dtype=torch.long)
+        for index, (rows, cols, patches) in enumerate(images):
+            y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            pixels[index, : rows * cols] = patches
+            positions[index, : rows * cols] = torch.stack([x.flatten(), y.flatten()], dim=1)
+        batch["pixel_values"] = pixels
+        batch["image_position_ids"] = positions
     return batch
 
 
@@ -825,3 +1007,222 @@ def tiny_pixtral_llava(num_layers: int = 4, seed: int = 0):
         vision_feature_select_strategy="full",
     )
     return _build(LlavaForConditionalGeneration, config, seed)
+
+
+OVIS_IDS = {"image": 151, "start": 153, "grid": 154, "col": 155, "row": 156, "end": 157}  # markers in order
+
+
+def tiny_ovis2(num_layers: int = 4, seed: int = 0, image_size: int = 16):
+    """A random Ovis2: a 2-layer vision tower over 16 px crops (patch 2, hidden stride 2: a 4 x 4
+    grid of 16 visual words per crop, 32 visual words of which 5 are the indicators' embeddings),
+    a Qwen2 LM of hidden 64 built by ``AutoModel``. :func:`ovis2_batch` builds 16 px crops only."""
+    from transformers import Ovis2Config, Ovis2ForConditionalGeneration
+
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": 2,
+        "hidden_stride": 2,
+        "vocab_size": 32,
+    }
+    text = {**_TEXT, "model_type": "qwen2", "num_hidden_layers": num_layers, "vocab_size": 160}
+    config = Ovis2Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=OVIS_IDS["image"],
+        visual_indicator_token_ids=[OVIS_IDS[name] for name in ("start", "grid", "col", "row", "end")],
+        vocab_size=160,
+        hidden_size=64,
+    )
+    model = _build(Ovis2ForConditionalGeneration, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def ovis2_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Ovis2 inputs. Each sample is a list of parts: text id lists and
+    ``("image", rows, cols)``, written as the processor writes it: ``<IMG_START>``, the global
+    image's 16 tokens, ``<IMG_GRID>``, and for more than one tile each tile's 16 tokens with
+    ``<IMG_COL>`` between the columns and ``<IMG_ROW>`` between the rows, then ``<IMG_END>``.
+    The crops of sample i (global image first, then the tiles) come from ``seeds[i]``."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    image = [OVIS_IDS["image"]] * 16
+    prompts, crops = [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            _, rows, cols = part
+            ids += [OVIS_IDS["start"], *image, OVIS_IDS["grid"]]
+            tiles = rows * cols if rows * cols > 1 else 0
+            for tile in range(tiles):
+                ids += image
+                if tile % cols < cols - 1:
+                    ids.append(OVIS_IDS["col"])
+                elif tile < tiles - 1:
+                    ids.append(OVIS_IDS["row"])
+            ids.append(OVIS_IDS["end"])
+            crops += [torch.randn(3, 16, 16, generator=generator) for _ in range(1 + tiles)]
+        prompts.append(ids)
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if crops:
+        batch["pixel_values"] = torch.stack(crops)
+    return batch
+
+
+AYA_IDS = {"image": 151, "start": 153, "end": 154, "tile": 155, "global": 156}  # markers: the tokenizer's
+
+
+def tiny_aya_vision(num_layers: int = 4, seed: int = 0, sliding_window: int = 8, text_model: str = "cohere2"):
+    """A random Aya Vision: a 2-layer SigLIP tower over 16 px crops (patch 2, pixel shuffle 2: a 4 x 4
+    grid of 16 tokens per crop), a Cohere2 LM of hidden 64 with a sliding window of ``sliding_window``
+    in three of every four layers (S, S, S, F: the global layers have no positions), or with
+    ``text_model="cohere"`` Aya Vision 32B's Cohere LM (global layers with RoPE only)."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 2,
+        "vision_use_head": False,
+    }
+    text = {**_TEXT, "model_type": text_model, "num_hidden_layers": num_layers, "vocab_size": 160}
+    if text_model == "cohere2":
+        text["sliding_window"] = sliding_window
+    config = AyaVisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=AYA_IDS["image"],
+        downsample_factor=2,
+    )
+    model = _build(AyaVisionForConditionalGeneration, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def aya_vision_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded Aya Vision inputs. Each sample is a list of parts: text id lists and
+    ``("image", tiles)``, written as the processor writes it: ``<|START_OF_IMG|>``, for ``tiles > 1``
+    a ``TILE_i`` marker and 16 tokens per tile, ``TILE_GLOBAL`` and the thumbnail's 16 tokens,
+    ``<|END_OF_IMG|>`` (a marker is one token here). The crops of sample i (the tiles, then the
+    thumbnail) come from ``seeds[i]``."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    image = [AYA_IDS["image"]] * 16
+    prompts, crops = [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            tiles = part[1] if part[1] > 1 else 0
+            ids.append(AYA_IDS["start"])
+            for _ in range(tiles):
+                ids += [AYA_IDS["tile"], *image]
+            ids += [AYA_IDS["global"], *image, AYA_IDS["end"]]
+            crops += [torch.randn(3, 16, 16, generator=generator) for _ in range(tiles + 1)]
+        prompts.append(ids)
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if crops:
+        batch["pixel_values"] = torch.stack(crops)
+    return batch
+
+
+# markers: the tokenizer's (tile r, c: one id per tile from 156)
+LFM2_VL_IDS = {"image": 151, "start": 153, "end": 154, "thumbnail": 155, "tile": 156}
+LFM2_LAYERS = ("full_attention",) * 3 + ("conv",) * 2 + ("full_attention",)
+LFM2_VL_PATCHES = 96  # every crop padded to 96 patches: a sample's pixels do not depend on its batch
+
+
+def tiny_lfm2_vl(num_layers: int = 6, seed: int = 0, layer_types: tuple[str, ...] | None = None):
+    """A random LFM2-VL: a 2-layer SigLIP2 (NaFlex) tower over crops of h x w patches of 2 px (a
+    variable grid; pixel unshuffle 2: (h / 2) x (w / 2) tokens), an LFM2 LM of hidden 64 whose
+    ``layer_types`` mix full attention with gated short convolutions (width 3). The default types
+    (:data:`LFM2_LAYERS`: F, F, F, C, C, F, cut or continued with full layers to ``num_layers``) let ATP
+    layers 1-3 score from an attention layer and put convolution layers after them."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
+
+    layer_types = layer_types or (LFM2_LAYERS + ("full_attention",) * num_layers)[:num_layers]
+    text = {
+        **_TEXT,
+        "model_type": "lfm2",
+        "num_hidden_layers": num_layers,
+        "layer_types": list(layer_types),
+        "vocab_size": 160,
+        "conv_L_cache": 3,
+        "block_auto_adjust_ff_dim": False,
+    }
+    vision = {
+        "model_type": "siglip2_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 2,
+        "num_patches": 64,
+        "vision_use_head": False,
+    }
+    config = Lfm2VlConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=LFM2_VL_IDS["image"],
+        projector_hidden_size=64,
+        downsample_factor=2,
+    )
+    model = _build(Lfm2VlForConditionalGeneration, config, seed)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def lfm2_vl_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
+    """Left-padded LFM2-VL inputs. Each sample is a list of parts: text id lists and
+    ``("image", h, w)`` (one crop of h x w patches, both even: (h / 2) x (w / 2) tokens) or
+    ``("image", h, w, rows, cols)`` (rows x cols tiles of 8 x 8 patches and a thumbnail of h x w), written
+    as the processor writes them: ``<|image_start|>``, for tiles a ``<|img_row_r_col_c|>`` marker before
+    each tile and ``<|img_thumbnail|>`` before the thumbnail, ``<|image_end|>``. The crops of sample i
+    (the tiles, then the thumbnail) come from ``seeds[i]``, flattened to patches with their
+    ``spatial_shapes`` and ``pixel_attention_mask`` as SigLIP2's NaFlex processor returns them."""
+    seeds = list(range(len(samples))) if seeds is None else seeds
+    prompts, crops, shapes = [], [], []
+    for sample, seed in zip(samples, seeds):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        ids = []
+        for part in sample:
+            if isinstance(part, list):
+                ids += part
+                continue
+            _, h, w, *tiles = part
+            rows, cols = tiles or (0, 0)
+            ids.append(LFM2_VL_IDS["start"])
+            for tile in range(rows * cols):
+                ids += [LFM2_VL_IDS["tile"] + tile] + [LFM2_VL_IDS["image"]] * 16
+                shapes.append((8, 8))
+            if rows * cols:
+                ids.append(LFM2_VL_IDS["thumbnail"])
+            ids += [LFM2_VL_IDS["image"]] * (h // 2 * w // 2) + [LFM2_VL_IDS["end"]]
+            shapes.append((h, w))
+            count = rows * cols + 1
+            crops += [torch.randn(LFM2_VL_PATCHES, 3 * 2 * 2, generator=generator) for _ in range(count)]
+        prompts.append(ids)
+    input_ids, attention_mask = left_pad(prompts)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if crops:
+        spatial = torch.tensor(shapes)
+        real = torch.arange(LFM2_VL_PATCHES)[None] < spatial.prod(-1)[:, None]
+        batch["pixel_values"] = torch.stack(crops) * real[..., None]
+        batch["pixel_attention_mask"] = real
+        batch["spatial_shapes"] = spatial
+    return batch
