@@ -54,6 +54,8 @@ def test_atp_layers_the_convolution_layers_do_not_allow_are_refused_with_the_lay
         with torch.no_grad():
             model(**lfm2_vl_batch(SAMPLES))
         assert handle.stats.kept.tolist() == [[8, 4], [8, 4]]
+    with atp.attach(model) as handle:  # the paper's [1, 3, 4] for 6 layers, each moved to a layer that works
+        assert handle.layers == (2, 4)
 
 
 def test_attention_caches_shrink_by_the_pruned_tokens():
