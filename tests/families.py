@@ -70,6 +70,12 @@ class Family:
     # shapes follow where every token, padding included, is routed), so "equal" means within the
     # rounding of another reduction order (tests/numerics.py's REORDERED)
     routed: bool = False
+    variant: str = ""  # a second model of the same family (its adapter's family is ``name``)
+
+    @property
+    def key(self) -> str:
+        """The family's name in test ids and lookups (``name``, or ``name_variant``)."""
+        return f"{self.name}_{self.variant}" if self.variant else self.name
 
     def model(self, seed: int = 0, num_layers: int = 4) -> torch.nn.Module:
         return self.build(num_layers=num_layers, seed=seed)
@@ -258,19 +264,22 @@ FAMILIES.append(
     )
 )
 
-FAMILIES.append(
-    Family(  # layers S, S, F, S, F, S, F: 5 and 6 read the keys of 3 and 4 (KV sharing), per-layer inputs;
-        # images of 4 x 3 and 2 x 4 tokens (not square), two back to back; sliding window 8
-        "gemma4",
-        lambda num_layers, seed: tiny_gemma4(max(num_layers, 7), seed),
-        [
-            [[1, 5, 6], ("image", 8, 6), [7, 8, 9, 10]],
-            [[1], ("image", 4, 8), ("image", 4, 4), [4, 5, 6, 7, 8]],
-        ],
-        lambda model, specs, seeds: gemma4_batch(specs, seeds),
-        {"image": [("image", 4, 4), ("image", 4, 6), ("image", 8, 6)]},  # patches: 2 x 2, 2 x 3, 4 x 3 tokens
+for _moe in (False, True):  # the MoE variant: 4 experts, 2 per token, in every layer
+    FAMILIES.append(
+        Family(  # layers S, S, F, S, F, S, F: 5 and 6 read the keys of 3 and 4 (KV sharing), per-layer
+            # inputs; images of 4 x 3 and 2 x 4 tokens (not square), two back to back; sliding window 8
+            "gemma4",
+            lambda num_layers, seed, moe=_moe: tiny_gemma4(max(num_layers, 7), seed, moe=moe),
+            [
+                [[1, 5, 6], ("image", 8, 6), [7, 8, 9, 10]],
+                [[1], ("image", 4, 8), ("image", 4, 4), [4, 5, 6, 7, 8]],
+            ],
+            lambda model, specs, seeds: gemma4_batch(specs, seeds),
+            {"image": [("image", 4, 4), ("image", 4, 6), ("image", 8, 6)]},  # patches: 2x2, 2x3, 4x3 tokens
+            routed=_moe,
+            variant="moe" if _moe else "",
+        )
     )
-)
 
 FAMILIES.append(
     Family(  # the thumbnail alone; three tiles and the thumbnail. Cohere2: S, S, S, F with a window of 8
@@ -307,4 +316,4 @@ FAMILIES.append(
     )
 )
 
-BY_NAME_FAMILIES = {family.name: family for family in FAMILIES}
+BY_NAME_FAMILIES = {family.key: family for family in FAMILIES}

@@ -47,7 +47,7 @@ OPTIONS = {
     "keep_all": lambda width: {},
 }
 POLICIES = sorted(OPTIONS)
-FAMILY_NAMES = [family.name for family in FAMILIES]
+FAMILY_NAMES = [family.key for family in FAMILIES]
 
 
 @functools.cache

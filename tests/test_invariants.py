@@ -14,10 +14,10 @@ from tests.families import FAMILIES, Family, visual_mask
 from tests.numerics import REORDERED, assert_same_continuation, assert_same_greedy, greedy_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
-BY_NAME = {family.name: family for family in FAMILIES}
+BY_NAME = {family.key: family for family in FAMILIES}
 
 
-@pytest.fixture(params=FAMILIES, ids=lambda family: family.name)
+@pytest.fixture(params=FAMILIES, ids=lambda family: family.key)
 def family(request) -> Family:
     return request.param
 
@@ -291,7 +291,7 @@ def stored(widths: list[int], cache_layers) -> list[int]:
 
 @settings(max_examples=15)
 @given(
-    st.sampled_from([f.name for f in FAMILIES]),
+    st.sampled_from([f.key for f in FAMILIES]),
     st.integers(0, 10_000),
     st.sampled_from([[1], [2], [1, 3], [2, 3]]),
 )

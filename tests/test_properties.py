@@ -32,7 +32,7 @@ from tests.numerics import REORDERED, assert_same_continuation
 pytestmark = [pytest.mark.filterwarnings("ignore:atp.attach"), pytest.mark.usefixtures("one_thread")]
 
 NEW_TOKENS = 3
-FAMILY_NAMES = [family.name for family in FAMILIES]
+FAMILY_NAMES = [family.key for family in FAMILIES]
 PHASES = [phase for phase in Phase if phase != Phase.explain]  # explaining failures costs many more runs
 
 
@@ -167,7 +167,7 @@ def keepers(family: str, mode: str, same_model: bool) -> list[str]:
     """Registered position keepers that apply to the family in ``mode`` ("both": in either);
     ``same_model`` leaves out those that change the model (positions from layer 0 on)."""
     components = atp.registry()
-    rope = components.get("backbone", family).factory.positions
+    rope = components.get("backbone", BY_NAME_FAMILIES[family].name).factory.positions
     out = []
     for name in components.names("position_keeper"):
         keeper = components.get("position_keeper", name).factory

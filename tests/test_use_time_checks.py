@@ -22,7 +22,7 @@ from atp.tiny.models import llava_batch, tiny_llava
 from tests.families import FAMILIES, visual_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore:atp.attach")
-BY_NAME = {family.name: family for family in FAMILIES}
+BY_NAME = {family.key: family for family in FAMILIES}
 
 
 # the tested range -------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_generate_settings_are_read_with_transformers_priorities(checkpoint, cal
 
 
 # settings changed after attach ------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.key)
 def test_an_attention_implementation_set_after_attach_is_refused_at_the_next_forward(family):
     model = family.model()
     batch = family.batch(model)

@@ -536,14 +536,17 @@ def gemma3_batch(samples: list[list], seeds: list[int] | None = None) -> dict:
 GEMMA4_IDS = {"boi": 150, "eoi": 151, "image": 152, "video": 153, "audio": 154, "boa": 155, "eoa": 156}
 
 
-def tiny_gemma4(num_layers: int = 7, seed: int = 0, sliding_window: int = 8, kv_shared: int = 2):
+def tiny_gemma4(
+    num_layers: int = 7, seed: int = 0, sliding_window: int = 8, kv_shared: int = 2, moe: bool = False
+):
     """A random Gemma 4 like the small released variants: per-layer inputs and the last ``kv_shared``
     layers reading the keys and values of earlier ones. A 2-layer vision tower of 4 px patches pooled
     2 x 2 (a ``rows / 2 x cols / 2`` grid per image, read from the patch positions), a language model
     of hidden 64 whose layers are S, S, F, S, F, ... with the last full: sliding layers (window
     ``sliding_window``, head dim 16, bidirectional inside an image) and full ones (head dim 32, a
     quarter of it rotated). With 7 layers and 2 shared, layers 5 (S) and 6 (F) read the keys of
-    layers 3 (S) and 4 (F)."""
+    layers 3 (S) and 4 (F). ``moe``: every layer's feed-forward also runs a mixture of 4 experts, 2
+    per token (``enable_moe_block``, the 26B-A4B variant's)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     types = ["full_attention" if i % 2 == 0 and i > 1 else "sliding_attention" for i in range(num_layers)]
@@ -561,6 +564,8 @@ def tiny_gemma4(num_layers: int = 7, seed: int = 0, sliding_window: int = 8, kv_
         "num_kv_shared_layers": kv_shared,
         "use_bidirectional_attention": "vision",
     }
+    if moe:
+        text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
