@@ -5,7 +5,7 @@ by :class:`atp_vllm.host.VllmHost`. Chosen per engine with ``hf_overrides={"arch
 from __future__ import annotations
 
 import torch
-from vllm.config import CompilationMode
+from vllm.config import CompilationMode, CUDAGraphMode
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -49,6 +49,12 @@ def check_engine(vllm_config) -> None:
             f"compilation mode {compiling.mode.name} compiles the whole model forward as one graph, and atp's "
             "pruning steps between the layers are per-request Python: use vLLM's default compilation "
             "(mode VLLM_COMPILE) or enforce_eager=True"
+        )
+    if getattr(compiling, "cudagraph_mode", None) not in (None, CUDAGraphMode.NONE):
+        raise ValueError(
+            "CUDA graphs replay a captured forward with its shapes and attention metadata fixed, and atp prunes "
+            "each request inside the forward: start the engine with compilation_config={'cudagraph_mode': 'NONE'} "
+            '(vllm serve -cc \'{"cudagraph_mode": "NONE"}\') or enforce_eager=True'
         )
 
 

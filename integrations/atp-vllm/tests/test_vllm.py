@@ -271,13 +271,13 @@ def test_llava_next_keeps_and_generates_as_on_transformers(next_checkpoint, name
 
 # refusals: at engine start, with what to change ----------------------------------------------------
 def engine_config(
-    prefix_caching=False, chunked=False, threshold=0, eager=True, tensor=1, pipeline=1, mode=None
+    prefix_caching=False, chunked=False, threshold=0, eager=True, tensor=1, pipeline=1, mode=None, graphs=None
 ):
-    from vllm.config import CompilationMode
+    from vllm.config import CompilationMode, CUDAGraphMode
 
     mode = CompilationMode.NONE if eager else (mode or CompilationMode.DYNAMO_TRACE_ONCE)
     return SimpleNamespace(
-        compilation_config=SimpleNamespace(mode=mode),
+        compilation_config=SimpleNamespace(mode=mode, cudagraph_mode=graphs or CUDAGraphMode.NONE),
         parallel_config=SimpleNamespace(tensor_parallel_size=tensor, pipeline_parallel_size=pipeline),
         cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
         scheduler_config=SimpleNamespace(
@@ -296,14 +296,18 @@ def engine_config(
         ({"pipeline": 2}, "pipeline_parallel_size=1"),
         ({"threshold": 256}, "no long_prefill_token_threshold"),
         ({"eager": False, "mode": "STOCK_TORCH_COMPILE"}, "compiles the whole model forward as one graph"),
+        ({"eager": False, "graphs": "FULL_AND_PIECEWISE"}, "cudagraph_mode"),  # a GPU engine's default
+        ({"eager": False, "graphs": "PIECEWISE"}, "cudagraph_mode"),
     ],
 )
 def test_engine_settings_atp_cannot_follow_are_refused(settings, message):
     from atp_vllm.models import check_engine
-    from vllm.config import CompilationMode
+    from vllm.config import CompilationMode, CUDAGraphMode
 
     if "mode" in settings:
         settings = {**settings, "mode": CompilationMode[settings["mode"]]}
+    if "graphs" in settings:
+        settings = {**settings, "graphs": CUDAGraphMode[settings["graphs"]]}
     with pytest.raises(ValueError, match=message):
         check_engine(engine_config(**settings))
     check_engine(engine_config())  # the defaults of these tests pass
