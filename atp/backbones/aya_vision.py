@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from atp.backbones.base import BackboneAdapter, VisualLayout, square_tiles
+from atp.backbones.base import BackboneAdapter, ConfigLayerTypes, VisualLayout, square_tiles
 from atp.backbones.llava import image_per_grid
 
 
-class AyaVisionAdapter(BackboneAdapter):
+class AyaVisionAdapter(ConfigLayerTypes, BackboneAdapter):
     family = "aya_vision"
     model_types = ("aya_vision",)
     positions = "1d-rope-per-layer-type"  # RoPE (interleaved) or none per layer type: positions='keep' only
@@ -35,15 +35,6 @@ class AyaVisionAdapter(BackboneAdapter):
         if getattr(self.text_config(), "layer_types", None):
             return False  # followed: masks per layer type, windows in original positions
         return super().uses_sliding_window()
-
-    def layer_type(self, layer: int) -> str | None:
-        types = getattr(self.text_config(), "layer_types", None)
-        return types[layer] if types else None
-
-    def sliding_window(self, layer: int) -> int | None:
-        if self.layer_type(layer) != "sliding_attention":
-            return None
-        return self.text_config().sliding_window
 
     def grid_side(self) -> int:
         config = self.model.config

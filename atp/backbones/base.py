@@ -156,6 +156,21 @@ class BackboneAdapter:
         return 1
 
 
+class ConfigLayerTypes:
+    """``layer_type`` / ``sliding_window`` read from the text config's ``layer_types``
+    (``sliding_attention`` layers use its ``sliding_window``): Gemma 3, Gemma 4, Aya Vision's Cohere2.
+    Mixed in before :class:`BackboneAdapter`."""
+
+    def layer_type(self, layer: int) -> str | None:
+        types = getattr(self.text_config(), "layer_types", None)
+        return types[layer] if types else None
+
+    def sliding_window(self, layer: int) -> int | None:
+        if self.layer_type(layer) != "sliding_attention":
+            return None
+        return self.text_config().sliding_window
+
+
 def runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row of a BoolTensor (B, L), the (start, stop) of each run of True values."""
     out = []

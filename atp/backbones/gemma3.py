@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from atp.backbones.base import BackboneAdapter, VisualLayout
+from atp.backbones.base import BackboneAdapter, ConfigLayerTypes, VisualLayout
 from atp.backbones.llava import image_per_grid
 
 
-class Gemma3Adapter(BackboneAdapter):
+class Gemma3Adapter(ConfigLayerTypes, BackboneAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
     positions = "1d-rope-per-layer-type"  # a rotary per layer type: positions='keep' only
@@ -28,15 +28,6 @@ class Gemma3Adapter(BackboneAdapter):
 
     def uses_sliding_window(self) -> bool:
         return False  # followed: masks per layer type, windows in original positions
-
-    def layer_type(self, layer: int) -> str | None:
-        types = getattr(self.text_config(), "layer_types", None)
-        return types[layer] if types else None
-
-    def sliding_window(self, layer: int) -> int | None:
-        if self.layer_type(layer) != "sliding_attention":
-            return None
-        return self.text_config().sliding_window
 
     def num_visual_tokens(self) -> int | None:
         return None  # Pan & Scan crops add images of their own: the count varies per prompt

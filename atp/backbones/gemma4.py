@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from atp.backbones.base import BackboneAdapter, VisualLayout, runs
+from atp.backbones.base import BackboneAdapter, ConfigLayerTypes, VisualLayout, runs
 
 
-class Gemma4Adapter(BackboneAdapter):
+class Gemma4Adapter(ConfigLayerTypes, BackboneAdapter):
     family = "gemma4"
     model_types = ("gemma4",)
     positions = "1d-rope-per-layer-type"  # a rotary per layer type: positions='keep' only
@@ -44,14 +44,6 @@ class Gemma4Adapter(BackboneAdapter):
 
     def uses_sliding_window(self) -> bool:
         return False  # followed: masks per layer type, windows in original positions (as Gemma 3)
-
-    def layer_type(self, layer: int) -> str | None:
-        return self.text_config().layer_types[layer]
-
-    def sliding_window(self, layer: int) -> int | None:
-        if self.layer_type(layer) != "sliding_attention":
-            return None
-        return self.text_config().sliding_window
 
     # KV sharing ------------------------------------------------------------------------
     def shared_from(self) -> dict[int, int]:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from atp.backbones.base import BackboneAdapter, VisualLayout, runs
+from atp.backbones.base import BackboneAdapter, VisualLayout, square_tiles
 
 
 class Idefics3Adapter(BackboneAdapter):
@@ -40,19 +40,7 @@ class Idefics3Adapter(BackboneAdapter):
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict, language_inputs: dict) -> VisualLayout:
         visual = input_ids == self.model.config.image_token_id
-        tokens = self.tile_tokens()
-        side = math.isqrt(tokens)
-        grids = []
-        for sample, spans in enumerate(runs(visual)):
-            sample_grids = []
-            for start, stop in spans:
-                if (stop - start) % tokens:
-                    raise ValueError(
-                        f"sample {sample} has a run of {stop - start} image tokens, not a multiple of the "
-                        f"{tokens} tokens of a tile: build input_ids with the model's processor (AutoProcessor)"
-                    )
-                sample_grids += [(side, side)] * ((stop - start) // tokens)
-            grids.append(sample_grids)
+        grids = square_tiles(visual, math.isqrt(self.tile_tokens()))
         return VisualLayout(visual, torch.zeros_like(visual), grids)
 
     def grid_pixels(self, inputs: dict, grids):
