@@ -2,7 +2,7 @@
 
     .venv-vllm/bin/python integrations/atp-vllm/benchmark.py [--rounds 3] [--output FILE]
 
-One engine per method, each in its own process and held for the whole run; the driver asks them in
+One engine per method (unpruned, fastv, fixed, atp, pool), each in its own process and held for the whole run; the driver asks them in
 turn, round after round (interleaved, the order rotated each round), so a machine that speeds up
 or slows down moves every method alike. The reported figures are per-round ratios to the unpruned
 engine: median and a 95% bootstrap interval over rounds (atp bench's convention).
@@ -38,6 +38,7 @@ METHODS = {
     "fastv": {"layers": [2], "policy": "fastv", "options": {"ratio": 0.75}},  # FastV's R: the share dropped
     "fixed": {"layers": [2], "policy": "fixed", "options": {"keep": [0.25]}},
     "atp": {"layers": [1, 4, 6], "policy": "atp", "options": {}},
+    "pool": {"layers": [0], "policy": "pool", "options": {"stride": 2}},  # at layer 0's input: 2 x 2 averages
 }
 CONCURRENCY = (1, 4, 16)
 QUESTION = "USER: <image>\nWhat is shown in the image ? ASSISTANT:"
